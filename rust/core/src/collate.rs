@@ -1,0 +1,343 @@
+//! Collate pairs of a [`PreferenceStore`] into one of three batch layouts.
+//!
+//! Every layout describes the same `2B` sequences (sequence `b` is pair `b`'s chosen answer,
+//! sequence `B + b` its rejected answer) and emits the same arrays, so the model side needs one
+//! code path:
+//!
+//! - `input_ids`, `attention_mask`, `position_ids`, `completion_mask`: `[rows, cols]`.
+//! - `sequence_index`: which sequence a token belongs to (−1 on padding; in the shared-prompt
+//!   layout prompt tokens carry the chosen sequence's index, though the rejected one reads them too).
+//! - `segment_ids`, `branch_ids`: the attention rule. Token i may attend token j iff they share a row
+//!   and a segment (≥ 0), j is not after i, and `branch[j] == 0 || branch[j] == branch[i]`. The
+//!   rule gives a causal mask for `padded`, a block-diagonal one for `packed`, and "rejected never
+//!   sees chosen" for `shared_prompt`; `position_ids` alone cannot express the last two.
+//! - `logit_index`, `target_ids`, `target_sequence`: one entry per scored (completion) token: the
+//!   flat `row * cols + col` position whose logits predict it, the token, and its sequence. The
+//!   predictor is explicit because in `shared_prompt` the first rejected token is predicted by the
+//!   last prompt token, not by the token to its left.
+//! - `cu_seqlens`: boundaries of the runs of equal segment over the flattened rows (padding runs
+//!   included, so the offsets tile `rows * cols`), for flash-attention varlen.
+
+use crate::error::{Error, Result};
+use crate::store::{Pair, PreferenceStore};
+use crate::truncate::{Truncated, Truncation};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Layout {
+    /// One row per sequence: `B` chosen rows, then `B` rejected rows, right-padded.
+    #[default]
+    Padded,
+    /// Sequences bin-packed (first-fit decreasing) into rows of at most `capacity` tokens.
+    Packed,
+    /// One row per pair: `[prompt | chosen | rejected]`, the prompt computed once.
+    SharedPrompt,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CollateConfig {
+    pub layout: Layout,
+    pub truncation: Truncation,
+    pub pad_token_id: u32,
+    /// Round the row length up to a multiple of this (1: no rounding).
+    pub pad_to_multiple_of: usize,
+    /// Packed row capacity; `None` uses `max_length`, or the longest sequence when that is unset too.
+    pub capacity: Option<usize>,
+    /// Drop (and report) pairs whose completion truncation empties, instead of failing the batch.
+    pub skip_empty: bool,
+}
+
+impl Default for CollateConfig {
+    fn default() -> Self {
+        CollateConfig {
+            layout: Layout::Padded,
+            truncation: Truncation::default(),
+            pad_token_id: 0,
+            pad_to_multiple_of: 1,
+            capacity: None,
+            skip_empty: false,
+        }
+    }
+}
+
+impl CollateConfig {
+    pub fn validate(&self) -> Result<()> {
+        self.truncation.validate()?;
+        if self.pad_to_multiple_of == 0 {
+            return Err(Error::arg("pad_to_multiple_of must be at least 1"));
+        }
+        if self.capacity == Some(0) {
+            return Err(Error::arg("capacity must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// A collated batch; every `[rows, cols]` array is row-major.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Batch {
+    pub layout: Layout,
+    pub rows: usize,
+    pub cols: usize,
+    pub input_ids: Vec<i64>,
+    pub attention_mask: Vec<i64>,
+    pub position_ids: Vec<i64>,
+    pub completion_mask: Vec<bool>,
+    pub sequence_index: Vec<i32>,
+    pub segment_ids: Vec<i32>,
+    pub branch_ids: Vec<i8>,
+    pub cu_seqlens: Vec<i32>,
+    pub max_seqlen: usize,
+    pub logit_index: Vec<i64>,
+    pub target_ids: Vec<i64>,
+    pub target_sequence: Vec<i64>,
+    /// Store indices of the pairs in the batch, in sequence order (after skips).
+    pub pair_indices: Vec<i64>,
+    pub pair_ids: Vec<u64>,
+    /// Store indices dropped because truncation emptied a completion (`skip_empty`).
+    pub skipped: Vec<i64>,
+    /// How many of the batch's pairs lost tokens to truncation.
+    pub num_truncated: usize,
+    /// Length (prompt + completion) of each of the `2B` sequences after truncation.
+    pub sequence_lengths: Vec<i32>,
+}
+
+impl Batch {
+    pub fn num_pairs(&self) -> usize {
+        self.pair_indices.len()
+    }
+    pub fn num_sequences(&self) -> usize {
+        2 * self.num_pairs()
+    }
+    /// Tokens that are not padding.
+    pub fn num_real_tokens(&self) -> usize {
+        self.attention_mask.iter().filter(|&&m| m != 0).count()
+    }
+}
+
+/// Truncated span lengths of every pair, for samplers and data statistics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TruncatedLengths {
+    pub prompt: Vec<u32>,
+    pub chosen: Vec<u32>,
+    pub rejected: Vec<u32>,
+    /// Pairs whose completion truncation would empty (lengths reported as 0 for them).
+    pub empty: Vec<u32>,
+    /// Pairs that lose at least one token.
+    pub num_truncated: usize,
+}
+
+pub fn truncated_lengths(store: &PreferenceStore, truncation: &Truncation) -> Result<TruncatedLengths> {
+    truncation.validate()?;
+    let n = store.len();
+    let mut out = TruncatedLengths {
+        prompt: Vec::with_capacity(n),
+        chosen: Vec::with_capacity(n),
+        rejected: Vec::with_capacity(n),
+        ..Default::default()
+    };
+    for i in 0..n {
+        let pair = store.pair(i);
+        match truncation.apply(i, &pair) {
+            Ok(t) => {
+                out.num_truncated += t.was_truncated(&pair) as usize;
+                out.prompt.push(t.prompt.len() as u32);
+                out.chosen.push(t.chosen_len as u32);
+                out.rejected.push(t.rejected_len as u32);
+            }
+            Err(Error::EmptyAfterTruncation { .. }) => {
+                out.empty.push(i as u32);
+                out.prompt.push(0);
+                out.chosen.push(0);
+                out.rejected.push(0);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// One sequence of the batch after truncation.
+struct Seq<'a> {
+    index: usize,
+    prompt: &'a [u32],
+    completion: &'a [u32],
+}
+
+impl Seq<'_> {
+    fn len(&self) -> usize {
+        self.prompt.len() + self.completion.len()
+    }
+}
+
+pub fn collate(store: &PreferenceStore, indices: &[u32], config: &CollateConfig) -> Result<Batch> {
+    config.validate()?;
+    store.check_indices(indices)?;
+    let mut kept: Vec<(usize, Pair<'_>, Truncated)> = Vec::with_capacity(indices.len());
+    let mut batch = Batch { layout: config.layout, ..Default::default() };
+    for &i in indices {
+        let i = i as usize;
+        let pair = store.pair(i);
+        match config.truncation.apply(i, &pair) {
+            Ok(t) => {
+                batch.num_truncated += t.was_truncated(&pair) as usize;
+                kept.push((i, pair, t));
+            }
+            Err(Error::EmptyAfterTruncation { .. }) if config.skip_empty => batch.skipped.push(i as i64),
+            Err(e) => return Err(e),
+        }
+    }
+    let b = kept.len();
+    batch.pair_indices = kept.iter().map(|(i, _, _)| *i as i64).collect();
+    batch.pair_ids = kept.iter().map(|(_, p, _)| p.id).collect();
+    let seqs: Vec<Seq<'_>> = (0..2 * b)
+        .map(|s| {
+            let (_, pair, t) = &kept[s % b.max(1)];
+            let completion = if s < b { &pair.chosen[..t.chosen_len] } else { &pair.rejected[..t.rejected_len] };
+            Seq { index: s, prompt: &pair.prompt[t.prompt.clone()], completion }
+        })
+        .collect();
+    batch.sequence_lengths = seqs.iter().map(|s| s.len() as i32).collect();
+    match config.layout {
+        Layout::Padded => padded(&mut batch, &seqs, config),
+        Layout::Packed => packed(&mut batch, &seqs, config)?,
+        Layout::SharedPrompt => shared_prompt(&mut batch, &seqs, b, config),
+    }
+    batch.set_cu_seqlens();
+    Ok(batch)
+}
+
+fn round_up(n: usize, multiple: usize) -> usize {
+    n.div_ceil(multiple) * multiple
+}
+
+impl Batch {
+    fn allocate(&mut self, rows: usize, cols: usize, pad: u32, scored: usize) {
+        let n = rows * cols;
+        self.rows = rows;
+        self.cols = cols;
+        self.input_ids = vec![pad as i64; n];
+        self.attention_mask = vec![0; n];
+        self.position_ids = vec![0; n];
+        self.completion_mask = vec![false; n];
+        self.sequence_index = vec![-1; n];
+        self.segment_ids = vec![-1; n];
+        self.branch_ids = vec![0; n];
+        self.logit_index = Vec::with_capacity(scored);
+        self.target_ids = Vec::with_capacity(scored);
+        self.target_sequence = Vec::with_capacity(scored);
+    }
+
+    /// Write `tokens` at `start` (a flat index) with consecutive positions from `position`.
+    /// When `completion` is set each token is scored; the first one is predicted by `first_predictor`
+    /// and every later one by its left neighbour.
+    #[allow(clippy::too_many_arguments)]
+    fn put(&mut self, start: usize, tokens: &[u32], position: usize, sequence: usize, segment: i32, branch: i8, completion: Option<usize>) {
+        let end = start + tokens.len();
+        for (slot, &t) in self.input_ids[start..end].iter_mut().zip(tokens) {
+            *slot = t as i64;
+        }
+        self.attention_mask[start..end].fill(1);
+        for (k, slot) in self.position_ids[start..end].iter_mut().enumerate() {
+            *slot = (position + k) as i64;
+        }
+        self.sequence_index[start..end].fill(sequence as i32);
+        self.segment_ids[start..end].fill(segment);
+        self.branch_ids[start..end].fill(branch);
+        if let Some(first_predictor) = completion {
+            self.completion_mask[start..end].fill(true);
+            self.logit_index.push(first_predictor as i64);
+            self.logit_index.extend((start..end - 1).map(|f| f as i64));
+            self.target_ids.extend(tokens.iter().map(|&t| t as i64));
+            self.target_sequence.extend(std::iter::repeat_n(sequence as i64, tokens.len()));
+        }
+    }
+
+    /// Write one whole sequence (prompt then completion) at `start`.
+    fn put_sequence(&mut self, start: usize, seq: &Seq<'_>, segment: i32) {
+        let p = seq.prompt.len();
+        self.put(start, seq.prompt, 0, seq.index, segment, 0, None);
+        self.put(start + p, seq.completion, p, seq.index, segment, 0, Some(start + p - 1));
+    }
+
+    fn set_cu_seqlens(&mut self) {
+        let mut cu = vec![0i32];
+        let mut longest = 0;
+        for (f, seg) in self.segment_ids.iter().enumerate() {
+            let starts_run = f % self.cols.max(1) == 0 || self.segment_ids[f - 1] != *seg;
+            if f > 0 && starts_run {
+                longest = longest.max(f - *cu.last().unwrap_or(&0) as usize);
+                cu.push(f as i32);
+            }
+        }
+        let total = self.segment_ids.len();
+        if total > 0 {
+            longest = longest.max(total - *cu.last().unwrap_or(&0) as usize);
+            cu.push(total as i32);
+        }
+        self.cu_seqlens = cu;
+        self.max_seqlen = longest;
+    }
+}
+
+fn padded(batch: &mut Batch, seqs: &[Seq<'_>], config: &CollateConfig) {
+    let cols = round_up(seqs.iter().map(Seq::len).max().unwrap_or(0), config.pad_to_multiple_of);
+    let scored = seqs.iter().map(|s| s.completion.len()).sum();
+    batch.allocate(seqs.len(), cols, config.pad_token_id, scored);
+    for (row, seq) in seqs.iter().enumerate() {
+        batch.put_sequence(row * cols, seq, row as i32);
+    }
+}
+
+fn packed(batch: &mut Batch, seqs: &[Seq<'_>], config: &CollateConfig) -> Result<()> {
+    let longest = seqs.iter().map(Seq::len).max().unwrap_or(0);
+    let capacity = config.capacity.or(config.truncation.max_length).unwrap_or(longest);
+    if let Some(seq) = seqs.iter().find(|s| s.len() > capacity) {
+        return Err(Error::pair(
+            batch.pair_indices[seq.index % batch.pair_indices.len()] as usize,
+            format!("a sequence of {} tokens does not fit the packing capacity {capacity}", seq.len()),
+        ));
+    }
+    // First-fit decreasing; ties broken by sequence index so the layout is deterministic.
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    order.sort_by_key(|&s| (std::cmp::Reverse(seqs[s].len()), s));
+    let mut fill: Vec<usize> = Vec::new();
+    let mut placement = vec![(0usize, 0usize); seqs.len()];
+    for s in order {
+        let len = seqs[s].len();
+        let row = match fill.iter().position(|&used| used + len <= capacity) {
+            Some(row) => row,
+            None => {
+                fill.push(0);
+                fill.len() - 1
+            }
+        };
+        placement[s] = (row, fill[row]);
+        fill[row] += len;
+    }
+    // Rows are as long as the fullest one, never longer than capacity (before rounding), so a
+    // small batch does not pay for an empty tail.
+    let cols = round_up(fill.iter().copied().max().unwrap_or(0), config.pad_to_multiple_of);
+    let scored = seqs.iter().map(|s| s.completion.len()).sum();
+    batch.allocate(fill.len(), cols, config.pad_token_id, scored);
+    for (seq, &(row, col)) in seqs.iter().zip(&placement) {
+        batch.put_sequence(row * cols + col, seq, seq.index as i32);
+    }
+    Ok(())
+}
+
+fn shared_prompt(batch: &mut Batch, seqs: &[Seq<'_>], b: usize, config: &CollateConfig) {
+    let row_len = |i: usize| seqs[i].prompt.len() + seqs[i].completion.len() + seqs[b + i].completion.len();
+    let cols = round_up((0..b).map(row_len).max().unwrap_or(0), config.pad_to_multiple_of);
+    let scored = seqs.iter().map(|s| s.completion.len()).sum();
+    batch.allocate(b, cols, config.pad_token_id, scored);
+    for i in 0..b {
+        let (chosen, rejected) = (&seqs[i], &seqs[b + i]);
+        let start = i * cols;
+        let p = chosen.prompt.len();
+        let c = chosen.completion.len();
+        let last_prompt = start + p - 1;
+        batch.put(start, chosen.prompt, 0, chosen.index, i as i32, 0, None);
+        batch.put(start + p, chosen.completion, p, chosen.index, i as i32, 1, Some(last_prompt));
+        batch.put(start + p + c, rejected.completion, p, rejected.index, i as i32, 2, Some(last_prompt));
+    }
+}

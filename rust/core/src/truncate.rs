@@ -1,0 +1,133 @@
+//! Truncation of one pair to `max_prompt_length` / `max_length`.
+//!
+//! The prompt is cut first (by default losing its start, so the end nearest the answer survives),
+//! then each completion loses its end until prompt + completion fits `max_length`. Chosen and
+//! rejected share the truncated prompt, which the shared-prompt layout relies on.
+
+use std::ops::Range;
+
+use crate::error::{Error, Result};
+use crate::store::Pair;
+
+/// Which end of an over-long prompt survives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PromptTruncation {
+    /// Keep the prompt's last tokens (nearest the answer). The default, as in TRL.
+    #[default]
+    KeepEnd,
+    /// Keep the prompt's first tokens.
+    KeepStart,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Truncation {
+    /// Longest sequence (prompt + one completion); `None` for no limit.
+    pub max_length: Option<usize>,
+    /// Longest prompt; `None` for no limit.
+    pub max_prompt_length: Option<usize>,
+    pub prompt_mode: PromptTruncation,
+}
+
+/// Where a truncated pair's spans lie inside the original spans.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Truncated {
+    pub prompt: Range<usize>,
+    /// Completions always keep their start; only their length changes.
+    pub chosen_len: usize,
+    pub rejected_len: usize,
+}
+
+impl Truncated {
+    pub fn chosen_seq_len(&self) -> usize {
+        self.prompt.len() + self.chosen_len
+    }
+    pub fn rejected_seq_len(&self) -> usize {
+        self.prompt.len() + self.rejected_len
+    }
+    pub fn was_truncated(&self, pair: &Pair<'_>) -> bool {
+        self.prompt.len() < pair.prompt.len() || self.chosen_len < pair.chosen.len() || self.rejected_len < pair.rejected.len()
+    }
+}
+
+impl Truncation {
+    pub fn validate(&self) -> Result<()> {
+        if matches!(self.max_length, Some(m) if m < 2) {
+            return Err(Error::arg("max_length must be at least 2 (one prompt and one completion token)"));
+        }
+        if self.max_prompt_length == Some(0) {
+            return Err(Error::arg("max_prompt_length must be at least 1: the first completion token needs a prompt token to predict it"));
+        }
+        if let (Some(m), Some(p)) = (self.max_length, self.max_prompt_length) {
+            if p >= m {
+                return Err(Error::arg(format!(
+                    "max_prompt_length ({p}) must be below max_length ({m}), or every completion would be cut to nothing"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Truncate pair `index`. A completion left with zero tokens is an error naming the pair;
+    /// callers that skip such pairs match on [`Error::EmptyAfterTruncation`].
+    pub fn apply(&self, index: usize, pair: &Pair<'_>) -> Result<Truncated> {
+        let p = pair.prompt.len();
+        let keep = self.max_prompt_length.map_or(p, |m| m.min(p));
+        let prompt = match self.prompt_mode {
+            PromptTruncation::KeepEnd => p - keep..p,
+            PromptTruncation::KeepStart => 0..keep,
+        };
+        let room = self.max_length.map_or(usize::MAX, |m| m.saturating_sub(keep));
+        let (chosen_len, rejected_len) = (pair.chosen.len().min(room), pair.rejected.len().min(room));
+        for (which, len) in [("chosen", chosen_len), ("rejected", rejected_len)] {
+            if len == 0 {
+                return Err(Error::EmptyAfterTruncation {
+                    pair: index,
+                    which,
+                    prompt_len: keep,
+                    max_length: self.max_length.unwrap_or(usize::MAX),
+                });
+            }
+        }
+        Ok(Truncated { prompt, chosen_len, rejected_len })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair<'a>(p: &'a [u32], c: &'a [u32], r: &'a [u32]) -> Pair<'a> {
+        Pair { id: 0, prompt: p, chosen: c, rejected: r }
+    }
+
+    #[test]
+    fn no_limits_keep_everything() {
+        let t = Truncation::default().apply(0, &pair(&[1, 2, 3], &[4, 5], &[6])).unwrap();
+        assert_eq!(t, Truncated { prompt: 0..3, chosen_len: 2, rejected_len: 1 });
+    }
+
+    #[test]
+    fn prompt_keeps_end_by_default_then_completion_loses_end() {
+        let tr = Truncation { max_length: Some(5), max_prompt_length: Some(2), prompt_mode: PromptTruncation::KeepEnd };
+        let t = tr.apply(0, &pair(&[1, 2, 3, 4], &[5, 6, 7, 8, 9], &[10])).unwrap();
+        assert_eq!(t, Truncated { prompt: 2..4, chosen_len: 3, rejected_len: 1 });
+        let tr = Truncation { prompt_mode: PromptTruncation::KeepStart, ..tr };
+        assert_eq!(tr.apply(0, &pair(&[1, 2, 3, 4], &[5], &[6])).unwrap().prompt, 0..2);
+    }
+
+    #[test]
+    fn completion_cut_to_nothing_names_the_pair() {
+        let tr = Truncation { max_length: Some(3), ..Default::default() };
+        match tr.apply(7, &pair(&[1, 2, 3], &[4], &[5])) {
+            Err(Error::EmptyAfterTruncation { pair: 7, which: "chosen", .. }) => {}
+            other => panic!("expected an empty-completion error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn inconsistent_limits_are_rejected() {
+        assert!(Truncation { max_length: Some(4), max_prompt_length: Some(4), ..Default::default() }.validate().is_err());
+        assert!(Truncation { max_prompt_length: Some(0), ..Default::default() }.validate().is_err());
+        assert!(Truncation { max_length: Some(4), max_prompt_length: Some(3), ..Default::default() }.validate().is_ok());
+    }
+}

@@ -1,0 +1,94 @@
+//! `KlController` for Python: per-pair β from steps, the accumulation-cycle sums, the β update.
+
+use epsdpo_core::kl::KlController;
+use numpy::{PyArray1, PyReadonlyArray1};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+use crate::arrays::{slice, vec1};
+use crate::errors::{to_py, StateError};
+
+/// The β bookkeeping of ε-DPO (steps in {-1, 0, +1} as int8 arrays; pair ids as uint64).
+#[pyclass(module = "epsdpo._core", name = "KlController")]
+pub struct PyKlController {
+    inner: KlController,
+}
+
+#[pymethods]
+impl PyKlController {
+    #[new]
+    fn new(py: Python<'_>, beta: f64, epsilon: f64) -> PyResult<Self> {
+        KlController::new(beta, epsilon).map(|inner| PyKlController { inner }).map_err(|e| to_py(py, e))
+    }
+
+    /// The base β every micro-batch of the current accumulation cycle uses.
+    #[getter]
+    fn beta(&self) -> f64 {
+        self.inner.beta()
+    }
+
+    #[getter]
+    fn epsilon(&self) -> f64 {
+        self.inner.epsilon()
+    }
+
+    /// β_i = β / (1 + ε·s_i) without recording anything (evaluation).
+    fn betas_for<'py>(&self, py: Python<'py>, steps: PyReadonlyArray1<'py, i8>) -> PyResult<Bound<'py, PyArray1<f64>>> {
+        let betas = self.inner.betas_for(&slice(&steps)).map_err(|e| to_py(py, e))?;
+        Ok(vec1(py, betas))
+    }
+
+    /// Record a micro-batch's steps (cycle sums and ledger); returns its per-pair β_i.
+    fn record<'py>(&mut self, py: Python<'py>, pair_ids: PyReadonlyArray1<'py, u64>, steps: PyReadonlyArray1<'py, i8>) -> PyResult<Bound<'py, PyArray1<f64>>> {
+        let betas = self.inner.record(&slice(&pair_ids), &slice(&steps)).map_err(|e| to_py(py, e))?;
+        Ok(vec1(py, betas))
+    }
+
+    /// `(sum of steps, number of pairs)` recorded since the last update: all-reduce these.
+    fn local_sums(&self) -> (i64, u64) {
+        self.inner.local_sums()
+    }
+
+    /// β ← β / (1 + ε·sum/count), once per optimizer step; returns the new β.
+    fn apply_update(&mut self, global_sum: i64, global_count: u64) -> f64 {
+        self.inner.apply_update(global_sum, global_count)
+    }
+
+    /// β before the first update, then after each update.
+    fn beta_history<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f64>> {
+        vec1(py, self.inner.beta_history().to_vec())
+    }
+
+    /// The per-pair ledger as arrays sorted by pair id: ids, plus, zero, minus, last_step, last_beta.
+    fn ledger<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let l = self.inner.ledger_arrays();
+        let d = PyDict::new(py);
+        d.set_item("pair_ids", vec1(py, l.ids))?;
+        d.set_item("plus", vec1(py, l.plus))?;
+        d.set_item("zero", vec1(py, l.zero))?;
+        d.set_item("minus", vec1(py, l.minus))?;
+        d.set_item("last_step", vec1(py, l.last_step))?;
+        d.set_item("last_beta", vec1(py, l.last_beta))?;
+        Ok(d)
+    }
+
+    /// `{"state": bytes}` for checkpoints.
+    fn state_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("state", PyBytes::new(py, &self.inner.state_bytes()))?;
+        Ok(d)
+    }
+
+    fn load_state_dict(&mut self, py: Python<'_>, state: &Bound<'_, PyDict>) -> PyResult<()> {
+        let bytes: Vec<u8> = state
+            .get_item("state")?
+            .ok_or_else(|| StateError::new_err("controller state has no 'state' entry"))?
+            .extract()?;
+        self.inner = KlController::from_state_bytes(&bytes).map_err(|e| to_py(py, e))?;
+        Ok(())
+    }
+
+    fn __repr__(&self) -> String {
+        format!("KlController(beta={}, epsilon={}, updates={})", self.inner.beta(), self.inner.epsilon(), self.inner.beta_history().len().saturating_sub(1))
+    }
+}
