@@ -1,0 +1,105 @@
+"""The Rust collator against the pure-Python oracle, array for array, on random stores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import epsdpo
+from layout_oracle import collate as oracle_collate
+from layout_oracle import truncate as oracle_truncate
+
+LAYOUTS = ["padded", "packed", "shared_prompt"]
+ARRAYS = [
+    "input_ids", "attention_mask", "position_ids", "completion_mask", "sequence_index",
+    "segment_ids", "branch_ids", "logit_index", "target_ids", "target_sequence", "sequence_lengths",
+]
+
+span = lambda n: st.lists(st.integers(0, 999), min_size=1, max_size=n)  # noqa: E731
+pairs_st = st.lists(st.tuples(span(10), span(14), span(14)), min_size=1, max_size=10)
+
+
+def make_store(pairs):
+    store = epsdpo.PreferenceStore(vocab_size=1000)
+    for p, c, r in pairs:
+        store.add_pair(p, c, r)
+    return store
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    pairs=pairs_st,
+    layout=st.sampled_from(LAYOUTS),
+    max_length=st.none() | st.integers(6, 30),
+    max_prompt_length=st.none() | st.integers(1, 5),
+    mode=st.sampled_from(["keep_end", "keep_start"]),
+    multiple=st.integers(1, 4),
+    data=st.data(),
+)
+def test_layouts_match_the_oracle(pairs, layout, max_length, max_prompt_length, mode, multiple, data):
+    store = make_store(pairs)
+    truncated = [oracle_truncate(*p, max_length, max_prompt_length, mode) for p in pairs]
+    survivors = [i for i, t in enumerate(truncated) if t is not None]
+    if not survivors:
+        return
+    indices = data.draw(st.lists(st.sampled_from(survivors), min_size=1, max_size=8))
+    collator = epsdpo.Collator(
+        layout, max_length=max_length, max_prompt_length=max_prompt_length,
+        truncation_mode=mode, pad_token_id=5, pad_to_multiple_of=multiple,
+    )
+    got = collator(store, np.array(indices, dtype=np.int64))
+    want = oracle_collate([pairs[i] for i in indices], layout, max_length, max_prompt_length, mode, pad=5, multiple=multiple)
+    for key in ARRAYS:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+        assert got[key].dtype == want[key].dtype, key
+    assert got["num_sequences"] == 2 * len(indices)
+    np.testing.assert_array_equal(got["pair_indices"], indices)
+
+
+@settings(max_examples=60, deadline=None)
+@given(pairs=pairs_st, max_length=st.none() | st.integers(6, 30), max_prompt_length=st.none() | st.integers(1, 5))
+def test_truncated_lengths_match_the_oracle(pairs, max_length, max_prompt_length):
+    store = make_store(pairs)
+    lengths = epsdpo.Collator(max_length=max_length, max_prompt_length=max_prompt_length).truncated_lengths(store)
+    empty = []
+    for i, p in enumerate(pairs):
+        t = oracle_truncate(*p, max_length, max_prompt_length)
+        if t is None:
+            empty.append(i)
+            continue
+        assert (lengths["prompt"][i], lengths["chosen"][i], lengths["rejected"][i]) == tuple(map(len, t))
+    assert lengths["empty"].tolist() == empty
+
+
+def test_emptied_completion_raises_or_is_skipped():
+    store = make_store([([1, 2, 3, 4], [5], [6]), ([1], [2], [3])])
+    with pytest.raises(epsdpo.TruncationError) as info:
+        epsdpo.Collator(max_length=4)(store, [1, 0])
+    assert info.value.pair_index == 0 and isinstance(info.value, ValueError)
+    batch = epsdpo.Collator(max_length=4, skip_empty=True)(store, [1, 0])
+    assert batch["pair_indices"].tolist() == [1] and batch["skipped"].tolist() == [0]
+
+
+def test_arrays_hand_to_torch_without_a_copy():
+    torch = pytest.importorskip("torch")
+    store = make_store([([1, 2], [3, 4], [5])])
+    batch = epsdpo.Collator("packed")(store, [0])
+    ids = batch["input_ids"]
+    tensor = torch.from_numpy(ids)
+    ids[0, 0] = 42
+    assert tensor[0, 0].item() == 42
+
+
+def test_bad_collator_settings_are_rejected():
+    with pytest.raises(ValueError, match="layout"):
+        epsdpo.Collator("ragged")
+    with pytest.raises(epsdpo.ConfigError, match="max_prompt_length"):
+        epsdpo.Collator(max_length=8, max_prompt_length=8)
+    with pytest.raises(epsdpo.ConfigError):
+        epsdpo.Collator(pad_to_multiple_of=0)
+    store = make_store([([1], [2], [3])])
+    with pytest.raises(epsdpo.InvalidPairError) as info:
+        epsdpo.Collator()(store, [0, 3])
+    assert info.value.pair_index == 3
