@@ -43,18 +43,35 @@ def collate(pairs, layout, max_length=None, max_prompt_length=None, mode="keep_e
     elif layout == "packed":
         cap = capacity or max_length or max(len(p) + len(c) for p, c in seqs)
         order = sorted(range(2 * b), key=lambda s: (-(len(seqs[s][0]) + len(seqs[s][1])), s))
-        fill, rows = [], []
-        for s in order:
-            n = len(seqs[s][0]) + len(seqs[s][1])
-            for r in range(len(fill)):
-                if fill[r] + n <= cap:
-                    break
-            else:
-                fill.append(0)
-                rows.append([])
-                r = len(fill) - 1
-            rows[r].append((s, fill[r]))
-            fill[r] += n
+        length = lambda s: len(seqs[s][0]) + len(seqs[s][1])  # noqa: E731
+        def first_fit(width):
+            bins = []
+            for s in order:
+                for row in bins:
+                    if sum(map(length, row)) + length(s) <= width:
+                        row.append(s)
+                        break
+                else:
+                    bins.append([s])
+            return bins
+
+        n_rows = len(first_fit(cap))  # first-fit decreasing at full capacity decides the row count
+        # ...then the narrowest width that keeps it (multifit's binary search: FFD's row count is
+        # not strictly monotone in the width, so the search itself is part of the contract).
+        lo, hi = max(-(-sum(map(length, order)) // n_rows), max(map(length, order))), cap
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if len(first_fit(mid)) <= n_rows else (mid + 1, hi)
+        width = hi
+        chosen_rows = first_fit(width)
+        rows, fill = [], []
+        for row in chosen_rows:
+            col, placed = 0, []
+            for s in row:
+                placed.append((s, col))
+                col += length(s)
+            rows.append(placed)
+            fill.append(col)
         cols = _round_up(max(fill), multiple)
     else:
         cols = _round_up(max(len(k[0]) + len(k[1]) + len(k[2]) for k in kept), multiple)

@@ -27,7 +27,8 @@ pub enum Layout {
     /// One row per sequence: `B` chosen rows, then `B` rejected rows, right-padded.
     #[default]
     Padded,
-    /// Sequences bin-packed (first-fit decreasing) into rows of at most `capacity` tokens.
+    /// Sequences bin-packed into rows of at most `capacity` tokens: first-fit decreasing sets the
+    /// row count, then FFD at the narrowest width that keeps that row count (multifit) evens the rows.
     Packed,
     /// One row per pair: `[prompt | chosen | rejected]`, the prompt computed once.
     SharedPrompt,
@@ -262,17 +263,20 @@ impl Batch {
     fn set_cu_seqlens(&mut self) {
         let mut cu = vec![0i32];
         let mut longest = 0;
-        for (f, seg) in self.segment_ids.iter().enumerate() {
-            let starts_run = f % self.cols.max(1) == 0 || self.segment_ids[f - 1] != *seg;
-            if f > 0 && starts_run {
-                longest = longest.max(f - *cu.last().unwrap_or(&0) as usize);
-                cu.push(f as i32);
+        if self.cols > 0 {
+            for (r, row) in self.segment_ids.chunks_exact(self.cols).enumerate() {
+                let base = r * self.cols;
+                let mut start = 0;
+                for c in 1..row.len() {
+                    if row[c] != row[c - 1] {
+                        longest = longest.max(c - start);
+                        cu.push((base + c) as i32);
+                        start = c;
+                    }
+                }
+                longest = longest.max(row.len() - start);
+                cu.push((base + row.len()) as i32);
             }
-        }
-        let total = self.segment_ids.len();
-        if total > 0 {
-            longest = longest.max(total - *cu.last().unwrap_or(&0) as usize);
-            cu.push(total as i32);
         }
         self.cu_seqlens = cu;
         self.max_seqlen = longest;
@@ -297,22 +301,29 @@ fn packed(batch: &mut Batch, seqs: &[Seq<'_>], config: &CollateConfig) -> Result
             format!("a sequence of {} tokens does not fit the packing capacity {capacity}", seq.len()),
         ));
     }
-    // First-fit decreasing; ties broken by sequence index so the layout is deterministic.
+    // First-fit decreasing finds how many rows the batch needs; ties broken by sequence index so
+    // the layout is deterministic.
     let mut order: Vec<usize> = (0..seqs.len()).collect();
     order.sort_by_key(|&s| (std::cmp::Reverse(seqs[s].len()), s));
-    let mut fill: Vec<usize> = Vec::new();
+    let lens: Vec<usize> = order.iter().map(|&s| seqs[s].len()).collect();
+    let (fill, _) = first_fit(&lens, capacity);
+    // The array is as wide as its fullest row, so FFD's partly empty last row would be padding.
+    // Multifit: binary-search the narrowest width at which FFD still needs no more rows, which
+    // spreads the same sequences evenly over (at most) the same rows.
+    let rows = fill.len();
+    let (mut lo, mut hi) = (lens.iter().sum::<usize>().div_ceil(rows.max(1)).max(longest), capacity);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if first_fit(&lens, mid).0.len() <= rows {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    let (fill, slots) = first_fit(&lens, hi);
     let mut placement = vec![(0usize, 0usize); seqs.len()];
-    for s in order {
-        let len = seqs[s].len();
-        let row = match fill.iter().position(|&used| used + len <= capacity) {
-            Some(row) => row,
-            None => {
-                fill.push(0);
-                fill.len() - 1
-            }
-        };
-        placement[s] = (row, fill[row]);
-        fill[row] += len;
+    for (k, &s) in order.iter().enumerate() {
+        placement[s] = slots[k];
     }
     // Rows are as long as the fullest one, never longer than capacity (before rounding), so a
     // small batch does not pay for an empty tail.
@@ -323,6 +334,23 @@ fn packed(batch: &mut Batch, seqs: &[Seq<'_>], config: &CollateConfig) -> Result
         batch.put_sequence(row * cols + col, seq, seq.index as i32);
     }
     Ok(())
+}
+
+/// First-fit decreasing over lengths sorted longest first: (row fills, (row, column) per item).
+fn first_fit(lens: &[usize], capacity: usize) -> (Vec<usize>, Vec<(usize, usize)>) {
+    let mut fill: Vec<usize> = Vec::new();
+    let slots = lens
+        .iter()
+        .map(|&len| {
+            let row = fill.iter().position(|&used| used + len <= capacity).unwrap_or_else(|| {
+                fill.push(0);
+                fill.len() - 1
+            });
+            fill[row] += len;
+            (row, fill[row] - len)
+        })
+        .collect();
+    (fill, slots)
 }
 
 fn shared_prompt(batch: &mut Batch, seqs: &[Seq<'_>], b: usize, config: &CollateConfig) {

@@ -25,7 +25,8 @@ pub enum SamplerMode {
     /// cuts padding.
     LengthGrouped { mega_batch_mult: usize },
     /// Token budget: each micro-batch takes as many pairs as fit `max_tokens`, taking pairs
-    /// greedily in length-grouped order (mega-batches of `batch_size * mega_batch_mult`).
+    /// greedily in length-grouped order (mega-batches of `batch_size * mega_batch_mult`) when
+    /// `padded`, in shuffled order when packed (a mix of lengths packs rows tighter).
     /// Cost of a candidate batch: `padded` => `2 * n_pairs * max sequence length` (padding
     /// counted); packed => sum of both sequence lengths of every pair. `batch_size` only sizes
     /// the mega-batches here; the batch order is shuffled as in `LengthGrouped`. The number of
@@ -221,7 +222,11 @@ impl BatchSampler {
                 padded,
                 mega_batch_mult,
             } => {
-                self.sort_mega_batches(&mut order, bs * mega_batch_mult);
+                // Padded batches want similar lengths together; packed rows fill best from a
+                // mix of long and short sequences, so the packed budget keeps the shuffle.
+                if padded {
+                    self.sort_mega_batches(&mut order, bs * mega_batch_mult);
+                }
                 self.pack_greedy(&order, max_tokens as u128, padded)
             }
         };

@@ -151,9 +151,10 @@ proptest! {
 }
 
 #[test]
-fn packing_fills_rows_first_fit_decreasing() {
+fn packing_uses_ffd_rows_at_the_narrowest_width() {
     let mut store = PreferenceStore::new(None);
-    // Sequence lengths: chosen 6, 3, 5; rejected 4, 2, 2 → FFD into capacity 8: [6,2] [5,3] [4,2].
+    // Sequence lengths: chosen 6, 3, 5; rejected 4, 2, 2. FFD into capacity 8 needs 3 rows
+    // ([6,2] [5,3] [4,2]); 22 tokens over 3 rows already need width 8, so those rows stand.
     store.add_pair(&[1u32, 2], &[3, 4, 5, 6], &[7, 8], None).unwrap();
     store.add_pair(&[1u32], &[2, 3], &[4], None).unwrap();
     store.add_pair(&[1u32], &[2, 3, 4, 5], &[6], None).unwrap();
@@ -162,6 +163,14 @@ fn packing_fills_rows_first_fit_decreasing() {
     assert_eq!((batch.rows, batch.cols), (3, 8));
     let fills: Vec<usize> = (0..3).map(|r| batch.attention_mask[r * 8..(r + 1) * 8].iter().sum::<i64>() as usize).collect();
     assert_eq!(fills, vec![8, 8, 6]);
+    // Sequences 6, 5, 4, 3 into capacity 10: FFD needs 2 rows ([6,4] [5,3]); width 9 keeps 2 rows
+    // ([6,3] [5,4]) and saves a padded column.
+    let mut even = PreferenceStore::new(None);
+    even.add_pair(&[1u32], &[2, 3, 4, 5, 6], &[7, 8, 9], None).unwrap();
+    even.add_pair(&[1u32], &[2, 3, 4, 5], &[6, 7], None).unwrap();
+    let batch = collate(&even, &[0, 1], &CollateConfig { layout: Layout::Packed, capacity: Some(10), ..Default::default() }).unwrap();
+    assert_eq!((batch.rows, batch.cols), (2, 9));
+    assert_eq!(batch.num_real_tokens(), 18);
     // A sequence longer than the capacity is an error naming its pair.
     let tight = CollateConfig { capacity: Some(5), ..config };
     assert!(matches!(collate(&store, &[1, 0], &tight), Err(Error::InvalidPair { pair: 0, .. })));

@@ -1,7 +1,7 @@
 //! numpy at the boundary: integer arrays of any common dtype in (borrowed, no copy when
 //! contiguous), owned vectors out (handed to numpy without a copy).
 
-use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyUntypedArrayMethods};
+use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use std::borrow::Cow;
@@ -91,6 +91,9 @@ pub fn vec1<'py, T: numpy::Element>(py: Python<'py>, v: Vec<T>) -> Bound<'py, Py
     PyArray1::from_vec(py, v)
 }
 
+/// A row-major `[rows, cols]` array owning `v` (one numpy object, no reshape view on top).
 pub fn vec2<'py, T: numpy::Element>(py: Python<'py>, v: Vec<T>, rows: usize, cols: usize) -> PyResult<Bound<'py, PyAny>> {
-    Ok(PyArray1::from_vec(py, v).reshape([rows, cols])?.into_any())
+    let array = numpy::ndarray::Array2::from_shape_vec((rows, cols), v)
+        .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(format!("batch array shape: {e}")))?;
+    Ok(array.into_pyarray(py).into_any())
 }
