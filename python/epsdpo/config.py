@@ -1,0 +1,154 @@
+"""`TrainConfig`: every knob of a training run, validated at construction.
+
+Names follow TRL's `DPOConfig` / `TrainingArguments` where the concept is the same, so a TRL user's
+YAML mostly carries over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+METHODS = ("epsilon_dpo", "dpo")
+LAYOUTS = ("padded", "packed", "shared_prompt")
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+DTYPES = ("float32", "bfloat16", "float16")
+REPORTERS = ("none", "jsonl", "tensorboard", "wandb")
+TRUNCATION_MODES = ("keep_end", "keep_start")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/epsdpo"
+    # ε-DPO (DESIGN.md §1)
+    method: Literal["epsilon_dpo", "dpo"] = "epsilon_dpo"
+    beta: float = 0.1
+    epsilon: float = 0.01
+    label_smoothing: float = 0.0
+    # optimisation
+    learning_rate: float = 5e-7
+    per_device_train_batch_size: int = 4
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0
+    # data
+    max_length: int | None = 1024
+    max_prompt_length: int | None = 512
+    truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
+    layout: Literal["padded", "packed", "shared_prompt"] = "padded"
+    group_by_length: bool = False
+    max_tokens_per_batch: int | None = None
+    pad_to_multiple_of: int = 1
+    skip_invalid: bool = False
+    dataset_cache_dir: str | None = None
+    # runtime
+    seed: int = 42
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    chunk_size: int = 1024
+    # logging, evaluation, checkpoints
+    logging_steps: int = 1
+    eval_steps: int | None = None
+    save_steps: int | None = None
+    save_total_limit: int | None = None
+    report_to: Literal["none", "jsonl", "tensorboard", "wandb"] = "jsonl"
+    plots: bool = True
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.bf16:
+            self.dtype = "bfloat16"
+        _check_choice("method", self.method, METHODS)
+        _check_choice("layout", self.layout, LAYOUTS)
+        _check_choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("report_to", self.report_to, REPORTERS)
+        _check_choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
+        _check(self.beta > 0 and math.isfinite(self.beta), "beta", self.beta, "a finite number > 0")
+        _check(0 <= self.epsilon < 1, "epsilon", self.epsilon, "in [0, 1)")
+        _check(0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing, "in [0, 0.5)")
+        _check(self.learning_rate >= 0, "learning_rate", self.learning_rate, ">= 0")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "logging_steps", "pad_to_multiple_of", "chunk_size"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+        _check(self.num_train_epochs > 0 or self.max_steps > 0, "num_train_epochs", self.num_train_epochs,
+               "> 0 (or set max_steps > 0)")
+        _check(0 <= self.warmup_ratio <= 1, "warmup_ratio", self.warmup_ratio, "in [0, 1]")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        _check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, ">= 0 (0 disables clipping)")
+        for name in ("eval_steps", "save_steps", "save_total_limit", "max_tokens_per_batch"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, name, value, "None or an integer >= 1")
+        if self.max_length is not None and self.max_prompt_length is not None:
+            _check(self.max_prompt_length < self.max_length, "max_prompt_length", self.max_prompt_length,
+                   f"below max_length ({self.max_length})")
+
+    @property
+    def effective_epsilon(self) -> float:
+        """ε used by the step rule; plain DPO is ε-DPO with ε = 0."""
+        return self.epsilon if self.method == "epsilon_dpo" else 0.0
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+        data.update(overrides or {})
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def parse_override(cls, text: str) -> tuple[str, Any]:
+        """`key=value` from the command line, the value coerced to the field's type."""
+        key, sep, raw = text.removeprefix("--").partition("=")
+        key = key.replace("-", "_")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if not sep or key not in fields:
+            raise ValueError(f"expected --key=value with key one of {sorted(fields)}, got {text!r}")
+        return key, _coerce(raw, typing.get_type_hints(cls)[key])
+
+
+def _coerce(raw: str, hint: Any) -> Any:
+    import yaml
+
+    value = yaml.safe_load(raw)  # numbers, booleans, null as YAML reads them
+    args = typing.get_args(hint)
+    if float in (hint, *args) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if str in (hint, *args) and value is not None and not isinstance(value, str):
+        return raw
+    return value
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: must be {allowed}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    _check(value in choices, name, value, "one of " + ", ".join(repr(c) for c in choices))

