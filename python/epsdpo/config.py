@@ -117,7 +117,8 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**data)
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _numeric(v, hints[k]) for k, v in data.items()})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -137,11 +138,24 @@ def _coerce(raw: str, hint: Any) -> Any:
     import yaml
 
     value = yaml.safe_load(raw)  # numbers, booleans, null as YAML reads them
-    args = typing.get_args(hint)
-    if float in (hint, *args) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if str in (hint, *args) and value is not None and not isinstance(value, str):
+    if str in (hint, *typing.get_args(hint)) and value is not None and not isinstance(value, str):
         return raw
+    return _numeric(value, hint)
+
+
+def _numeric(value: Any, hint: Any) -> Any:
+    """YAML 1.1 reads `1e-5` as a string and `3` as an int; numeric fields want numbers."""
+    types = (hint, *typing.get_args(hint))
+    if float in types and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if int in types and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            return value
     return value
 
 

@@ -1,0 +1,149 @@
+"""The training loop on tiny random Llamas: it learns, it is exact where it must be (DPO = ε 0,
+accumulation, layouts, resume), and it fails cleanly."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import epsdpo.trainer as trainer_module
+from epsdpo.config import TrainConfig
+from epsdpo.trainer import NonFiniteError, Trainer
+from tiny import tiny_llama, toy_store
+
+KEYS = ("loss", "kl/beta", "kl/mean_step", "rewards/margins", "grad_norm")
+
+
+def config(tmp_path, **overrides) -> TrainConfig:
+    base = dict(
+        output_dir=str(tmp_path / "run"), beta=0.1, epsilon=0.1, learning_rate=3e-3,
+        per_device_train_batch_size=8, max_steps=4, warmup_ratio=0.0, lr_scheduler_type="constant",
+        max_length=32, max_prompt_length=16, progress=False, plots=False, seed=3,
+    )
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def run(tmp_path, model_seed=0, store=None, **overrides):
+    trainer = Trainer(tiny_llama(model_seed), config(tmp_path, **overrides), store or toy_store())
+    trainer.train()
+    return trainer
+
+
+def series(trainer, key):
+    return np.array([r[key] for r in trainer.state.log_history if key in r and "eval_loss" not in r])
+
+
+def test_loss_falls_and_beta_follows_the_logged_steps(tmp_path):
+    trainer = run(tmp_path, max_steps=24, epsilon=0.02)
+    loss = series(trainer, "loss")
+    assert loss[-4:].mean() < loss[:4].mean() - 0.05
+    # β at step k+1 = β_k / (1 + ε·s̄_k), read off the log alone.
+    beta, mean_step = series(trainer, "kl/beta"), series(trainer, "kl/mean_step")
+    np.testing.assert_allclose(beta[1:], beta[:-1] / (1 + 0.02 * mean_step[:-1]), rtol=1e-12)
+    np.testing.assert_allclose(trainer.kl.beta_history()[:-1], beta, rtol=1e-12)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 25))
+    ledger = np.load(tmp_path / "run" / "beta_ledger.npz")
+    assert ledger["plus"].sum() + ledger["zero"].sum() + ledger["minus"].sum() == 24 * 8
+
+
+def test_dpo_method_equals_epsilon_zero(tmp_path):
+    dpo = run(tmp_path / "a", method="dpo", epsilon=0.3)
+    eps0 = run(tmp_path / "b", method="epsilon_dpo", epsilon=0.0)
+    for key in KEYS:
+        np.testing.assert_array_equal(series(dpo, key), series(eps0, key))
+    assert set(series(dpo, "kl/beta")) == {0.1}
+
+
+def test_gradient_accumulation_1x8_equals_8x1(tmp_path):
+    one = run(tmp_path / "a", per_device_train_batch_size=8, gradient_accumulation_steps=1, max_steps=3)
+    eight = run(tmp_path / "b", per_device_train_batch_size=1, gradient_accumulation_steps=8, max_steps=3)
+    for key in ("loss", "kl/beta", "kl/mean_step", "rewards/margins"):
+        np.testing.assert_allclose(series(one, key), series(eight, key), rtol=1e-5, atol=1e-6)
+    for p, q in zip(one.model.parameters(), eight.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["packed", "shared_prompt"])
+def test_layouts_train_like_padded(tmp_path, layout):
+    padded = run(tmp_path / "a", layout="padded", max_steps=3)
+    other = run(tmp_path / "b", layout=layout, max_steps=3)
+    for key in ("loss", "kl/beta", "rewards/margins"):
+        np.testing.assert_allclose(series(other, key), series(padded, key), rtol=1e-4, atol=1e-5)
+    assert series(other, "padding_fraction").mean() < series(padded, "padding_fraction").mean()
+
+
+def test_resume_continues_exactly(tmp_path):
+    full = run(tmp_path, max_steps=6, save_steps=2, save_total_limit=2)
+    assert [c.name for c in full.checkpoints()] == ["checkpoint-4", "checkpoint-6"]  # older ones pruned
+    # A fresh trainer from the same initial model resumes at step 4 and must retrace the run.
+    resumed = Trainer(tiny_llama(0), config(tmp_path / "resumed", max_steps=6), toy_store())
+    resumed.train(resume_from_checkpoint=tmp_path / "run" / "checkpoint-4")
+    for key in KEYS:
+        np.testing.assert_array_equal(series(resumed, key), series(full, key))
+    np.testing.assert_array_equal(resumed.kl.beta_history(), full.kl.beta_history())
+    for p, q in zip(resumed.model.parameters(), full.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_final_model_loads_with_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    trainer = run(tmp_path, max_steps=1)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, trainer.model.eval()(ids).logits)
+
+
+def test_nan_loss_stops_cleanly(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = trainer_module.epsilon_dpo_loss
+
+    def poisoned(*args, **kwargs):
+        losses, rc, rr = real(*args, **kwargs)
+        calls["n"] += 1
+        return (losses * float("nan") if calls["n"] == 3 else losses), rc, rr
+
+    monkeypatch.setattr(trainer_module, "epsilon_dpo_loss", poisoned)
+    trainer = Trainer(tiny_llama(), config(tmp_path, max_steps=5, save_steps=1), toy_store())
+    with pytest.raises(NonFiniteError, match=r"step 3: non-finite loss for pair ids \[\d+"):
+        trainer.train()
+    names = sorted(p.name for p in (tmp_path / "run").iterdir() if "checkpoint" in p.name)
+    assert names == ["checkpoint-1", "checkpoint-2"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [dict(method="ipo"), dict(layout="ragged"), dict(beta=0.0), dict(epsilon=1.0), dict(label_smoothing=0.5),
+     dict(per_device_train_batch_size=0), dict(max_length=8, max_prompt_length=8), dict(report_to="mlflow"),
+     dict(num_train_epochs=0, max_steps=-1)],
+)
+def test_invalid_config_values_fail_at_construction(bad):
+    with pytest.raises(ValueError, match="must be"):
+        TrainConfig(**bad)
+
+
+def test_config_from_yaml_with_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("beta: 0.05\nlayout: packed\nmax_steps: 7\n")
+    key, value = TrainConfig.parse_override("--learning_rate=1e-5")
+    cfg = TrainConfig.from_yaml(path, {key: value})
+    assert (cfg.beta, cfg.layout, cfg.max_steps, cfg.learning_rate) == (0.05, "packed", 7, 1e-5)
+    with pytest.raises(ValueError, match="unknown config keys"):
+        TrainConfig.from_dict({"betta": 0.1})
+
+
+def test_evaluate_never_moves_beta(tmp_path):
+    trainer = Trainer(tiny_llama(), config(tmp_path, max_steps=2, eval_steps=1), toy_store(), eval_dataset=toy_store(16, seed=5))
+    trainer.train()
+    evals = [r for r in trainer.state.log_history if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [1, 2]
+    before = trainer.kl.beta_history().copy()
+    metrics = trainer.evaluate()
+    np.testing.assert_array_equal(trainer.kl.beta_history(), before)
+    assert 0.0 <= metrics["eval_rewards/accuracies"] <= 1.0
