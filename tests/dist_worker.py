@@ -1,0 +1,24 @@
+"""One rank of the 2-process test: `torchrun --standalone --nproc_per_node 2 dist_worker.py OUT BATCH`."""
+
+import json
+import sys
+from pathlib import Path
+
+from epsdpo.config import TrainConfig
+from epsdpo.trainer import Trainer
+from tiny import tiny_llama, toy_store
+
+out, batch_size = Path(sys.argv[1]), int(sys.argv[2])
+config = TrainConfig(
+    output_dir=str(out), beta=0.1, epsilon=0.1, learning_rate=3e-3, per_device_train_batch_size=batch_size,
+    max_steps=3, warmup_ratio=0.0, lr_scheduler_type="constant", max_length=32, max_prompt_length=16,
+    progress=False, plots=False, seed=3,
+)
+trainer = Trainer(tiny_llama(0), config, toy_store())
+trainer.train()
+if trainer.dist.is_main:
+    (out / "result.json").write_text(json.dumps({
+        "history": trainer.state.log_history,
+        "beta_history": trainer.kl.beta_history().tolist(),
+        "world_size": trainer.dist.world_size,
+    }))
