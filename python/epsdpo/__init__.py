@@ -1,9 +1,12 @@
 """epsdpo: ε-DPO — DPO whose KL penalty β adapts per preference pair — with a Rust data core.
 
 The data path (token store, truncation, batch layouts, sampling) and the per-pair β bookkeeping
-live in Rust (:mod:`epsdpo._core`); the loss and the fused log-prob kernel are PyTorch
-(:mod:`epsdpo.loss`, :mod:`epsdpo.ops`).
+live in Rust (:mod:`epsdpo._core`); the loss (:mod:`epsdpo.loss`), the fused log-prob kernel
+(:mod:`epsdpo.ops`) and the training loop (:class:`Trainer`) are PyTorch. Heavy modules load on
+first use, so `import epsdpo` stays cheap for data-only work.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from epsdpo._core import (
     BatchSampler,
@@ -19,6 +22,22 @@ from epsdpo._core import (
     __version__,
 )
 
+if TYPE_CHECKING:
+    from epsdpo.config import TrainConfig
+    from epsdpo.data import load_preferences
+    from epsdpo.trainer import Trainer
+
+_LAZY = {"TrainConfig": "epsdpo.config", "Trainer": "epsdpo.trainer", "load_preferences": "epsdpo.data"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'epsdpo' has no attribute {name!r}")
+
+
 __all__ = [
     "BatchSampler",
     "Collator",
@@ -29,6 +48,9 @@ __all__ = [
     "PreferenceStore",
     "StateError",
     "StoreFileError",
+    "Trainer",
+    "TrainConfig",
     "TruncationError",
     "__version__",
+    "load_preferences",
 ]

@@ -72,7 +72,12 @@ class Trainer:
         dtype = DTYPES[config.dtype]
         self.tokenizer = tokenizer if tokenizer is None or not isinstance(tokenizer, (str, Path)) else load_tokenizer(tokenizer)
         if self.tokenizer is None and isinstance(model, (str, Path)):
-            self.tokenizer = load_tokenizer(model)
+            # Only raw text data needs a tokenizer (a PreferenceStore is already tokenized), so a
+            # model folder without tokenizer files is not an error here.
+            try:
+                self.tokenizer = load_tokenizer(model)
+            except (OSError, ValueError):
+                self.tokenizer = None
         self.model = load_causal_lm(model, dtype).to(self.device)
         self.ref_model = (load_causal_lm(ref_model, dtype) if ref_model is not None else frozen_reference(self.model)).to(self.device)
         self.ref_model.requires_grad_(False).eval()
@@ -113,6 +118,8 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- data
     def _as_store(self, dataset: Any) -> PreferenceStore:
+        if isinstance(dataset, (str, Path)) and str(dataset).endswith(".store"):
+            dataset = PreferenceStore.load(dataset)  # a store saved by `epsdpo prepare --output`
         if isinstance(dataset, PreferenceStore):
             store = dataset
         else:

@@ -1,0 +1,1 @@
+"""End-to-end recipes built on the library (kept apart from it): `demo`."""
