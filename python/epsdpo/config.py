@@ -57,7 +57,7 @@ class TrainConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     bf16: bool = False
     gradient_checkpointing: bool = False
-    chunk_size: int = 1024
+    chunk_size: int = 256  # scored positions per chunk of the fused log-prob kernel
     # logging, evaluation, checkpoints
     logging_steps: int = 1
     eval_steps: int | None = None
