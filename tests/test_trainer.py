@@ -147,3 +147,40 @@ def test_evaluate_never_moves_beta(tmp_path):
     metrics = trainer.evaluate()
     np.testing.assert_array_equal(trainer.kl.beta_history(), before)
     assert 0.0 <= metrics["eval_rewards/accuracies"] <= 1.0
+
+
+def test_epsilon_check_and_step_can_differ(tmp_path):
+    """ε_c drives the perturbation (the steps), ε_s the β update: with ε_s = 0 β stays put while the
+    steps are still taken; with ε_c equal to ε the run is the plain ε-DPO run."""
+    fixed = run(tmp_path / "a", epsilon=0.0, epsilon_check=0.1, max_steps=3)
+    plain = run(tmp_path / "b", epsilon=0.1, max_steps=3)
+    same = run(tmp_path / "c", epsilon=0.1, epsilon_check=0.1, max_steps=3)
+    assert set(series(fixed, "kl/beta")) == {0.1}
+    assert np.abs(series(fixed, "kl/mean_step")).sum() > 0
+    np.testing.assert_array_equal(series(same, "loss"), series(plain, "loss"))
+
+
+def test_tr_dpo_moves_the_reference_every_tau_steps(tmp_path):
+    trainer = run(tmp_path, method="tr_dpo", tr_dpo_tau=2, tr_dpo_alpha=0.5, max_steps=3, save_steps=2)
+    initial = tiny_llama(0)
+    moved = [not torch.equal(r, p0) for r, p0 in zip(trainer.ref_model.parameters(), initial.parameters())]
+    assert any(moved)
+    resumed = Trainer(tiny_llama(0), config(tmp_path / "r", method="tr_dpo", tr_dpo_tau=2, tr_dpo_alpha=0.5,
+                                             max_steps=3), toy_store())
+    resumed.train(resume_from_checkpoint=tmp_path / "run" / "checkpoint-2")
+    np.testing.assert_array_equal(series(resumed, "loss"), series(trainer, "loss"))
+
+
+def test_beta_dpo_adapts_the_batch_beta(tmp_path):
+    from epsdpo.baselines import BetaDPO
+
+    trainer = run(tmp_path, method="beta_dpo", max_steps=4)
+    pair_betas = series(trainer, "kl/pair_beta_mean")
+    assert pair_betas[0] == pytest.approx(0.1) and len(set(np.round(pair_betas, 12))) > 1
+    rule = BetaDPO(beta0=0.1, alpha=0.6, momentum=0.9)
+    assert rule.batch_beta(2.0) == pytest.approx(0.1)  # first batch seeds the running gap
+    assert rule.batch_beta(3.0) == pytest.approx(0.1 * (1 + 0.6 * (3.0 - 2.0)))
+    assert rule.running_gap == pytest.approx(0.9 * 2.0 + 0.1 * 3.0)
+    rule.filter_fraction = 0.5
+    keep = rule.keep(torch.tensor([0.0, 2.1, 5.0, 2.0]))
+    assert keep.tolist() == [False, True, False, True]

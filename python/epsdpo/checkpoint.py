@@ -52,12 +52,16 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     config: dict[str, Any],
     save_total_limit: int | None = None,
+    reference: nn.Module | None = None,
 ) -> Path:
+    """`reference` is saved too when it changes during training (TR-DPO)."""
     final = output_dir / f"{PREFIX}{step}"
     tmp = output_dir / f".{PREFIX}{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / "model.safetensors"))
+    if reference is not None:
+        save_model(reference, str(tmp / "reference.safetensors"))
     torch.save(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
         tmp / "training_state.pt",
@@ -103,9 +107,12 @@ def resolve_checkpoint(output_dir: Path, resume: str | Path | bool) -> Path:
     return path
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    reference: nn.Module | None = None) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and RNG; return the rest for the trainer to apply."""
     load_model(model, str(path / "model.safetensors"))
+    if reference is not None:
+        load_model(reference, str(path / "reference.safetensors"))
     training = torch.load(path / "training_state.pt", weights_only=False)
     optimizer.load_state_dict(training["optimizer"])
     scheduler.load_state_dict(training["scheduler"])

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-METHODS = ("epsilon_dpo", "dpo")
+METHODS = ("epsilon_dpo", "dpo", "tr_dpo", "beta_dpo")
 LAYOUTS = ("padded", "packed", "shared_prompt")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -25,10 +25,19 @@ TRUNCATION_MODES = ("keep_end", "keep_start")
 class TrainConfig:
     output_dir: str = "outputs/epsdpo"
     # ε-DPO (DESIGN.md §1)
-    method: Literal["epsilon_dpo", "dpo"] = "epsilon_dpo"
+    method: Literal["epsilon_dpo", "dpo", "tr_dpo", "beta_dpo"] = "epsilon_dpo"
     beta: float = 0.1
     epsilon: float = 0.01
+    # ε of the perturbation check when it should differ from the step size ε (the paper's ε_c/ε_s
+    # ablation); None uses `epsilon` for both.
+    epsilon_check: float | None = None
     label_smoothing: float = 0.0
+    # baselines (epsdpo.baselines): TR-DPO soft reference update, β-DPO batch β and data filter
+    tr_dpo_tau: int = 128
+    tr_dpo_alpha: float = 0.6
+    beta_dpo_alpha: float = 0.6
+    beta_dpo_momentum: float = 0.9
+    beta_dpo_filter: float | None = None
     # optimisation
     learning_rate: float = 5e-7
     per_device_train_batch_size: int = 4
@@ -79,6 +88,13 @@ class TrainConfig:
         _check_choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
         _check(self.beta > 0 and math.isfinite(self.beta), "beta", self.beta, "a finite number > 0")
         _check(0 <= self.epsilon < 1, "epsilon", self.epsilon, "in [0, 1)")
+        _check(self.epsilon_check is None or 0 <= self.epsilon_check < 1, "epsilon_check", self.epsilon_check,
+               "None or in [0, 1)")
+        _check(self.tr_dpo_tau >= 1, "tr_dpo_tau", self.tr_dpo_tau, "an integer >= 1")
+        _check(0 < self.tr_dpo_alpha <= 1, "tr_dpo_alpha", self.tr_dpo_alpha, "in (0, 1]")
+        _check(0 <= self.beta_dpo_momentum < 1, "beta_dpo_momentum", self.beta_dpo_momentum, "in [0, 1)")
+        _check(self.beta_dpo_filter is None or 0 < self.beta_dpo_filter <= 1, "beta_dpo_filter",
+               self.beta_dpo_filter, "None or in (0, 1]")
         _check(0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing, "in [0, 0.5)")
         _check(self.learning_rate >= 0, "learning_rate", self.learning_rate, ">= 0")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -97,9 +113,16 @@ class TrainConfig:
                    f"below max_length ({self.max_length})")
 
     @property
-    def effective_epsilon(self) -> float:
-        """ε used by the step rule; plain DPO is ε-DPO with ε = 0."""
+    def step_epsilon(self) -> float:
+        """ε_s of the β update β/(1 + ε·s); every other method keeps β fixed (ε = 0)."""
         return self.epsilon if self.method == "epsilon_dpo" else 0.0
+
+    @property
+    def check_epsilon(self) -> float:
+        """ε_c of the perturbed policies; 0 skips the perturbation work entirely."""
+        if self.method != "epsilon_dpo":
+            return 0.0
+        return self.epsilon if self.epsilon_check is None else self.epsilon_check
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from epsdpo._core import BatchSampler, Collator, KlController, PreferenceStore, TruncationError
+from epsdpo.baselines import BetaDPO, soft_update_reference
 from epsdpo.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from epsdpo.config import TrainConfig
 from epsdpo.distributed import DistInfo, all_reduce_grads, all_reduce_sum, init_from_env
@@ -39,7 +40,7 @@ from epsdpo.reporting import MetricsLog
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Per-step sums all-reduced in one message; the metrics are ratios of these.
-_SUMS = ("pairs", "loss", "reward_chosen", "reward_rejected", "correct", "logp_chosen", "logp_rejected",
+_SUMS = ("pairs", "beta", "loss", "reward_chosen", "reward_rejected", "correct", "logp_chosen", "logp_rejected",
          "relaxed", "tightened", "step_sum", "real_tokens", "all_tokens")
 
 
@@ -95,7 +96,9 @@ class Trainer:
         self.eval_store = None if eval_dataset is None else self._as_store(eval_dataset)
         self.sampler = self._make_sampler(self.train_store)
 
-        self.kl = KlController(config.beta, config.effective_epsilon)
+        self.kl = KlController(config.beta, config.step_epsilon)
+        self.beta_dpo = (BetaDPO(config.beta, config.beta_dpo_alpha, config.beta_dpo_momentum, config.beta_dpo_filter)
+                         if config.method == "beta_dpo" else None)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             [
@@ -176,19 +179,38 @@ class Trainer:
     # ----------------------------------------------------------------------------------- math
     def _score(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Per-pair policy/reference log-probs (chosen, rejected) and steps s_i for one batch."""
-        seq = batch_logps(self.model, self.ref_model, batch, self.config.effective_epsilon, self.config.chunk_size)
+        seq = batch_logps(self.model, self.ref_model, batch, self.config.check_epsilon, self.config.chunk_size)
         policy_c, policy_r = seq.policy.chunk(2)
         ref_c, ref_r = seq.reference.chunk(2)
-        if self.config.effective_epsilon > 0:
+        if self.config.check_epsilon > 0:
             steps = kl_steps(pair_log_ratio(seq.policy.detach()), pair_log_ratio(seq.relaxed), pair_log_ratio(seq.tightened))
         else:
             steps = torch.zeros_like(policy_c, dtype=torch.long)
         return policy_c, policy_r, ref_c, ref_r, steps
 
-    def _accumulate(self, sums: Tensor, losses: Tensor, rc: Tensor, rr: Tensor, pc: Tensor, pr: Tensor,
+    def _pair_betas(self, batch: dict[str, Any], pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, steps: Tensor,
+                    *, train: bool) -> tuple[Tensor, Tensor | None]:
+        """Per-pair β_i, and β-DPO's keep mask (None when every pair counts).
+
+        Training books the steps in the KlController (cycle sums and ledger); evaluation only reads
+        β. β-DPO replaces β_i by its batch β, from the batch's mean gap over all ranks."""
+        codes = steps.to(torch.int8).cpu().numpy()
+        if self.beta_dpo is None:
+            record = self.kl.record if train else lambda _, s: self.kl.betas_for(s)
+            return torch.from_numpy(record(batch["pair_ids"], codes)).to(self.device), None
+        gaps = (self.config.beta * ((pc - rc) - (pr - rr))).detach().to(torch.float64)
+        if not train:  # evaluation must not move β-DPO's running gap, so it scores at β₀
+            return torch.full_like(gaps, self.beta_dpo.beta0), None
+        self.kl.record(batch["pair_ids"], codes)
+        total = all_reduce_sum(torch.tensor([gaps.sum().item(), float(gaps.numel())], dtype=torch.float64), self.dist)
+        beta = self.beta_dpo.batch_beta(float(total[0] / total[1]))
+        keep = self.beta_dpo.keep(gaps) if self.config.beta_dpo_filter is not None else None
+        return torch.full_like(gaps, beta), keep
+
+    def _accumulate(self, sums: Tensor, betas: Tensor, losses: Tensor, rc: Tensor, rr: Tensor, pc: Tensor, pr: Tensor,
                     steps: Tensor, batch: dict[str, Any]) -> None:
         mask = batch["attention_mask"]
-        values = [len(losses), losses.sum(), rc.sum(), rr.sum(), (rc > rr).sum(), pc.sum(), pr.sum(),
+        values = [len(losses), betas.sum(), losses.sum(), rc.sum(), rr.sum(), (rc > rr).sum(), pc.sum(), pr.sum(),
                   (steps > 0).sum(), (steps < 0).sum(), steps.sum(), int(mask.sum()), mask.size]
         sums += torch.tensor([float(v) for v in values], dtype=torch.float64)
 
@@ -207,6 +229,7 @@ class Trainer:
             f"{prefix}kl/relaxed_frac": s["relaxed"] / n,
             f"{prefix}kl/tightened_frac": s["tightened"] / n,
             f"{prefix}kl/mean_step": s["step_sum"] / n,
+            f"{prefix}kl/pair_beta_mean": s["beta"] / n,
             f"{prefix}padding_fraction": 1.0 - s["real_tokens"] / max(s["all_tokens"], 1.0),
         }
 
@@ -222,15 +245,17 @@ class Trainer:
             if len(batch["pair_ids"]) == 0:
                 continue
             pc, pr, rc, rr, steps = self._score(batch)
-            betas = torch.from_numpy(self.kl.record(batch["pair_ids"], steps.to(torch.int8).cpu().numpy())).to(self.device)
+            betas, keep = self._pair_betas(batch, pc, pr, rc, rr, steps, train=True)
             losses, reward_c, reward_r = epsilon_dpo_loss(pc, pr, rc, rr, betas, c.label_smoothing)
             if not torch.isfinite(losses).all():
                 raise NonFiniteError(
                     f"step {step}: non-finite loss for pair ids {batch['pair_ids'].tolist()}; nothing of this step was saved"
                 )
-            (losses.sum() / global_pairs).backward()
-            self._accumulate(sums, losses.detach().cpu(), reward_c.cpu(), reward_r.cpu(), pc.detach().cpu(),
-                             pr.detach().cpu(), steps.cpu(), batch)
+            # β-DPO's filter trains on the kept fraction only; everything else keeps every pair.
+            kept_fraction = c.beta_dpo_filter if keep is not None else 1.0
+            (losses[keep].sum() if keep is not None else losses.sum()).div(global_pairs * kept_fraction).backward()
+            self._accumulate(sums, betas.cpu(), losses.detach().cpu(), reward_c.cpu(), reward_r.cpu(),
+                             pc.detach().cpu(), pr.detach().cpu(), steps.cpu(), batch)
         all_reduce_grads(self.params, self.dist)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
         if not torch.isfinite(grad_norm):
@@ -240,6 +265,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if c.method == "tr_dpo" and step % c.tr_dpo_tau == 0:
+            soft_update_reference(self.ref_model, self.model, c.tr_dpo_alpha)
         # The β update uses the step sums of every pair of the cycle on every rank.
         local_sum, local_count = self.kl.local_sums()
         totals = all_reduce_sum(torch.tensor([float(local_sum), float(local_count)], dtype=torch.float64), self.dist)
@@ -261,7 +288,7 @@ class Trainer:
         if c.progress and self.dist.is_main:
             from tqdm.auto import tqdm
 
-            progress = tqdm(total=self.state.max_steps, initial=self.state.global_step, desc="ε-DPO" if c.effective_epsilon else "DPO", unit="step")
+            progress = tqdm(total=self.state.max_steps, initial=self.state.global_step, desc="ε-DPO" if c.check_epsilon else "DPO", unit="step")
         pending: Future | None = None
         sampler_state = None
         if self.state.global_step < self.state.max_steps:
@@ -317,9 +344,10 @@ class Trainer:
             if len(batch["pair_ids"]) == 0:
                 continue
             pc, pr, rc, rr, steps = self._score(batch)
-            betas = torch.from_numpy(self.kl.betas_for(steps.to(torch.int8).cpu().numpy())).to(self.device)
+            betas, _ = self._pair_betas(batch, pc, pr, rc, rr, steps, train=False)
             losses, reward_c, reward_r = epsilon_dpo_loss(pc, pr, rc, rr, betas, c.label_smoothing)
-            self._accumulate(sums, losses.cpu(), reward_c.cpu(), reward_r.cpu(), pc.cpu(), pr.cpu(), steps.cpu(), batch)
+            self._accumulate(sums, betas.cpu(), losses.cpu(), reward_c.cpu(), reward_r.cpu(), pc.cpu(), pr.cpu(),
+                             steps.cpu(), batch)
         return self._metrics(all_reduce_sum(sums, self.dist), prefix="eval_")
 
     def save_model(self, path: str | Path) -> None:
@@ -343,16 +371,21 @@ class Trainer:
             self.output_dir, self.state.global_step, model=self.model, optimizer=self.optimizer,
             scheduler=self.scheduler, kl_state=self.kl.state_dict()["state"], sampler_state=sampler_state,
             trainer_state={"global_step": self.state.global_step, "max_steps": self.state.max_steps,
-                           "beta": self.kl.beta, "log_history": self.metrics.history},
+                           "beta": self.kl.beta, "log_history": self.metrics.history,
+                           "beta_dpo_running_gap": None if self.beta_dpo is None else self.beta_dpo.running_gap},
+            reference=self.ref_model if self.config.method == "tr_dpo" else None,
             config=self.config.to_dict(), save_total_limit=self.config.save_total_limit,
         )
 
     def _resume(self, path: Path) -> None:
-        restored = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        restored = load_checkpoint(path, self.model, self.optimizer, self.scheduler,
+                                   reference=self.ref_model if self.config.method == "tr_dpo" else None)
         self.kl.load_state_dict({"state": restored["kl_state"]})
         self.sampler.load_state_dict({"state": restored["sampler_state"]})
         trainer_state = restored["trainer_state"]
         self.state.global_step = trainer_state["global_step"]
+        if self.beta_dpo is not None:
+            self.beta_dpo.running_gap = trainer_state.get("beta_dpo_running_gap")
         self.state.beta = self.kl.beta
         self.metrics.restore(trainer_state["log_history"])
 
