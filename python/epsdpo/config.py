@@ -63,6 +63,7 @@ class TrainConfig:
     dataset_cache_dir: str | None = None
     # runtime
     seed: int = 42
+    device: str | None = None  # None: this rank's CUDA device when one is visible, else the CPU
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     bf16: bool = False
     gradient_checkpointing: bool = False

@@ -53,8 +53,9 @@ def _offline_hint(source: str | Path, error: Exception) -> OSError:
 
 
 def load_causal_lm(source: str | Path | nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model in `dtype`: a module as given (cast), or loaded from a folder, a .gguf file or a hub id."""
     if isinstance(source, nn.Module):
-        return source
+        return source.to(dtype)
     from transformers import AutoModelForCausalLM
 
     name, kwargs = _pretrained_args(source)
@@ -64,7 +65,20 @@ def load_causal_lm(source: str | Path | nn.Module, dtype: torch.dtype = torch.fl
         if Path(name).exists():
             raise
         raise _offline_hint(source, error) from error
+    if "gguf_file" in kwargs:
+        _forget_gguf_quantization(model)
     return model
+
+
+def _forget_gguf_quantization(model: nn.Module) -> None:
+    """transformers dequantizes GGUF weights into plain tensors but keeps the model marked as
+    quantized, which makes `save_pretrained` (and other trainers) refuse it. The weights are dense,
+    so the marks go."""
+    model.is_quantized = False
+    model.hf_quantizer = None
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def load_tokenizer(source: str | Path | nn.Module) -> Any:

@@ -69,7 +69,8 @@ class Trainer:
         self.config = config
         self.dist: DistInfo = init_from_env()
         torch.manual_seed(config.seed)
-        self.device = torch.device(f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu")
+        auto = f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(config.device or auto)
         dtype = DTYPES[config.dtype]
         self.tokenizer = tokenizer if tokenizer is None or not isinstance(tokenizer, (str, Path)) else load_tokenizer(tokenizer)
         if self.tokenizer is None and isinstance(model, (str, Path)):
