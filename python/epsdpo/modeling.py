@@ -1,0 +1,169 @@
+"""Running Hugging Face causal LMs on one collated batch and scoring its sequences.
+
+A batch (from the Rust collator) has the same keys for the padded, packed and shared-prompt layouts.
+What differs is who may attend to whom, which the batch states per token:
+
+    token i may attend token j  iff  same row, segment_ids[i] == segment_ids[j] >= 0, j <= i,
+                                     and branch_ids[j] in (0, branch_ids[i])
+
+(padding, segment −1, attends only to itself so no softmax row is empty). In transformers 5.x with
+eager or sdpa attention, `position_ids` alone do not keep packed sequences apart, so any layout other
+than plain right-padding runs with this rule as a 4-D additive float mask [R, 1, L, L]: the mask
+builders of transformers (masking_utils) return a 4-D mask unchanged, eager attention adds it to the
+scores and sdpa passes it as `attn_mask`. Plain right-padding uses the cheaper 2-D padding mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from epsdpo.ops import (
+    TokenLogps,
+    perturbed_logps,
+    perturbed_logps_from_logits,
+    sequence_logps,
+    split_causal_lm,
+)
+
+Batch = Mapping[str, Any]
+
+# Attention implementations known to consume a 4-D additive mask as given
+_MASKABLE_ATTENTION = ("eager", "sdpa")
+
+
+class SequenceLogps(NamedTuple):
+    """Per-sequence log-probs [2B]: chosen sequences 0..B−1, rejected B..2B−1."""
+
+    policy: Tensor
+    reference: Tensor | None
+    relaxed: Tensor
+    tightened: Tensor
+
+
+def build_attention_mask(segment_ids: Tensor, branch_ids: Tensor, dtype: torch.dtype) -> Tensor:
+    """Additive mask [R, 1, L, L]: 0 where the batch's attention rule allows, finfo(dtype).min elsewhere."""
+    seg_q, seg_k = segment_ids[:, :, None], segment_ids[:, None, :]
+    br_q, br_k = branch_ids[:, :, None], branch_ids[:, None, :]
+    length = segment_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
+    allowed = (seg_q == seg_k) & (seg_k >= 0) & causal & ((br_k == 0) | (br_k == br_q))
+    padding = segment_ids < 0
+    allowed |= torch.diag_embed(padding)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def _is_right_padded(segment_ids: Tensor, branch_ids: Tensor) -> bool:
+    """True when each row holds one sequence followed only by padding and nothing branches, where the
+    rule above is exactly causal attention with a 2-D padding mask."""
+    real = segment_ids >= 0
+    if bool((branch_ids != 0).any()) or bool((real[:, 1:] & ~real[:, :-1]).any()):
+        return False
+    first = segment_ids[:, :1]
+    return bool(((segment_ids == first) | ~real).all())
+
+
+_BATCH_KEYS = (
+    "input_ids", "position_ids", "segment_ids", "branch_ids", "logit_index", "target_ids", "target_sequence"
+)
+
+
+def _to_tensors(batch: Batch, device: torch.device) -> dict[str, Tensor]:
+    """The batch arrays this module reads, as tensors on `device` (numpy arrays are not copied on CPU)."""
+    return {key: torch.as_tensor(batch[key], device=device) for key in _BATCH_KEYS}
+
+
+def _backbone_inputs(model: nn.Module, tensors: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    segment_ids, branch_ids = tensors["segment_ids"], tensors["branch_ids"]
+    if _is_right_padded(segment_ids, branch_ids):
+        mask = (segment_ids >= 0).long()
+    else:
+        implementation = getattr(model.config, "_attn_implementation", None)
+        if implementation not in _MASKABLE_ATTENTION:
+            raise NotImplementedError(
+                f"packed and shared-prompt batches need eager or sdpa attention, not {implementation!r}"
+            )
+        mask = build_attention_mask(segment_ids, branch_ids, dtype)
+    return {
+        "input_ids": tensors["input_ids"].long(),
+        "attention_mask": mask,
+        "position_ids": tensors["position_ids"].long(),
+    }
+
+
+def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    parameter = next(model.parameters())
+    return parameter.device, parameter.dtype
+
+
+def forward_hidden(backbone: nn.Module, batch: Batch) -> Tensor:
+    """Final hidden states [N, H] of the positions in `batch["logit_index"]`."""
+    device, dtype = _device_dtype(backbone)
+    tensors = _to_tensors(batch, device)
+    hidden = backbone(**_backbone_inputs(backbone, tensors, dtype), use_cache=False).last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, tensors["logit_index"].long())
+
+
+def _forward_logits(model: nn.Module, tensors: Mapping[str, Tensor]) -> Tensor:
+    """Full-logits fallback: logits [N, V] of the scored positions via `model(...).logits`."""
+    _, dtype = _device_dtype(model)
+    logits = model(**_backbone_inputs(model, tensors, dtype), use_cache=False).logits
+    return logits.reshape(-1, logits.shape[-1]).index_select(0, tensors["logit_index"].long())
+
+
+def batch_logps(
+    policy: nn.Module,
+    reference: nn.Module | None,
+    batch: Batch,
+    epsilon: float,
+    chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+) -> SequenceLogps:
+    """Per-sequence policy (with gradient), reference, relaxed and tightened log-probs of a batch.
+
+    The reference runs first, under no_grad. Pass `reference=None` when reference log-probs come from
+    elsewhere (then ε must be 0). With ε = 0 no perturbation work is done. Models whose head cannot
+    be split off (`split_causal_lm` returns None), or whose heads transform logits differently, are
+    scored from full logits instead. Chunk sizes: see `epsdpo.ops.perturbed_logps`.
+    """
+    device, _ = _device_dtype(policy)
+    tensors = _to_tensors(batch, device)
+    labels = tensors["target_ids"].long()
+    policy_head = split_causal_lm(policy)
+    ref_head = split_causal_lm(reference) if reference is not None else None
+    splittable = policy_head is not None and (reference is None or (
+        ref_head is not None
+        and (ref_head.logit_scale, ref_head.softcap) == (policy_head.logit_scale, policy_head.softcap)
+    ))
+    if splittable:
+        ref_hidden = None
+        if ref_head is not None:
+            with torch.no_grad():
+                ref_hidden = forward_hidden(ref_head.backbone, batch)
+        hidden = forward_hidden(policy_head.backbone, batch)
+        tokens: TokenLogps = perturbed_logps(
+            hidden, policy_head.weight, labels,
+            ref_hidden, None if ref_head is None else ref_head.weight, epsilon,
+            bias=policy_head.bias, ref_bias=None if ref_head is None else ref_head.bias,
+            chunk_size=chunk_size, logit_scale=policy_head.logit_scale, softcap=policy_head.softcap,
+            vocab_chunk_size=vocab_chunk_size,
+        )
+    else:
+        ref_logits = None
+        if reference is not None:
+            with torch.no_grad():
+                ref_logits = _forward_logits(reference, tensors)
+        tokens = perturbed_logps_from_logits(
+            _forward_logits(policy, tensors), labels, ref_logits, epsilon, chunk_size
+        )
+
+    target_sequence, num_sequences = tensors["target_sequence"], int(batch["num_sequences"])
+
+    def reduce(values: Tensor | None) -> Tensor | None:
+        return None if values is None else sequence_logps(values, target_sequence, num_sequences)
+
+    return SequenceLogps(*(reduce(values) for values in tokens))

@@ -1,0 +1,240 @@
+"""epsdpo.modeling on tiny random Hugging Face models: masks, layouts, head variants, fallback."""
+
+from __future__ import annotations
+
+import naive_epsdpo as naive
+import numpy as np
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    CohereConfig,
+    Gemma2Config,
+    GraniteConfig,
+    LlamaConfig,
+    PhiConfig,
+)
+
+from epsdpo.modeling import batch_logps, build_attention_mask, forward_hidden
+from epsdpo.ops import split_causal_lm
+
+VOCAB = 61
+EPSILON = 0.2
+# (prompt, chosen, rejected); lengths differ so padding and packing both matter
+PAIRS = [
+    ([5, 9, 2], [7, 7, 30, 1], [12, 40]),
+    ([3, 44, 8, 19, 21], [6], [33, 2, 2, 50, 17]),
+    ([11], [25, 26, 27], [59, 3, 14]),
+]
+SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def tiny(config, seed, attn="sdpa"):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    with torch.no_grad():  # random init is near-uniform; widen it so log-probs differ visibly
+        for p in model.parameters():
+            p.mul_(3.0)
+    return model.eval()
+
+
+def build_batch(pairs, layout, capacity=12):
+    """Collate by the batch contract, token by token. Sequence s < B is pair s's chosen answer,
+    s >= B pair s−B's rejected one."""
+    b = len(pairs)
+    rows = []  # per row: tokens as dicts; "pred" is the (row-local) column predicting this token
+
+    def tokens(ids, seq, seg, branch, pos0, completion, first_pred, col0):
+        out = []
+        for k, t in enumerate(ids):
+            pred = (first_pred if k == 0 else col0 + k - 1) if completion else None
+            out.append(dict(id=t, seq=seq, seg=seg, branch=branch, pos=pos0 + k, pred=pred))
+        return out
+
+    if layout == "shared_prompt":
+        for i, (p, c, r) in enumerate(pairs):
+            row = tokens(p, i, i, 0, 0, False, None, 0)
+            row += tokens(c, i, i, 1, len(p), True, len(p) - 1, len(p))
+            row += tokens(r, b + i, i, 2, len(p), True, len(p) - 1, len(p) + len(c))
+            rows.append(row)
+    else:
+        seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+        for s, (p, comp) in enumerate(seqs):
+            if layout == "padded" or not rows or len(rows[-1]) + len(p) + len(comp) > capacity:
+                rows.append([])
+            row, col0 = rows[-1], len(rows[-1])
+            seg = len(rows) - 1 if layout == "padded" else s
+            row += tokens(p, s, seg, 0, 0, False, None, col0)
+            row += tokens(comp, s, seg, 0, len(p), True, col0 + len(p) - 1, col0 + len(p))
+
+    width = max(len(r) for r in rows)
+    shape = (len(rows), width)
+    batch = {
+        "input_ids": np.zeros(shape, np.int64),
+        "attention_mask": np.zeros(shape, np.int64),
+        "position_ids": np.zeros(shape, np.int64),
+        "completion_mask": np.zeros(shape, bool),
+        "sequence_index": np.full(shape, -1, np.int32),
+        "segment_ids": np.full(shape, -1, np.int32),
+        "branch_ids": np.zeros(shape, np.int8),
+    }
+    logit_index, target_ids, target_sequence = [], [], []
+    for r, row in enumerate(rows):
+        for c, t in enumerate(row):
+            batch["input_ids"][r, c] = t["id"]
+            batch["attention_mask"][r, c] = 1
+            batch["position_ids"][r, c] = t["pos"]
+            batch["sequence_index"][r, c] = t["seq"]
+            batch["segment_ids"][r, c] = t["seg"]
+            batch["branch_ids"][r, c] = t["branch"]
+            if t["pred"] is not None:
+                batch["completion_mask"][r, c] = True
+                logit_index.append(r * width + t["pred"])
+                target_ids.append(t["id"])
+                target_sequence.append(t["seq"])
+    batch.update(logit_index=np.array(logit_index), target_ids=np.array(target_ids),
+                 target_sequence=np.array(target_sequence), num_sequences=2 * b)
+    return batch
+
+
+def one_by_one(policy, reference, pairs, epsilon):
+    """Ground truth: every sequence run alone, unpadded, scored from full logits."""
+    seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+    out = {f: [] for f in ("policy", "reference", "relaxed", "tightened")}
+    for p, comp in seqs:
+        ids = torch.tensor([p + comp])
+        with torch.no_grad():
+            f = policy(ids).logits[0, len(p) - 1 : -1].double()
+            r = reference(ids).logits[0, len(p) - 1 : -1].double()
+        for k, v in naive.token_logps(f, r, torch.tensor(comp), epsilon).items():
+            out[k].append(v.sum())
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def assert_matches(got, want, tol=1e-5):
+    for field, values in want.items():
+        torch.testing.assert_close(getattr(got, field).double(), values, rtol=tol, atol=tol, msg=field)
+
+
+def test_attention_mask_follows_the_rule():
+    rng = np.random.default_rng(0)
+    segment_ids = torch.tensor(rng.integers(-1, 3, (3, 9)), dtype=torch.int32)
+    branch_ids = torch.tensor(rng.integers(0, 3, (3, 9)), dtype=torch.int8)
+    mask = build_attention_mask(segment_ids, branch_ids, torch.float32)
+    assert mask.shape == (3, 1, 9, 9)
+    low = torch.finfo(torch.float32).min
+    for r in range(3):
+        for i in range(9):
+            for j in range(9):
+                si, sj = int(segment_ids[r, i]), int(segment_ids[r, j])
+                bi, bj = int(branch_ids[r, i]), int(branch_ids[r, j])
+                allowed = si == sj >= 0 and j <= i and bj in (0, bi)
+                if si < 0:
+                    allowed = i == j
+                assert mask[r, 0, i, j].item() == (0.0 if allowed else low), (r, i, j)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_layouts_give_the_same_sequence_logps(attn):
+    config = LlamaConfig(**SMALL, tie_word_embeddings=False)
+    policy, reference = tiny(config, 0, attn), tiny(config, 1, attn)
+    want = one_by_one(policy, reference, PAIRS, EPSILON)
+    batches = {layout: build_batch(PAIRS, layout) for layout in ("padded", "packed", "shared_prompt")}
+    # The packed batch must really share rows, or this would test padding twice
+    assert batches["packed"]["input_ids"].shape[0] < 2 * len(PAIRS)
+    for layout, batch in batches.items():
+        assert_matches(batch_logps(policy, reference, batch, EPSILON, chunk_size=4, vocab_chunk_size=16), want)
+
+
+def test_layouts_give_the_same_gradients():
+    config = LlamaConfig(**SMALL, tie_word_embeddings=False)
+    policy, reference = tiny(config, 0), tiny(config, 1)
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 2.0])
+    grads = {}
+    for layout in ("padded", "packed", "shared_prompt"):
+        policy.zero_grad()
+        out = batch_logps(policy, reference, build_batch(PAIRS, layout), EPSILON, chunk_size=4)
+        (out.policy * weights).sum().backward()
+        grads[layout] = [p.grad.clone() for p in policy.parameters()]
+    for layout in ("packed", "shared_prompt"):
+        for a, b in zip(grads[layout], grads["padded"]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_right_padded_batches_use_a_2d_mask_that_matches_the_4d_rule():
+    config = LlamaConfig(**SMALL)
+    model = tiny(config, 2)
+    batch = build_batch(PAIRS, "padded")
+    hidden = forward_hidden(model.base_model, batch)
+    mask = build_attention_mask(torch.as_tensor(batch["segment_ids"]), torch.as_tensor(batch["branch_ids"]),
+                                torch.float32)
+    full = model.base_model(input_ids=torch.as_tensor(batch["input_ids"]), attention_mask=mask,
+                            position_ids=torch.as_tensor(batch["position_ids"])).last_hidden_state
+    expected = full.reshape(-1, full.shape[-1])[torch.as_tensor(batch["logit_index"])]
+    torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-5)
+
+
+HEADS = {
+    "llama_tied": (LlamaConfig(**SMALL, tie_word_embeddings=True), dict(bias=False, scale=1.0, softcap=None)),
+    "llama_untied": (LlamaConfig(**SMALL, tie_word_embeddings=False), dict(bias=False, scale=1.0, softcap=None)),
+    "phi_bias": (PhiConfig(**SMALL), dict(bias=True, scale=1.0, softcap=None)),
+    "cohere_scale": (CohereConfig(**SMALL, logit_scale=0.25), dict(bias=False, scale=0.25, softcap=None)),
+    "granite_scaling": (GraniteConfig(**SMALL, logits_scaling=4.0), dict(bias=False, scale=0.25, softcap=None)),
+    "gemma2_softcap": (
+        Gemma2Config(**SMALL, head_dim=8, final_logit_softcapping=2.0),
+        dict(bias=False, scale=1.0, softcap=2.0),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(HEADS))
+def test_head_variants_match_full_logits(name):
+    config, expected = HEADS[name]
+    policy, reference = tiny(config, 3, "eager"), tiny(config, 4, "eager")
+    spec = split_causal_lm(policy)
+    assert spec is not None
+    assert (spec.bias is not None, spec.logit_scale, spec.softcap) == (
+        expected["bias"], expected["scale"], expected["softcap"]
+    )
+    tied = spec.weight is policy.get_input_embeddings().weight
+    assert tied == bool(config.tie_word_embeddings)
+    want = one_by_one(policy, reference, PAIRS, EPSILON)
+    batch = build_batch(PAIRS, "shared_prompt")
+    assert_matches(batch_logps(policy, reference, batch, EPSILON, chunk_size=5), want)
+
+
+def test_unsplittable_models_fall_back_to_full_logits():
+    config = LlamaConfig(**SMALL)
+    policy, reference = tiny(config, 5), tiny(config, 6)
+    want = one_by_one(policy, reference, PAIRS, EPSILON)
+    # A logit multiplier this module does not model (Llama itself ignores it)
+    policy.config.output_multiplier = 2.0
+    assert split_causal_lm(policy) is None
+    out = batch_logps(policy, reference, build_batch(PAIRS, "packed"), EPSILON)
+    assert_matches(out, want)
+    out.policy.sum().backward()
+    assert policy.lm_head.weight.grad is not None
+
+
+def test_dpo_without_a_reference_model():
+    config = LlamaConfig(**SMALL)
+    policy, reference = tiny(config, 7), tiny(config, 8)
+    want = one_by_one(policy, reference, PAIRS, 0.0)
+    out = batch_logps(policy, None, build_batch(PAIRS, "packed"), 0.0)
+    assert out.reference is None
+    torch.testing.assert_close(out.policy.double(), want["policy"], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.relaxed, out.policy.detach()) and torch.equal(out.tightened, out.policy.detach())
+
+
+def test_rust_collator_layouts_agree():
+    epsdpo = pytest.importorskip("epsdpo")
+    store = epsdpo.PreferenceStore(vocab_size=VOCAB)
+    for p, c, r in PAIRS:
+        store.add_pair(p, c, r)
+    config = LlamaConfig(**SMALL)
+    policy, reference = tiny(config, 9), tiny(config, 10)
+    want = one_by_one(policy, reference, PAIRS, EPSILON)
+    for layout in ("padded", "packed", "shared_prompt"):
+        batch = epsdpo.Collator(layout, capacity=12)(store, [0, 1, 2])
+        assert_matches(batch_logps(policy, reference, batch, EPSILON), want)
