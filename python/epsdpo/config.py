@@ -67,7 +67,7 @@ class TrainConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     bf16: bool = False
     gradient_checkpointing: bool = False
-    chunk_size: int = 256  # scored positions per chunk of the fused log-prob kernel
+    chunk_size: int | None = None  # scored positions per kernel chunk; None: the device default (epsdpo.ops)
     # logging, evaluation, checkpoints
     logging_steps: int = 1
     eval_steps: int | None = None
@@ -99,14 +99,14 @@ class TrainConfig:
         _check(0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing, "in [0, 0.5)")
         _check(self.learning_rate >= 0, "learning_rate", self.learning_rate, ">= 0")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "logging_steps", "pad_to_multiple_of", "chunk_size"):
+                     "logging_steps", "pad_to_multiple_of"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
         _check(self.num_train_epochs > 0 or self.max_steps > 0, "num_train_epochs", self.num_train_epochs,
                "> 0 (or set max_steps > 0)")
         _check(0 <= self.warmup_ratio <= 1, "warmup_ratio", self.warmup_ratio, "in [0, 1]")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
         _check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, ">= 0 (0 disables clipping)")
-        for name in ("eval_steps", "save_steps", "save_total_limit", "max_tokens_per_batch"):
+        for name in ("eval_steps", "save_steps", "save_total_limit", "max_tokens_per_batch", "chunk_size"):
             value = getattr(self, name)
             _check(value is None or value >= 1, name, value, "None or an integer >= 1")
         if self.max_length is not None and self.max_prompt_length is not None:
