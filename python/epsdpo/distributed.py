@@ -7,6 +7,7 @@ sum is exactly the global mean and no per-micro-batch communication is needed.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -40,10 +41,17 @@ def init_from_env() -> DistInfo:
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
+        # A process group still alive at interpreter exit aborts the process (gloo calls terminate).
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
 
 
 def all_reduce_sum(values: Tensor, info: DistInfo) -> Tensor:

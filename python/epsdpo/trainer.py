@@ -31,7 +31,7 @@ from epsdpo._core import BatchSampler, Collator, KlController, PreferenceStore, 
 from epsdpo.baselines import BetaDPO, soft_update_reference
 from epsdpo.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from epsdpo.config import TrainConfig
-from epsdpo.distributed import DistInfo, all_reduce_grads, all_reduce_sum, init_from_env
+from epsdpo.distributed import DistInfo, all_reduce_grads, all_reduce_sum, barrier, init_from_env
 from epsdpo.loss import epsilon_dpo_loss, kl_steps, pair_log_ratio
 from epsdpo.modeling import batch_logps
 from epsdpo.models import frozen_reference, load_causal_lm, load_tokenizer
@@ -329,6 +329,7 @@ class Trainer:
         if self.dist.is_main:
             self.save_model(self.output_dir / "final")
             self._write_outputs()
+        barrier(self.dist)  # no rank leaves (and tears down its process group) while rank 0 writes
         return self.state
 
     @torch.no_grad()
