@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -76,7 +76,6 @@ class TrainConfig:
     report_to: Literal["none", "jsonl", "tensorboard", "wandb"] = "jsonl"
     plots: bool = True
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.bf16:
