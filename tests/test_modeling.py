@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import layout_oracle
 import naive_epsdpo as naive
 import numpy as np
 import pytest
@@ -40,61 +41,9 @@ def tiny(config, seed, attn="sdpa"):
 
 
 def build_batch(pairs, layout, capacity=12):
-    """Collate by the batch contract, token by token. Sequence s < B is pair s's chosen answer,
-    s >= B pair s−B's rejected one."""
-    b = len(pairs)
-    rows = []  # per row: tokens as dicts; "pred" is the (row-local) column predicting this token
-
-    def tokens(ids, seq, seg, branch, pos0, completion, first_pred, col0):
-        out = []
-        for k, t in enumerate(ids):
-            pred = (first_pred if k == 0 else col0 + k - 1) if completion else None
-            out.append(dict(id=t, seq=seq, seg=seg, branch=branch, pos=pos0 + k, pred=pred))
-        return out
-
-    if layout == "shared_prompt":
-        for i, (p, c, r) in enumerate(pairs):
-            row = tokens(p, i, i, 0, 0, False, None, 0)
-            row += tokens(c, i, i, 1, len(p), True, len(p) - 1, len(p))
-            row += tokens(r, b + i, i, 2, len(p), True, len(p) - 1, len(p) + len(c))
-            rows.append(row)
-    else:
-        seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
-        for s, (p, comp) in enumerate(seqs):
-            if layout == "padded" or not rows or len(rows[-1]) + len(p) + len(comp) > capacity:
-                rows.append([])
-            row, col0 = rows[-1], len(rows[-1])
-            seg = len(rows) - 1 if layout == "padded" else s
-            row += tokens(p, s, seg, 0, 0, False, None, col0)
-            row += tokens(comp, s, seg, 0, len(p), True, col0 + len(p) - 1, col0 + len(p))
-
-    width = max(len(r) for r in rows)
-    shape = (len(rows), width)
-    batch = {
-        "input_ids": np.zeros(shape, np.int64),
-        "attention_mask": np.zeros(shape, np.int64),
-        "position_ids": np.zeros(shape, np.int64),
-        "completion_mask": np.zeros(shape, bool),
-        "sequence_index": np.full(shape, -1, np.int32),
-        "segment_ids": np.full(shape, -1, np.int32),
-        "branch_ids": np.zeros(shape, np.int8),
-    }
-    logit_index, target_ids, target_sequence = [], [], []
-    for r, row in enumerate(rows):
-        for c, t in enumerate(row):
-            batch["input_ids"][r, c] = t["id"]
-            batch["attention_mask"][r, c] = 1
-            batch["position_ids"][r, c] = t["pos"]
-            batch["sequence_index"][r, c] = t["seq"]
-            batch["segment_ids"][r, c] = t["seg"]
-            batch["branch_ids"][r, c] = t["branch"]
-            if t["pred"] is not None:
-                batch["completion_mask"][r, c] = True
-                logit_index.append(r * width + t["pred"])
-                target_ids.append(t["id"])
-                target_sequence.append(t["seq"])
-    batch.update(logit_index=np.array(logit_index), target_ids=np.array(target_ids),
-                 target_sequence=np.array(target_sequence), num_sequences=2 * b)
+    """The batch contract written out in pure Python (tests/layout_oracle.py), independent of Rust."""
+    batch = layout_oracle.collate(pairs, layout, capacity=capacity)
+    batch["num_sequences"] = 2 * len(pairs)
     return batch
 
 

@@ -93,9 +93,9 @@ class Trainer:
             truncation_mode=config.truncation_mode, pad_token_id=pad if pad is not None else 0,
             pad_to_multiple_of=config.pad_to_multiple_of, skip_empty=config.skip_invalid,
         )
-        self.train_store = self._as_store(train_dataset)
-        self.eval_store = None if eval_dataset is None else self._as_store(eval_dataset)
-        self.sampler = self._make_sampler(self.train_store)
+        self.train_store, train_lengths = self._as_store(train_dataset)
+        self.eval_store = None if eval_dataset is None else self._as_store(eval_dataset)[0]
+        self.sampler = self._make_sampler(train_lengths)
 
         self.kl = KlController(config.beta, config.step_epsilon)
         self.beta_dpo = (BetaDPO(config.beta, config.beta_dpo_alpha, config.beta_dpo_momentum, config.beta_dpo_filter)
@@ -121,7 +121,9 @@ class Trainer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epsdpo-collate")
 
     # ----------------------------------------------------------------------------------- data
-    def _as_store(self, dataset: Any) -> PreferenceStore:
+    def _as_store(self, dataset: Any) -> tuple[PreferenceStore, dict[str, Any]]:
+        """The dataset as a store, and its truncated lengths (checked: no emptied completion
+        unless `skip_invalid`)."""
         if isinstance(dataset, (str, Path)) and str(dataset).endswith(".store"):
             dataset = PreferenceStore.load(dataset)  # a store saved by `epsdpo prepare --output`
         if isinstance(dataset, PreferenceStore):
@@ -138,7 +140,8 @@ class Trainer:
             )
         if len(store) == 0:
             raise ValueError("the preference dataset is empty")
-        empty = self.collator.truncated_lengths(store)["empty"]
+        lengths = self.collator.truncated_lengths(store)
+        empty = lengths["empty"]
         if len(empty) and not self.config.skip_invalid:
             error = TruncationError(
                 f"pair {int(empty[0])}: a completion is empty after truncation to max_length={self.config.max_length}, "
@@ -147,11 +150,10 @@ class Trainer:
             )
             error.pair_index = int(empty[0])
             raise error
-        return store
+        return store, lengths
 
-    def _make_sampler(self, store: PreferenceStore) -> BatchSampler:
+    def _make_sampler(self, lengths: dict[str, Any]) -> BatchSampler:
         c = self.config
-        lengths = self.collator.truncated_lengths(store)
         chosen = lengths["prompt"] + lengths["chosen"]
         rejected = lengths["prompt"] + lengths["rejected"]
         if c.max_tokens_per_batch:
