@@ -16,6 +16,7 @@ from transformers import (
     PhiConfig,
 )
 
+from epsdpo.attention import SEGMENT_SDPA, segment_boundaries, use_segment_attention
 from epsdpo.modeling import batch_logps, build_attention_mask, forward_hidden
 from epsdpo.ops import split_causal_lm
 
@@ -32,8 +33,11 @@ SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_
 
 
 def tiny(config, seed, attn="sdpa"):
+    """attn: a transformers implementation, or SEGMENT_SDPA (built as sdpa, then switched)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa" if attn == SEGMENT_SDPA else attn)
+    if attn == SEGMENT_SDPA:
+        assert use_segment_attention(model)
     with torch.no_grad():  # random init is near-uniform; widen it so log-probs differ visibly
         for p in model.parameters():
             p.mul_(3.0)
@@ -84,7 +88,7 @@ def test_attention_mask_follows_the_rule():
                 assert mask[r, 0, i, j].item() == (0.0 if allowed else low), (r, i, j)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", SEGMENT_SDPA])
 def test_layouts_give_the_same_sequence_logps(attn):
     config = LlamaConfig(**SMALL, tie_word_embeddings=False)
     policy, reference = tiny(config, 0, attn), tiny(config, 1, attn)
@@ -96,9 +100,10 @@ def test_layouts_give_the_same_sequence_logps(attn):
         assert_matches(batch_logps(policy, reference, batch, EPSILON, chunk_size=4, vocab_chunk_size=16), want)
 
 
-def test_layouts_give_the_same_gradients():
+@pytest.mark.parametrize("attn", ["sdpa", SEGMENT_SDPA])
+def test_layouts_give_the_same_gradients(attn):
     config = LlamaConfig(**SMALL, tie_word_embeddings=False)
-    policy, reference = tiny(config, 0), tiny(config, 1)
+    policy, reference = tiny(config, 0, attn), tiny(config, 1, attn)
     weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 2.0])
     grads = {}
     for layout in ("padded", "packed", "shared_prompt"):
@@ -122,6 +127,42 @@ def test_right_padded_batches_use_a_2d_mask_that_matches_the_4d_rule():
                             position_ids=torch.as_tensor(batch["position_ids"])).last_hidden_state
     expected = full.reshape(-1, full.shape[-1])[torch.as_tensor(batch["logit_index"])]
     torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_segment_boundaries_are_the_runs_of_each_row():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        rows, length = rng.integers(1, 5), rng.integers(1, 12)
+        segment_ids = torch.tensor(rng.integers(-1, 3, (rows, length)), dtype=torch.int32)
+        expected = [0]
+        for r in range(rows):
+            for i in range(1, length):
+                if segment_ids[r, i] != segment_ids[r, i - 1]:
+                    expected.append(r * length + i)
+            expected.append((r + 1) * length)
+        assert segment_boundaries(segment_ids).tolist() == expected
+
+
+def test_segment_attention_honours_a_sliding_window():
+    from transformers import MistralConfig
+
+    config = MistralConfig(**SMALL, sliding_window=3)
+    policy, reference = tiny(config, 0, SEGMENT_SDPA), tiny(config, 1, SEGMENT_SDPA)
+    want = one_by_one(policy, reference, PAIRS, EPSILON)
+    assert_matches(batch_logps(policy, reference, build_batch(PAIRS, "packed"), EPSILON), want)
+    # The 4-D mask knows no windows: refused rather than silently attending too far
+    with pytest.raises(NotImplementedError, match="sliding window"):
+        batch_logps(tiny(config, 0), None, build_batch(PAIRS, "packed"), 0.0)
+
+
+def test_segment_attention_without_segments_is_sdpa():
+    """Generation and evaluation call the switched model with ordinary padding masks."""
+    config = LlamaConfig(**SMALL)
+    plain, switched = tiny(config, 4), tiny(config, 4, SEGMENT_SDPA)
+    ids = torch.tensor([[0, 0, 5, 9, 2, 7], [3, 44, 8, 19, 21, 6]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(switched(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits)
 
 
 HEADS = {

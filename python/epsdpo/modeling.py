@@ -6,21 +6,27 @@ What differs is who may attend to whom, which the batch states per token:
     token i may attend token j  iff  same row, segment_ids[i] == segment_ids[j] >= 0, j <= i,
                                      and branch_ids[j] in (0, branch_ids[i])
 
-(padding, segment −1, attends only to itself so no softmax row is empty). In transformers 5.x with
-eager or sdpa attention, `position_ids` alone do not keep packed sequences apart, so any layout other
-than plain right-padding runs with this rule as a 4-D additive float mask [R, 1, L, L]: the mask
-builders of transformers (masking_utils) return a 4-D mask unchanged, eager attention adds it to the
-scores and sdpa passes it as `attn_mask`. Plain right-padding uses the cheaper 2-D padding mask.
+(padding, segment −1, attends only to itself so no softmax row is empty). Batches without branches
+(padded and packed) are sequences end to end, so models running a varlen attention implementation
+(`epsdpo.attention`: segment-wise sdpa, or flash-attention) get the segment boundaries instead of a
+mask. Otherwise, with eager or sdpa attention, `position_ids` alone do not keep packed sequences
+apart, so any layout other than plain right-padding runs with this rule as a 4-D additive float mask
+[R, 1, L, L]: the mask builders of transformers (masking_utils) return a 4-D mask unchanged, eager
+attention adds it to the scores and sdpa passes it as `attn_mask`. Plain right-padding uses the
+cheaper 2-D padding mask.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import nullcontext
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from epsdpo.attention import SEGMENT_SDPA, VARLEN_IMPLEMENTATIONS, varlen_kwargs
+from epsdpo.models import AdapterFreeReference
 from epsdpo.ops import (
     TokenLogps,
     perturbed_logps,
@@ -32,7 +38,7 @@ from epsdpo.ops import (
 Batch = Mapping[str, Any]
 
 # Attention implementations known to consume a 4-D additive mask as given
-_MASKABLE_ATTENTION = ("eager", "sdpa")
+_MASKABLE_ATTENTION = ("eager", "sdpa", SEGMENT_SDPA)
 
 
 class SequenceLogps(NamedTuple):
@@ -77,22 +83,46 @@ def _to_tensors(batch: Batch, device: torch.device) -> dict[str, Tensor]:
     return {key: torch.as_tensor(batch[key], device=device) for key in _BATCH_KEYS}
 
 
-def _backbone_inputs(model: nn.Module, tensors: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+def _sliding_window(config: Any) -> int | None:
+    """The model's sliding-window length when any layer uses one (Mistral, Qwen2, Gemma-2 conventions)."""
+    window = getattr(config, "sliding_window", None)
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
+
+
+def _backbone_inputs(model: nn.Module, tensors: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Any]:
     segment_ids, branch_ids = tensors["segment_ids"], tensors["branch_ids"]
-    if _is_right_padded(segment_ids, branch_ids):
-        mask = (segment_ids >= 0).long()
-    else:
-        implementation = getattr(model.config, "_attn_implementation", None)
-        if implementation not in _MASKABLE_ATTENTION:
-            raise NotImplementedError(
-                f"packed and shared-prompt batches need eager or sdpa attention, not {implementation!r}"
-            )
-        mask = build_attention_mask(segment_ids, branch_ids, dtype)
-    return {
+    implementation = getattr(model.config, "_attn_implementation", None)
+    inputs: dict[str, Any] = {
         "input_ids": tensors["input_ids"].long(),
-        "attention_mask": mask,
         "position_ids": tensors["position_ids"].long(),
     }
+    if implementation in VARLEN_IMPLEMENTATIONS and not bool((branch_ids != 0).any()):
+        inputs.update(varlen_kwargs(segment_ids, implementation))
+        # All-ones tells sdpa's mask builder there is nothing to mask (it then builds none); flash
+        # attention takes the varlen path only without a mask.
+        inputs["attention_mask"] = None if implementation != SEGMENT_SDPA else torch.ones_like(segment_ids)
+    elif _is_right_padded(segment_ids, branch_ids):
+        inputs["attention_mask"] = (segment_ids >= 0).long()
+    elif implementation in _MASKABLE_ATTENTION:
+        window = _sliding_window(model.config)
+        if window is not None and window < segment_ids.shape[1]:
+            raise NotImplementedError(
+                f"the model attends through a sliding window of {window} tokens, which a 4-D mask over "
+                f"rows of {segment_ids.shape[1]} does not express; use sdpa attention (run segment-wise, "
+                "see epsdpo.attention) or the padded layout"
+            )
+        inputs["attention_mask"] = build_attention_mask(segment_ids, branch_ids, dtype)
+    else:
+        raise NotImplementedError(
+            f"shared-prompt batches need eager or sdpa attention (and packed batches one of those or "
+            f"flash-attention), not {implementation!r}"
+        )
+    return inputs
 
 
 def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -117,7 +147,7 @@ def _forward_logits(model: nn.Module, tensors: Mapping[str, Tensor]) -> Tensor:
 
 def batch_logps(
     policy: nn.Module,
-    reference: nn.Module | None,
+    reference: nn.Module | AdapterFreeReference | None,
     batch: Batch,
     epsilon: float,
     chunk_size: int | None = None,
@@ -126,13 +156,17 @@ def batch_logps(
     """Per-sequence policy (with gradient), reference, relaxed and tightened log-probs of a batch.
 
     The reference runs first, under no_grad. Pass `reference=None` when reference log-probs come from
-    elsewhere (then ε must be 0). With ε = 0 no perturbation work is done. Models whose head cannot
+    elsewhere (then ε must be 0), or an `AdapterFreeReference` to score the reference with the policy's
+    own adapters switched off. With ε = 0 no perturbation work is done. Models whose head cannot
     be split off (`split_causal_lm` returns None), or whose heads transform logits differently, are
     scored from full logits instead. Chunk sizes: see `epsdpo.ops.perturbed_logps`.
     """
     device, _ = _device_dtype(policy)
     tensors = _to_tensors(batch, device)
     labels = tensors["target_ids"].long()
+    reference_scope = nullcontext
+    if isinstance(reference, AdapterFreeReference):
+        reference, reference_scope = reference.policy, reference.disabled
     policy_head = split_causal_lm(policy)
     ref_head = split_causal_lm(reference) if reference is not None else None
     splittable = policy_head is not None and (reference is None or (
@@ -142,7 +176,7 @@ def batch_logps(
     if splittable:
         ref_hidden = None
         if ref_head is not None:
-            with torch.no_grad():
+            with torch.no_grad(), reference_scope():
                 ref_hidden = forward_hidden(ref_head.backbone, batch)
         hidden = forward_hidden(policy_head.backbone, batch)
         tokens: TokenLogps = perturbed_logps(
@@ -155,7 +189,7 @@ def batch_logps(
     else:
         ref_logits = None
         if reference is not None:
-            with torch.no_grad():
+            with torch.no_grad(), reference_scope():
                 ref_logits = _forward_logits(reference, tensors)
         tokens = perturbed_logps_from_logits(
             _forward_logits(policy, tensors), labels, ref_logits, epsilon, chunk_size

@@ -1,0 +1,133 @@
+"""Mask-free attention over the segments of a collated batch (variable-length, "varlen" attention).
+
+A packed row holds several sequences end to end. Running it with a 4-D mask costs attention over the
+whole row (L² per row) plus the mask itself; attending inside each segment costs Σ Lᵢ² and needs no
+mask. Two implementations take the segment boundaries as `cu_seq_lens_q/k` + `max_length_q/k`
+keyword arguments, which transformers passes from the model call down to every attention layer:
+
+- flash-attention (`flash_attention_2`/`_3`, where installed): transformers' own varlen path;
+- `SEGMENT_SDPA` (registered here): torch sdpa run causally on each segment, for any device. It is a
+  drop-in for `sdpa`: without segment arguments it behaves exactly like sdpa (generation, evaluation).
+
+Boundaries are offsets into the batch flattened to R·L tokens; a run of padding is a segment of its
+own, so every token belongs to one segment (its outputs are never scored).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SEGMENT_SDPA = "epsdpo_segment_sdpa"
+_FLASH = ("flash_attention_2", "flash_attention_3")
+VARLEN_IMPLEMENTATIONS = (SEGMENT_SDPA, *_FLASH)
+
+
+def segment_boundaries(segment_ids: Tensor) -> Tensor:
+    """int32 offsets [S+1] of the runs of equal segment id in `segment_ids` [R, L] flattened row-major;
+    a new row always starts a new run."""
+    rows, length = segment_ids.shape
+    flat = segment_ids.reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[::length] = True
+    offsets = torch.nonzero(starts).reshape(-1)
+    end = torch.tensor([rows * length], dtype=offsets.dtype, device=offsets.device)
+    return torch.cat([offsets, end]).to(torch.int32)
+
+
+def varlen_kwargs(segment_ids: Tensor, implementation: str) -> dict[str, Tensor | int]:
+    """The keyword arguments a varlen attention implementation reads, for a batch's segment ids."""
+    cu = segment_boundaries(segment_ids.cpu())
+    longest = int((cu[1:] - cu[:-1]).max())
+    if implementation in _FLASH:
+        cu = cu.to(segment_ids.device)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+def _segment_sdpa(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: Tensor | None = None,
+    sliding_window: int | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """Causal sdpa inside each segment; plain sdpa when no segments are given.
+
+    query [R, Hq, L, D], key/value [R, Hkv, L, D] → output [R, L, Hq, D], as transformers expects.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+            sliding_window=sliding_window, **kwargs,
+        )
+    if kwargs.get("softcap") is not None:
+        raise ValueError("segment attention runs sdpa, which has no attention-logit softcapping; use eager")
+    rows, heads, length, dim = query.shape
+    # [R, H, L, D] → [H, R·L, D]: segments are then contiguous slices along dim 1
+    flat_q, flat_k, flat_v = (t.transpose(0, 1).reshape(t.shape[1], rows * length, dim) for t in (query, key, value))
+    gqa = flat_q.shape[0] != flat_k.shape[0]
+    bounds = cu_seq_lens_q.tolist()
+    outputs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        span = end - start
+        band = None
+        if sliding_window is not None and span > sliding_window:
+            # token i sees j in (i − window, i]: transformers' sliding-window convention
+            index = torch.arange(span, device=query.device)
+            offset = index[:, None] - index[None, :]
+            band = (offset >= 0) & (offset < sliding_window)
+        outputs.append(F.scaled_dot_product_attention(
+            flat_q[:, start:end], flat_k[:, start:end], flat_v[:, start:end],
+            attn_mask=band, dropout_p=dropout if module.training else 0.0,
+            is_causal=band is None, scale=scaling, enable_gqa=gqa,
+        ))
+    out = torch.cat(outputs, dim=1)  # [H, R·L, D]
+    return out.reshape(heads, rows, length, dim).permute(1, 2, 0, 3).contiguous(), None
+
+
+_registered = False
+
+
+def register() -> None:
+    """Make `SEGMENT_SDPA` a valid `attn_implementation` (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(SEGMENT_SDPA, _segment_sdpa)
+    # Masks are built as for sdpa; training batches pass an all-ones 2-D mask, for which sdpa's mask
+    # builder returns None, so no L×L mask is ever made for them.
+    AttentionMaskInterface.register(SEGMENT_SDPA, sdpa_mask)
+    _registered = True
+
+
+def use_segment_attention(model: nn.Module) -> bool:
+    """Switch a transformers model running `sdpa` to `SEGMENT_SDPA` in place; True when the model now
+    runs a varlen implementation (flash-attention models already do).
+
+    The switch is permanent rather than scoped to a forward pass because gradient checkpointing
+    re-runs attention during backward, outside any scope. It is safe to keep: without segment
+    arguments the implementation is sdpa, and the name is never saved with the config.
+    """
+    config = getattr(model, "config", None)
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation in VARLEN_IMPLEMENTATIONS:
+        return True
+    if implementation != "sdpa" or not hasattr(model, "set_attn_implementation"):
+        return False
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return False
+    register()
+    model.set_attn_implementation(SEGMENT_SDPA)
+    return getattr(model.config, "_attn_implementation", None) == SEGMENT_SDPA
