@@ -98,6 +98,38 @@ def load_tokenizer(source: str | Path | nn.Module) -> Any:
         raise _offline_hint(source, error) from error
 
 
+def is_peft_model(model: Any) -> bool:
+    """True for a PEFT-wrapped model (one whose adapters can be switched off)."""
+    return callable(getattr(model, "disable_adapter", None)) and callable(getattr(model, "get_base_model", None))
+
+
+class AdapterFreeReference:
+    """The reference of a PEFT policy: the policy's own modules run with every adapter disabled.
+
+    No copy of the base weights is made, so the reference costs no memory. It is deliberately not an
+    `nn.Module`: registering the policy inside it would list the policy's parameters twice.
+    """
+
+    def __init__(self, policy: nn.Module) -> None:
+        if not is_peft_model(policy):
+            raise TypeError(f"expected a PEFT model, got {type(policy).__name__}")
+        self.policy = policy
+
+    def disabled(self) -> Any:
+        """Context in which the policy computes the reference."""
+        return self.policy.disable_adapter()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self.disabled():
+            return self.policy(*args, **kwargs)
+
+
+def default_reference(policy: nn.Module) -> nn.Module | AdapterFreeReference:
+    """The reference a policy gets when none is given: its base model with adapters disabled for a
+    PEFT policy, otherwise a frozen copy of the initial policy."""
+    return AdapterFreeReference(policy) if is_peft_model(policy) else frozen_reference(policy)
+
+
 def frozen_reference(policy: nn.Module) -> nn.Module:
     """A frozen copy of the initial policy, in eval mode."""
     reference = copy.deepcopy(policy)

@@ -196,6 +196,9 @@ def split_causal_lm(model: nn.Module) -> LMHeadSpec | None:
     fallback is exact but materialises [N, V] logits. Split again after wrapping a model (PEFT, FSDP),
     since wrappers replace the modules this captures.
     """
+    if callable(getattr(model, "get_base_model", None)):
+        # PEFT: the wrapped transformers model, with its adapter layers in place
+        model = model.get_base_model()
     backbone = getattr(model, "base_model", None)
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if get_head is not None else None

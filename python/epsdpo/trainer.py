@@ -28,13 +28,14 @@ import torch
 from torch import Tensor, nn
 
 from epsdpo._core import BatchSampler, Collator, KlController, PreferenceStore, TruncationError
+from epsdpo.attention import use_segment_attention
 from epsdpo.baselines import BetaDPO, soft_update_reference
 from epsdpo.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from epsdpo.config import TrainConfig
 from epsdpo.distributed import DistInfo, all_reduce_grads, all_reduce_sum, barrier, init_from_env
 from epsdpo.loss import epsilon_dpo_loss, kl_steps, pair_log_ratio
 from epsdpo.modeling import batch_logps
-from epsdpo.models import frozen_reference, load_causal_lm, load_tokenizer
+from epsdpo.models import AdapterFreeReference, default_reference, load_causal_lm, load_tokenizer
 from epsdpo.reporting import MetricsLog
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -81,10 +82,22 @@ class Trainer:
             except (OSError, ValueError):
                 self.tokenizer = None
         self.model = load_causal_lm(model, dtype).to(self.device)
-        self.ref_model = (load_causal_lm(ref_model, dtype) if ref_model is not None else frozen_reference(self.model)).to(self.device)
-        self.ref_model.requires_grad_(False).eval()
+        if ref_model is not None:
+            self.ref_model = load_causal_lm(ref_model, dtype).to(self.device).requires_grad_(False).eval()
+        else:
+            self.ref_model = default_reference(self.model)
+        if isinstance(self.ref_model, AdapterFreeReference) and config.method == "tr_dpo":
+            raise ValueError("method='tr_dpo' moves the reference towards the policy, which needs a reference of "
+                             "its own: pass ref_model= with a PEFT policy")
+        # Padded and packed batches then attend within each sequence instead of through an L×L mask
+        use_segment_attention(self.model)
+        if isinstance(self.ref_model, nn.Module):
+            use_segment_attention(self.ref_model)
         if config.gradient_checkpointing and hasattr(self.model, "gradient_checkpointing_enable"):
             self.model.gradient_checkpointing_enable()
+            if isinstance(self.ref_model, AdapterFreeReference):
+                # Frozen embeddings would otherwise cut the gradient path through checkpointed blocks
+                self.model.enable_input_require_grads()
 
         self.output_dir = Path(config.output_dir)
         pad = getattr(self.tokenizer, "pad_token_id", None)

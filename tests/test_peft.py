@@ -1,0 +1,82 @@
+"""PEFT policies: the default reference is the policy's base model with adapters switched off."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from epsdpo.models import AdapterFreeReference
+from epsdpo.modeling import batch_logps
+from epsdpo.trainer import Trainer
+from test_trainer import config
+from tiny import tiny_llama, toy_store
+
+peft = pytest.importorskip("peft")
+
+
+def lora_policy(seed=0, head=False):
+    base = tiny_llama(seed)
+    targets = ["q_proj", "v_proj"] + (["lm_head"] if head else [])
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    return model
+
+
+def perturb_adapters(model, seed=1):
+    """LoRA starts as a no-op (B = 0); give it weights so adapters-on and -off differ."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.5)
+
+
+def batch(layout="packed"):
+    from epsdpo import Collator
+
+    store = toy_store(6, seed=2)
+    return Collator(layout, max_length=32)(store, list(range(len(store))))
+
+
+@pytest.mark.parametrize("head", [False, True], ids=["split_head", "adapted_head_full_logits"])
+def test_adapter_free_reference_scores_the_base_model(head):
+    policy = lora_policy(head=head)
+    base_copy = copy.deepcopy(policy.get_base_model())
+    perturb_adapters(policy)
+    got = batch_logps(policy, AdapterFreeReference(policy), batch(), 0.1)
+    # The base model alone: strip the adapters from a copy taken before they got weights
+    plain = copy.deepcopy(base_copy)
+    for module in plain.modules():
+        for attr in ("lora_A", "lora_B"):
+            if hasattr(module, attr):
+                getattr(module, attr).clear()
+    want = batch_logps(plain, None, batch(), 0.0).policy
+    torch.testing.assert_close(got.reference, want.detach(), rtol=1e-5, atol=1e-5)
+    # ...while the policy itself runs with its adapters on
+    assert (got.policy - got.reference).abs().max() > 1e-3
+
+
+def test_trainer_uses_the_adapter_free_reference_without_copying(tmp_path):
+    policy = lora_policy()
+    trainer = Trainer(policy, config(tmp_path, max_steps=6, learning_rate=1e-2), toy_store())
+    assert isinstance(trainer.ref_model, AdapterFreeReference) and trainer.ref_model.policy is policy
+    trained = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    frozen = {n: p.detach().clone() for n, p in policy.named_parameters() if not p.requires_grad}
+    before = batch_logps(policy, trainer.ref_model, batch(), 0.1)
+    trainer.train()
+    after = batch_logps(policy, trainer.ref_model, batch(), 0.1)
+    # Base weights never move, so the reference log-probs are those of the initial policy...
+    for name, p in policy.named_parameters():
+        if name in frozen:
+            torch.testing.assert_close(p, frozen[name], rtol=0, atol=0)
+    torch.testing.assert_close(after.reference, before.reference)
+    # ...which LoRA's zero-initialised B makes the starting policy exactly
+    torch.testing.assert_close(before.policy.detach(), before.reference)
+    assert (after.policy - after.reference).abs().max() > 1e-4
+
+
+def test_tr_dpo_needs_a_reference_of_its_own(tmp_path):
+    with pytest.raises(ValueError, match="tr_dpo"):
+        Trainer(lora_policy(), config(tmp_path, method="tr_dpo"), toy_store())
