@@ -101,12 +101,17 @@ def _backbone_inputs(model: nn.Module, tensors: Mapping[str, Tensor], dtype: tor
         "input_ids": tensors["input_ids"].long(),
         "position_ids": tensors["position_ids"].long(),
     }
-    if implementation in VARLEN_IMPLEMENTATIONS and not bool((branch_ids != 0).any()):
+    right_padded = _is_right_padded(segment_ids, branch_ids)
+    if implementation == SEGMENT_SDPA and right_padded:
+        # Causal attention over whole rows is exact for the real tokens of right-padded rows, and one
+        # batched unmasked call beats both a mask and a loop over segments.
+        inputs["attention_mask"] = torch.ones_like(segment_ids)
+    elif implementation in VARLEN_IMPLEMENTATIONS and not bool((branch_ids != 0).any()):
         inputs.update(varlen_kwargs(segment_ids, implementation))
         # All-ones tells sdpa's mask builder there is nothing to mask (it then builds none); flash
         # attention takes the varlen path only without a mask.
         inputs["attention_mask"] = None if implementation != SEGMENT_SDPA else torch.ones_like(segment_ids)
-    elif _is_right_padded(segment_ids, branch_ids):
+    elif right_padded:
         inputs["attention_mask"] = (segment_ids >= 0).long()
     elif implementation in _MASKABLE_ATTENTION:
         window = _sliding_window(model.config)
