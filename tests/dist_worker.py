@@ -1,4 +1,5 @@
-"""One rank of the 2-process test: `torchrun --standalone --nproc_per_node 2 dist_worker.py OUT BATCH`."""
+"""One rank of the multi-process tests:
+`torchrun --standalone --nproc_per_node N dist_worker.py OUT BATCH [ddp|fsdp] [resume]`."""
 
 import json
 import sys
@@ -9,16 +10,19 @@ from epsdpo.trainer import Trainer
 from tiny import tiny_llama, toy_store
 
 out, batch_size = Path(sys.argv[1]), int(sys.argv[2])
+mode = sys.argv[3] if len(sys.argv) > 3 else "ddp"
+resume = len(sys.argv) > 4 and sys.argv[4] == "resume"
 config = TrainConfig(
     output_dir=str(out), beta=0.1, epsilon=0.1, learning_rate=3e-3, per_device_train_batch_size=batch_size,
     max_steps=3, warmup_ratio=0.0, lr_scheduler_type="constant", max_length=32, max_prompt_length=16,
-    progress=False, plots=False, seed=3,
+    progress=False, plots=False, seed=3, fsdp=mode == "fsdp", save_steps=2,
 )
 trainer = Trainer(tiny_llama(0), config, toy_store())
-trainer.train()
+trainer.train(resume_from_checkpoint=out / "checkpoint-2" if resume else None)
 if trainer.dist.is_main:
     (out / "result.json").write_text(json.dumps({
         "history": trainer.state.log_history,
         "beta_history": trainer.kl.beta_history().tolist(),
         "world_size": trainer.dist.world_size,
+        "sharded": trainer.sharded,
     }))

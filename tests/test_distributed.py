@@ -15,25 +15,60 @@ import pytest
 HERE = Path(__file__).parent
 
 
-def launch(out: Path, nproc: int, batch_size: int) -> dict:
+def launch(out: Path, nproc: int, batch_size: int, *args: str) -> dict:
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    command = [torchrun, "--standalone", f"--nproc_per_node={nproc}", str(HERE / "dist_worker.py"), str(out), str(batch_size)]
+    command = [torchrun, "--standalone", f"--nproc_per_node={nproc}", str(HERE / "dist_worker.py"), str(out), str(batch_size), *args]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "result.json").read_text())
 
 
-@pytest.mark.slow
-def test_two_gloo_ranks_match_one_process(tmp_path):
+KEYS = ("loss", "kl/mean_step", "rewards/margins", "rewards/accuracies", "grad_norm")
+
+
+def assert_same_run(got: dict, want: dict) -> None:
+    np.testing.assert_allclose(got["beta_history"], want["beta_history"], rtol=1e-12)
+    for key in KEYS:
+        a = [r[key] for r in want["history"]]
+        b = [r[key] for r in got["history"]]
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def final_weights(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
     if not Path(sys.executable).with_name("torchrun").exists() and shutil.which("torchrun") is None:
         pytest.skip("torchrun is not installed")
-    single = launch(tmp_path / "single", 1, 4)
+    out = tmp_path_factory.mktemp("single")
+    return out, launch(out, 1, 4)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_one_process(tmp_path, single):
     double = launch(tmp_path / "double", 2, 2)
-    assert (single["world_size"], double["world_size"]) == (1, 2)
-    np.testing.assert_allclose(double["beta_history"], single["beta_history"], rtol=1e-12)
-    for key in ("loss", "kl/mean_step", "rewards/margins", "rewards/accuracies", "grad_norm"):
-        a = [r[key] for r in single["history"]]
-        b = [r[key] for r in double["history"]]
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=key)
+    assert (single[1]["world_size"], double["world_size"]) == (1, 2)
+    assert_same_run(double, single[1])
+
+
+@pytest.mark.slow
+def test_fsdp_matches_one_process_and_resumes(tmp_path, single):
+    import torch
+
+    sharded = launch(tmp_path / "fsdp", 2, 2, "fsdp")
+    assert sharded["sharded"] and sharded["world_size"] == 2
+    assert_same_run(sharded, single[1])
+    # The saved model is gathered whole, and equals the unsharded run's
+    want, got = final_weights(single[0]), final_weights(tmp_path / "fsdp")
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+    # A sharded run resumed from its step-2 checkpoint continues exactly
+    resumed = launch(tmp_path / "fsdp", 2, 2, "fsdp", "resume")
+    assert_same_run(resumed, sharded)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 PREFIX = "checkpoint-"
@@ -40,30 +40,38 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _save_weights(weights: nn.Module | dict[str, torch.Tensor], path: Path) -> None:
+    if isinstance(weights, dict):
+        save_file({name: tensor.contiguous() for name, tensor in weights.items()}, str(path))
+    else:
+        save_model(weights, str(path))
+
+
 def save_checkpoint(
     output_dir: Path,
     step: int,
     *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model: nn.Module | dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
     scheduler: Any,
     kl_state: bytes,
     sampler_state: bytes,
     trainer_state: dict[str, Any],
     config: dict[str, Any],
     save_total_limit: int | None = None,
-    reference: nn.Module | None = None,
+    reference: nn.Module | dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """`reference` is saved too when it changes during training (TR-DPO)."""
+    """`reference` is saved too when it changes during training (TR-DPO). Weights come as modules, or
+    as full state dicts where they were gathered from shards (FSDP)."""
     final = output_dir / f"{PREFIX}{step}"
     tmp = output_dir / f".{PREFIX}{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
+    _save_weights(model, tmp / "model.safetensors")
     if reference is not None:
-        save_model(reference, str(tmp / "reference.safetensors"))
+        _save_weights(reference, tmp / "reference.safetensors")
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+        {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_state()},
         tmp / "training_state.pt",
     )
     (tmp / "kl_controller.bin").write_bytes(kl_state)
@@ -108,13 +116,21 @@ def resolve_checkpoint(output_dir: Path, resume: str | Path | bool) -> Path:
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    reference: nn.Module | None = None) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG; return the rest for the trainer to apply."""
-    load_model(model, str(path / "model.safetensors"))
-    if reference is not None:
-        load_model(reference, str(path / "reference.safetensors"))
+                    reference: nn.Module | None = None, sharded: bool = False) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and RNG; return the rest for the trainer to apply.
+    `sharded`: the models are FSDP-sharded and the checkpoint holds full state dicts."""
     training = torch.load(path / "training_state.pt", weights_only=False)
-    optimizer.load_state_dict(training["optimizer"])
+    if sharded:
+        from epsdpo.sharding import load_full_state
+
+        load_full_state(model, optimizer, load_file(str(path / "model.safetensors")), training["optimizer"])
+        if reference is not None:
+            load_full_state(reference, None, load_file(str(path / "reference.safetensors")), None)
+    else:
+        load_model(model, str(path / "model.safetensors"))
+        if reference is not None:
+            load_model(reference, str(path / "reference.safetensors"))
+        optimizer.load_state_dict(training["optimizer"])
     scheduler.load_state_dict(training["scheduler"])
     set_rng_state(training["rng"])
     return {

@@ -67,6 +67,7 @@ class TrainConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     bf16: bool = False
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of replicating
     chunk_size: int | None = None  # scored positions per kernel chunk; None: the device default (epsdpo.ops)
     # logging, evaluation, checkpoints
     logging_steps: int = 1

@@ -18,8 +18,8 @@ cheaper 2-D padding mask.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from contextlib import nullcontext
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from typing import Any, NamedTuple
 
 import torch
@@ -150,6 +150,71 @@ def _forward_logits(model: nn.Module, tensors: Mapping[str, Tensor]) -> Tensor:
     return logits.reshape(-1, logits.shape[-1]).index_select(0, tensors["logit_index"].long())
 
 
+class Scorer(nn.Module):
+    """A causal LM run for one batch in a single module call.
+
+    Every use of the model's parameters, the backbone and the head weight inside the fused kernel,
+    happens inside `forward`. Wrappers that act on module calls need that: FSDP2 gathers a sharded
+    root's parameters on entry and reduces their gradients after backward, and calling the backbone
+    or reading the head weight from outside would bypass both. Without such a wrapper it is free.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        batch: Batch,
+        mode: str,
+        reference: Scorer | None = None,
+        reference_output: Tensor | None = None,
+        epsilon: float = 0.0,
+        chunk_size: int | None = None,
+        vocab_chunk_size: int | None = None,
+    ) -> Tensor | TokenLogps:
+        """mode "hidden" / "logits": the scored positions' final hidden states [N, H] / logits [N, V]
+        (what a reference gives). mode "score" / "score_logits": per-token policy, reference, relaxed
+        and tightened log-probs from this model and `reference_output` (hidden states, which need the
+        `reference` scorer's head, or logits)."""
+        device, _ = _device_dtype(self.model)
+        tensors = _to_tensors(batch, device)
+        if mode == "logits":
+            return _forward_logits(self.model, tensors)
+        if mode == "score_logits":
+            return perturbed_logps_from_logits(
+                _forward_logits(self.model, tensors), tensors["target_ids"].long(), reference_output, epsilon, chunk_size
+            )
+        head = split_causal_lm(self.model)
+        assert head is not None, "hidden-state modes need a model whose head splits off"
+        hidden = forward_hidden(head.backbone, batch)
+        if mode == "hidden":
+            return hidden
+        ref_head = split_causal_lm(reference.model) if reference is not None else None
+        return perturbed_logps(
+            hidden, head.weight, tensors["target_ids"].long(),
+            reference_output, None if ref_head is None else ref_head.weight, epsilon,
+            bias=head.bias, ref_bias=None if ref_head is None else ref_head.bias,
+            chunk_size=chunk_size, logit_scale=head.logit_scale, softcap=head.softcap,
+            vocab_chunk_size=vocab_chunk_size,
+        )
+
+
+@contextmanager
+def _parameters_gathered(module: nn.Module | None) -> Iterator[None]:
+    """Keep a sharded (FSDP2) module's own parameters gathered, so another module's forward may read
+    them; a no-op for anything else."""
+    unshard = getattr(module, "unshard", None)
+    if module is None or unshard is None:
+        yield
+        return
+    unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
+
+
 def batch_logps(
     policy: nn.Module,
     reference: nn.Module | AdapterFreeReference | None,
@@ -162,44 +227,34 @@ def batch_logps(
 
     The reference runs first, under no_grad. Pass `reference=None` when reference log-probs come from
     elsewhere (then ε must be 0), or an `AdapterFreeReference` to score the reference with the policy's
-    own adapters switched off. With ε = 0 no perturbation work is done. Models whose head cannot
-    be split off (`split_causal_lm` returns None), or whose heads transform logits differently, are
-    scored from full logits instead. Chunk sizes: see `epsdpo.ops.perturbed_logps`.
+    own adapters switched off. Models may be given as they are or as (possibly sharded) `Scorer`s.
+    With ε = 0 no perturbation work is done. Models whose head cannot be split off
+    (`split_causal_lm` returns None), or whose heads transform logits differently, are scored from
+    full logits instead. Chunk sizes: see `epsdpo.ops.perturbed_logps`.
     """
-    device, _ = _device_dtype(policy)
-    tensors = _to_tensors(batch, device)
-    labels = tensors["target_ids"].long()
     reference_scope = nullcontext
     if isinstance(reference, AdapterFreeReference):
         reference, reference_scope = reference.policy, reference.disabled
-    policy_head = split_causal_lm(policy)
-    ref_head = split_causal_lm(reference) if reference is not None else None
+    policy = policy if isinstance(policy, Scorer) else Scorer(policy)
+    if reference is not None and not isinstance(reference, Scorer):
+        reference = Scorer(reference)
+    policy_head = split_causal_lm(policy.model)
+    ref_head = split_causal_lm(reference.model) if reference is not None else None
     splittable = policy_head is not None and (reference is None or (
         ref_head is not None
         and (ref_head.logit_scale, ref_head.softcap) == (policy_head.logit_scale, policy_head.softcap)
     ))
+    reference_output = None
+    if reference is not None:
+        with torch.no_grad(), reference_scope():
+            reference_output = reference(batch, "hidden" if splittable else "logits")
     if splittable:
-        ref_hidden = None
-        if ref_head is not None:
-            with torch.no_grad(), reference_scope():
-                ref_hidden = forward_hidden(ref_head.backbone, batch)
-        hidden = forward_hidden(policy_head.backbone, batch)
-        tokens: TokenLogps = perturbed_logps(
-            hidden, policy_head.weight, labels,
-            ref_hidden, None if ref_head is None else ref_head.weight, epsilon,
-            bias=policy_head.bias, ref_bias=None if ref_head is None else ref_head.bias,
-            chunk_size=chunk_size, logit_scale=policy_head.logit_scale, softcap=policy_head.softcap,
-            vocab_chunk_size=vocab_chunk_size,
-        )
+        with _parameters_gathered(reference):  # the kernel reads the reference head weight
+            tokens = policy(batch, "score", reference, reference_output, epsilon, chunk_size, vocab_chunk_size)
     else:
-        ref_logits = None
-        if reference is not None:
-            with torch.no_grad(), reference_scope():
-                ref_logits = _forward_logits(reference, tensors)
-        tokens = perturbed_logps_from_logits(
-            _forward_logits(policy, tensors), labels, ref_logits, epsilon, chunk_size
-        )
+        tokens = policy(batch, "score_logits", None, reference_output, epsilon, chunk_size)
 
+    tensors = _to_tensors(batch, _device_dtype(policy.model)[0])
     target_sequence, num_sequences = tensors["target_sequence"], int(batch["num_sequences"])
 
     def reduce(values: Tensor | None) -> Tensor | None:

@@ -37,6 +37,13 @@ from epsdpo.loss import epsilon_dpo_loss, kl_steps, pair_log_ratio
 from epsdpo.modeling import batch_logps
 from epsdpo.models import AdapterFreeReference, default_reference, load_causal_lm, load_tokenizer
 from epsdpo.reporting import MetricsLog
+from epsdpo.sharding import (
+    full_model_state,
+    full_optimizer_state,
+    grad_norm_value,
+    set_gradient_sync,
+    shard,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -98,6 +105,15 @@ class Trainer:
             if isinstance(self.ref_model, AdapterFreeReference):
                 # Frozen embeddings would otherwise cut the gradient path through checkpointed blocks
                 self.model.enable_input_require_grads()
+        # What the loop runs: the models themselves, or their sharded `Scorer` root units under FSDP.
+        self.sharded = config.fsdp and self.dist.enabled
+        self.policy_unit: nn.Module = self.model
+        self.reference_unit: nn.Module | AdapterFreeReference = self.ref_model
+        if self.sharded:
+            if isinstance(self.ref_model, AdapterFreeReference):
+                raise ValueError("fsdp=True with a PEFT policy is not supported: pass ref_model= or run without fsdp")
+            self.policy_unit = shard(self.model, trainable=True)
+            self.reference_unit = shard(self.ref_model, trainable=False)
 
         self.output_dir = Path(config.output_dir)
         pad = getattr(self.tokenizer, "pad_token_id", None)
@@ -195,7 +211,7 @@ class Trainer:
     # ----------------------------------------------------------------------------------- math
     def _score(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Per-pair policy/reference log-probs (chosen, rejected) and steps s_i for one batch."""
-        seq = batch_logps(self.model, self.ref_model, batch, self.config.check_epsilon, self.config.chunk_size)
+        seq = batch_logps(self.policy_unit, self.reference_unit, batch, self.config.check_epsilon, self.config.chunk_size)
         policy_c, policy_r = seq.policy.chunk(2)
         ref_c, ref_r = seq.reference.chunk(2)
         if self.config.check_epsilon > 0:
@@ -257,9 +273,11 @@ class Trainer:
         local_pairs = sum(len(b["pair_ids"]) for b in batches)
         global_pairs = all_reduce_sum(torch.tensor([float(local_pairs)], dtype=torch.float64), self.dist).item()
         sums = torch.zeros(len(_SUMS), dtype=torch.float64)
-        for batch in batches:
+        for index, batch in enumerate(batches):
             if len(batch["pair_ids"]) == 0:
                 continue
+            if self.sharded:
+                set_gradient_sync(self.policy_unit, index == len(batches) - 1)
             pc, pr, rc, rr, steps = self._score(batch)
             betas, keep = self._pair_betas(batch, pc, pr, rc, rr, steps, train=True)
             losses, reward_c, reward_r = epsilon_dpo_loss(pc, pr, rc, rr, betas, c.label_smoothing)
@@ -269,11 +287,15 @@ class Trainer:
                 )
             # β-DPO's filter trains on the kept fraction only; everything else keeps every pair.
             kept_fraction = c.beta_dpo_filter if keep is not None else 1.0
-            (losses[keep].sum() if keep is not None else losses.sum()).div(global_pairs * kept_fraction).backward()
+            # FSDP averages gradients over ranks where the manual all-reduce sums them
+            normaliser = global_pairs * kept_fraction / (self.dist.world_size if self.sharded else 1)
+            (losses[keep].sum() if keep is not None else losses.sum()).div(normaliser).backward()
             self._accumulate(sums, betas.cpu(), losses.detach().cpu(), reward_c.cpu(), reward_r.cpu(),
                              pc.detach().cpu(), pr.detach().cpu(), steps.cpu(), batch)
-        all_reduce_grads(self.params, self.dist)
+        if not self.sharded:  # FSDP has reduce-scattered the gradients already
+            all_reduce_grads(self.params, self.dist)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
+        grad_norm = grad_norm_value(grad_norm)
         if not torch.isfinite(grad_norm):
             pairs = [i for b in batches for i in b["pair_ids"].tolist()]
             raise NonFiniteError(f"step {step}: non-finite gradient norm for pair ids {pairs}; nothing of this step was saved")
@@ -341,8 +363,8 @@ class Trainer:
             if progress is not None:
                 progress.close()
         self.state.log_history = self.metrics.history
+        self.save_model(self.output_dir / "final")
         if self.dist.is_main:
-            self.save_model(self.output_dir / "final")
             self._write_outputs()
         barrier(self.dist)  # no rank leaves (and tears down its process group) while rank 0 writes
         return self.state
@@ -368,35 +390,51 @@ class Trainer:
         return self._metrics(all_reduce_sum(sums, self.dist), prefix="eval_")
 
     def save_model(self, path: str | Path) -> None:
-        """The policy (and tokenizer) in Hugging Face format, loadable by `from_pretrained`."""
+        """The policy (and tokenizer) in Hugging Face format, loadable by `from_pretrained`. Every rank
+        calls it (a sharded model is gathered first); rank 0 writes."""
+        state = full_model_state(self.model) if self.sharded else None
+        if not self.dist.is_main:
+            return
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if hasattr(self.model, "save_pretrained"):
-            self.model.save_pretrained(path)
+            self.model.save_pretrained(path, state_dict=state)
         else:
-            from safetensors.torch import save_model
+            from safetensors.torch import save_file, save_model
 
-            save_model(self.model, str(path / "model.safetensors"))
+            if state is None:
+                save_model(self.model, str(path / "model.safetensors"))
+            else:
+                save_file(state, str(path / "model.safetensors"))
         if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(path)
 
     # ------------------------------------------------------------------------ checkpoints, outputs
     def _save_checkpoint(self, sampler_state: bytes | None) -> None:
-        if not self.dist.is_main or sampler_state is None:
+        if sampler_state is None:
             return
+        tr_dpo = self.config.method == "tr_dpo"
+        model, reference = self.model, self.ref_model if tr_dpo else None
+        if self.sharded:  # gathering is collective: every rank takes part, rank 0 writes
+            model, optimizer_state = full_model_state(self.model), full_optimizer_state(self.model, self.optimizer)
+            reference = full_model_state(self.ref_model) if tr_dpo else None
+        if not self.dist.is_main:
+            return
+        if not self.sharded:
+            optimizer_state = self.optimizer.state_dict()
         save_checkpoint(
-            self.output_dir, self.state.global_step, model=self.model, optimizer=self.optimizer,
+            self.output_dir, self.state.global_step, model=model, optimizer_state=optimizer_state,
             scheduler=self.scheduler, kl_state=self.kl.state_dict()["state"], sampler_state=sampler_state,
             trainer_state={"global_step": self.state.global_step, "max_steps": self.state.max_steps,
                            "beta": self.kl.beta, "log_history": self.metrics.history,
                            "beta_dpo_running_gap": None if self.beta_dpo is None else self.beta_dpo.running_gap},
-            reference=self.ref_model if self.config.method == "tr_dpo" else None,
-            config=self.config.to_dict(), save_total_limit=self.config.save_total_limit,
+            reference=reference, config=self.config.to_dict(), save_total_limit=self.config.save_total_limit,
         )
 
     def _resume(self, path: Path) -> None:
         restored = load_checkpoint(path, self.model, self.optimizer, self.scheduler,
-                                   reference=self.ref_model if self.config.method == "tr_dpo" else None)
+                                   reference=self.ref_model if self.config.method == "tr_dpo" else None,
+                                   sharded=self.sharded)
         self.kl.load_state_dict({"state": restored["kl_state"]})
         self.sampler.load_state_dict({"state": restored["sampler_state"]})
         trainer_state = restored["trainer_state"]

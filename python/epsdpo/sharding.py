@@ -1,0 +1,92 @@
+"""FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded over the ranks, for models
+that do not fit one device. `TrainConfig(fsdp=True)` under `torchrun` turns it on.
+
+Each transformer block is its own FSDP unit (gathered for its forward and backward, resharded after);
+the root unit is the `Scorer` around the model, which holds the embeddings, the final norm and the
+head, so the fused kernel reads a gathered head weight inside the root's forward. FSDP averages
+gradients over ranks (a custom sum needs PREMUL_SUM, which gloo lacks), so the trainer divides the
+loss by the global number of pairs over the world size, giving the same gradients as the sum.
+
+Saving gathers full (unsharded) state dicts on every rank and lets rank 0 write them, so checkpoints
+and `save_pretrained` output are the same files as without FSDP.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from epsdpo.modeling import Scorer
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks: modules of the classes the model names as not to be split."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(
+            f"fsdp: cannot find the transformer blocks of {type(model).__name__} (it lists no `_no_split_modules`)"
+        )
+    return blocks
+
+
+def shard(model: nn.Module, *, trainable: bool) -> Scorer:
+    """Shard `model` in place over the default process group; return its `Scorer` root unit.
+
+    `trainable`: the policy. Its root keeps its parameters gathered between forward and backward
+    (they are needed again at once); a frozen reference reshards everything after each forward.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for block in _blocks(model):
+        fully_shard(block)
+    root = Scorer(model)
+    fully_shard(root, reshard_after_forward=not trainable)
+    return root
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def set_gradient_sync(root: nn.Module, sync: bool) -> None:
+    """Skip the gradient reduce-scatter on all but the last micro-batch of an accumulation cycle."""
+    root.set_requires_gradient_sync(sync)
+
+
+def grad_norm_value(norm: torch.Tensor) -> torch.Tensor:
+    """`clip_grad_norm_` returns a DTensor for sharded gradients; its full value as a plain tensor."""
+    full = getattr(norm, "full_tensor", None)
+    return full() if full is not None else norm
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer unsharded, on CPU (a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any] | None) -> None:
+    """Scatter full state dicts (read by every rank) back into sharded model and optimizer."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    if optimizer is not None and optimizer_state is not None:
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
