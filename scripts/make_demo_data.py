@@ -66,9 +66,15 @@ def make_prompts(rng: random.Random, n_train: int, n_test: int) -> tuple[list[di
     """Disjoint (task, topic) combinations for train and test, each with its own instructions."""
     topics = [t.strip() for t in TOPICS.replace("\n", " ").split(",") if t.strip()]
     combos = [(task, topic) for task in TASKS for topic in topics]
-    if n_train + n_test > len(combos):
-        sys.exit(f"only {len(combos)} distinct tasks; ask for fewer prompts")
+    if n_test >= len(combos):
+        sys.exit(f"only {len(combos)} distinct tasks; ask for fewer test prompts")
     rng.shuffle(combos)
+    if n_train + n_test > len(combos):
+        # More prompts than tasks (larger sets): test keeps its own tasks, and train tasks recur
+        # with freshly drawn instructions, so no two train prompts are the same text.
+        train_combos = combos[n_test:]
+        order = [train_combos[i % len(train_combos)] for i in range(n_train)]
+        combos = order + combos[:n_test]
     rows = []
     for task, topic in combos[: n_train + n_test]:
         spec = scorer.sample_instructions(rng)
@@ -97,8 +103,9 @@ def sample_answers(
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     width = max(map(len, ids))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])  # left padding
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)  # left padding
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     cache = _cache_of(out)
@@ -108,7 +115,7 @@ def sample_answers(
     mask = mask.repeat_interleave(samples, 0)
     n = logits.shape[0]
     tokens: list[list[int]] = [[] for _ in range(n)]
-    active = torch.arange(n)
+    active = torch.arange(n, device=device)
     eos = tokenizer.eos_token_id
     for _ in range(max_new_tokens):
         probs = torch.softmax(logits.float() / temperature, -1)
@@ -116,7 +123,7 @@ def sample_answers(
         sorted_p, order = probs.sort(-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < top_p
         sorted_p = sorted_p * keep
-        choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=generator)
+        choice = torch.multinomial((sorted_p / sorted_p.sum(-1, keepdim=True)).cpu(), 1, generator=generator).to(device)
         nxt = order.gather(-1, choice).squeeze(-1)
         for row, tok in zip(active.tolist(), nxt.tolist()):
             tokens[row].append(tok)
@@ -127,7 +134,7 @@ def sample_answers(
             keep_idx = alive.nonzero().squeeze(-1)
             cache.batch_select_indices(keep_idx)
             active, nxt, mask = active[keep_idx], nxt[keep_idx], mask[keep_idx]
-        mask = torch.cat([mask, torch.ones(len(active), 1, dtype=mask.dtype)], -1)
+        mask = torch.cat([mask, torch.ones(len(active), 1, dtype=mask.dtype, device=device)], -1)
         pos = (mask.sum(-1, keepdim=True) - 1)
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
         cache = _cache_of(out)
@@ -173,6 +180,7 @@ def main() -> None:
     ap.add_argument("--min-margin", type=float, default=0.1, help="smallest best - worst score kept as a pair")
     ap.add_argument("--batch-prompts", type=int, default=16, help="prompts per generation batch")
     ap.add_argument("--out", type=Path, default=DEMO_DIR)
+    ap.add_argument("--device", default="cpu", help="where the sampling model runs (e.g. cuda)")
     a = ap.parse_args()
 
     from tqdm.auto import tqdm
@@ -187,7 +195,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(a.seed)
     train_prompts, test_prompts = make_prompts(rng, a.train_prompts, a.test_prompts)
     tokenizer = load_tokenizer(gguf)
-    model = load_causal_lm(gguf).eval()
+    model = load_causal_lm(gguf).to(a.device).eval()
 
     pairs: list[dict[str, Any]] = []
     bar = tqdm(total=len(train_prompts), desc="sampling answers", unit="prompt")

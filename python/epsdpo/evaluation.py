@@ -40,6 +40,76 @@ def generate_answers(
     return [a.strip() for a in answers]
 
 
+@torch.no_grad()
+def sample_completions(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[list[dict[str, str]]],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> list[tuple[list[int], list[int]]]:
+    """One answer per chat prompt sampled from the model's own distribution (temperature 1, no top-k
+    or top-p, so the samples estimate expectations under π), as (prompt ids, answer ids); an answer
+    ends at its first EOS, which it keeps, or after `max_new_tokens`."""
+    was_training = model.training
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    eos = tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    out: list[tuple[list[int], list[int]]] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            texts = [tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True)
+                     for p in prompts[start : start + batch_size]]
+            ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+            width = max(map(len, ids))
+            pad = tokenizer.pad_token_id
+            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=model.device)
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=model.device)
+            generated = model.generate(
+                input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True,
+                temperature=1.0, top_k=0, top_p=1.0, pad_token_id=pad,
+            )[:, width:].tolist()
+            for prompt_ids, answer in zip(ids, generated):
+                if eos in answer:
+                    answer = answer[: answer.index(eos) + 1]
+                out.append((prompt_ids, answer))
+    finally:
+        model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def sequence_log_ratios(
+    policy: nn.Module, reference: nn.Module, sequences: Sequence[tuple[list[int], list[int]]], batch_size: int = 16,
+) -> list[float]:
+    """log π(y|x) − log π_ref(y|x) for each (prompt ids, answer ids); averaged over samples y ~ π it
+    estimates the sequence-level KL(π‖π_ref). Scored by the training path (store, collator, kernel)."""
+    from epsdpo._core import Collator, PreferenceStore
+    from epsdpo.modeling import batch_logps
+
+    vocab = policy.get_output_embeddings().weight.shape[0]
+    store = PreferenceStore(vocab_size=vocab)
+    for prompt_ids, answer in sequences:
+        store.add_pair(prompt_ids, answer, answer)  # scored once as "chosen"; the copy is ignored
+    collator = Collator("padded")
+    ratios: list[float] = []
+    was_training = policy.training
+    policy.eval()
+    try:
+        for start in range(0, len(store), batch_size):
+            batch = collator(store, list(range(start, min(start + batch_size, len(store)))))
+            seq = batch_logps(policy, reference, batch, 0.0)
+            chosen = len(batch["pair_ids"])
+            ratios += (seq.policy[:chosen] - seq.reference[:chosen]).double().tolist()
+    finally:
+        policy.train(was_training)
+    return ratios
+
+
 def score_answers(answers: Sequence[str], specs: Sequence[Any], scorer: Callable[[str, Any], float]) -> list[float]:
     return [float(scorer(a, s)) for a, s in zip(answers, specs, strict=True)]
 

