@@ -228,3 +228,29 @@ def test_rust_collator_layouts_agree():
     for layout in ("padded", "packed", "shared_prompt"):
         batch = epsdpo.Collator(layout, capacity=12)(store, [0, 1, 2])
         assert_matches(batch_logps(policy, reference, batch, EPSILON), want)
+
+
+def test_flash_attention_models_get_varlen_arguments_instead_of_a_mask():
+    """flash-attention is not installed here; check the arguments its varlen path reads."""
+    from types import SimpleNamespace
+
+    from epsdpo.modeling import _backbone_inputs
+
+    batch = build_batch(PAIRS, "packed")
+    tensors = {k: torch.as_tensor(v) for k, v in batch.items() if k != "num_sequences"}
+    model = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
+    inputs = _backbone_inputs(model, tensors, torch.float32)
+    assert inputs["attention_mask"] is None
+    cu = inputs["cu_seq_lens_q"]
+    assert cu.dtype == torch.int32 and inputs["cu_seq_lens_k"] is cu
+    assert cu.tolist() == segment_boundaries(tensors["segment_ids"]).tolist()
+    assert inputs["max_length_q"] == int((cu[1:] - cu[:-1]).max())
+    # positions restart in every segment, as flash-attention's rotary embedding expects
+    flat_positions = inputs["position_ids"].reshape(-1)
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        if int(tensors["segment_ids"].reshape(-1)[start]) >= 0:
+            assert flat_positions[start:end].tolist() == list(range(end - start))
+    # shared-prompt rows branch, which no varlen call expresses
+    shared = build_batch(PAIRS, "shared_prompt")
+    with pytest.raises(NotImplementedError, match="shared-prompt"):
+        _backbone_inputs(model, {k: torch.as_tensor(v) for k, v in shared.items() if k != "num_sequences"}, torch.float32)

@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 
-@torch.no_grad()
+def _generate(
+    model: nn.Module, tokenizer: Any, prompts: Sequence[list[dict[str, str]]], batch_size: int, **options: Any
+) -> Iterator[tuple[list[int], list[int]]]:
+    """(prompt ids, generated ids) per chat prompt (a message list), batched with left padding; the
+    generated ids run to `max_new_tokens` or the batch's end, padding included."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    pad = tokenizer.pad_token_id
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(prompts), batch_size):
+            texts = [tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True)
+                     for p in prompts[start : start + batch_size]]
+            ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+            width = max(map(len, ids))
+            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=model.device)
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=model.device)
+            with torch.no_grad():
+                out = model.generate(input_ids=input_ids, attention_mask=mask, pad_token_id=pad, **options)
+            yield from zip(ids, out[:, width:].tolist())
+    finally:
+        model.train(was_training)
+
+
 def generate_answers(
     model: nn.Module,
     tokenizer: Any,
@@ -18,29 +42,13 @@ def generate_answers(
     max_new_tokens: int = 64,
     batch_size: int = 16,
 ) -> list[str]:
-    """Greedy answers to chat prompts (message lists), batched with left padding."""
-    was_training = model.training
-    model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    answers: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            texts = [tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True)
-                     for p in prompts[start : start + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
-    return [a.strip() for a in answers]
+    """Greedy answers to chat prompts (message lists)."""
+    return [
+        tokenizer.decode(generated, skip_special_tokens=True).strip()
+        for _, generated in _generate(model, tokenizer, prompts, batch_size, max_new_tokens=max_new_tokens, do_sample=False)
+    ]
 
 
-@torch.no_grad()
 def sample_completions(
     model: nn.Module,
     tokenizer: Any,
@@ -53,32 +61,14 @@ def sample_completions(
     """One answer per chat prompt sampled from the model's own distribution (temperature 1, no top-k
     or top-p, so the samples estimate expectations under π), as (prompt ids, answer ids); an answer
     ends at its first EOS, which it keeps, or after `max_new_tokens`."""
-    was_training = model.training
-    model.eval()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    eos = tokenizer.eos_token_id
     torch.manual_seed(seed)
-    out: list[tuple[list[int], list[int]]] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            texts = [tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True)
-                     for p in prompts[start : start + batch_size]]
-            ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-            width = max(map(len, ids))
-            pad = tokenizer.pad_token_id
-            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=model.device)
-            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=model.device)
-            generated = model.generate(
-                input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True,
-                temperature=1.0, top_k=0, top_p=1.0, pad_token_id=pad,
-            )[:, width:].tolist()
-            for prompt_ids, answer in zip(ids, generated):
-                if eos in answer:
-                    answer = answer[: answer.index(eos) + 1]
-                out.append((prompt_ids, answer))
-    finally:
-        model.train(was_training)
+    eos = tokenizer.eos_token_id
+    out = []
+    for prompt_ids, answer in _generate(model, tokenizer, prompts, batch_size, max_new_tokens=max_new_tokens,
+                                        do_sample=True, temperature=1.0, top_k=0, top_p=1.0):
+        if eos in answer:
+            answer = answer[: answer.index(eos) + 1]
+        out.append((prompt_ids, answer))
     return out
 
 
