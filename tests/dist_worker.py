@@ -1,5 +1,5 @@
 """One rank of the multi-process tests:
-`torchrun --standalone --nproc_per_node N dist_worker.py OUT BATCH [ddp|fsdp] [resume]`."""
+`torchrun --standalone --nproc_per_node N dist_worker.py OUT BATCH [ddp|fsdp] [fresh|resume] [METHOD]`."""
 
 import json
 import sys
@@ -12,10 +12,11 @@ from tiny import tiny_llama, toy_store
 out, batch_size = Path(sys.argv[1]), int(sys.argv[2])
 mode = sys.argv[3] if len(sys.argv) > 3 else "ddp"
 resume = len(sys.argv) > 4 and sys.argv[4] == "resume"
+method = sys.argv[5] if len(sys.argv) > 5 else "epsilon_dpo"
 config = TrainConfig(
     output_dir=str(out), beta=0.1, epsilon=0.1, learning_rate=3e-3, per_device_train_batch_size=batch_size,
     max_steps=3, warmup_ratio=0.0, lr_scheduler_type="constant", max_length=32, max_prompt_length=16,
-    progress=False, plots=False, seed=3, fsdp=mode == "fsdp", save_steps=2,
+    progress=False, plots=False, seed=3, fsdp=mode == "fsdp", save_steps=2, method=method, tr_dpo_tau=2,
 )
 trainer = Trainer(tiny_llama(0), config, toy_store())
 trainer.train(resume_from_checkpoint=out / "checkpoint-2" if resume else None)

@@ -72,3 +72,16 @@ def test_fsdp_matches_one_process_and_resumes(tmp_path, single):
     # A sharded run resumed from its step-2 checkpoint continues exactly
     resumed = launch(tmp_path / "fsdp", 2, 2, "fsdp", "resume")
     assert_same_run(resumed, sharded)
+
+
+@pytest.mark.slow
+def test_fsdp_moves_a_sharded_tr_dpo_reference_like_one_process(tmp_path, single):
+    """TR-DPO's soft update runs shard by shard; its reference is gathered into checkpoints."""
+    one = launch(tmp_path / "one", 1, 4, "ddp", "fresh", "tr_dpo")
+    sharded = launch(tmp_path / "fsdp", 2, 2, "fsdp", "fresh", "tr_dpo")
+    assert_same_run(sharded, one)
+    assert (tmp_path / "fsdp" / "checkpoint-2" / "reference.safetensors").is_file()
+    # TR-DPO is DPO until its reference first moves (after step τ = 2), then it leaves it
+    dpo = launch(tmp_path / "dpo", 1, 4, "ddp", "fresh", "dpo")
+    tr_losses, dpo_losses = ([r["loss"] for r in run["history"]] for run in (one, dpo))
+    assert tr_losses[:2] == dpo_losses[:2] and abs(tr_losses[2] - dpo_losses[2]) > 1e-6
