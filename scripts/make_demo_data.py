@@ -76,9 +76,13 @@ def make_prompts(rng: random.Random, n_train: int, n_test: int) -> tuple[list[di
         order = [train_combos[i % len(train_combos)] for i in range(n_train)]
         combos = order + combos[:n_test]
     rows = []
+    seen: set[str] = set()
     for task, topic in combos[: n_train + n_test]:
-        spec = scorer.sample_instructions(rng)
-        text = task.format(topic=topic) + " " + scorer.instruction_text(spec)
+        text = ""
+        while not text or text in seen:  # only a recurring task can draw the same instructions twice
+            spec = scorer.sample_instructions(rng)
+            text = task.format(topic=topic) + " " + scorer.instruction_text(spec)
+        seen.add(text)
         rows.append({"prompt": [{"role": "user", "content": text}], "instructions": json.dumps(spec)})
     return rows[:n_train], rows[n_train:]
 
