@@ -67,7 +67,7 @@ class Scale:
 
 
 SCALES = {
-    # ~1 hour on 2 CPU cores. The step budget (24 steps of 8 pairs, about half an epoch of the 348
+    # About 70 minutes on 2 CPU cores. The step budget (24 steps of 8 pairs, about half an epoch of the 348
     # bundled pairs) is what keeps it bounded; TR-DPO's τ is scaled down with it so that its
     # reference moves 3 times (the paper's τ = 128 would never trigger).
     "cpu": Scale(device="cpu", methods=("dpo", "epsilon_dpo", "tr_dpo"), betas=(0.05, 0.1, 0.5),
