@@ -80,3 +80,20 @@ def test_trainer_uses_the_adapter_free_reference_without_copying(tmp_path):
 def test_tr_dpo_needs_a_reference_of_its_own(tmp_path):
     with pytest.raises(ValueError, match="tr_dpo"):
         Trainer(lora_policy(), config(tmp_path, method="tr_dpo"), toy_store())
+
+
+def test_adapter_free_reference_runs_without_dropout():
+    """The reference must be deterministic even while the policy trains with dropout on."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.5,
+                                        attn_implementation="eager"))
+    policy = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.5))
+    policy.train()
+    reference = AdapterFreeReference(policy)
+    first = batch_logps(policy, reference, batch("padded"), 0.0).reference
+    second = batch_logps(policy, reference, batch("padded"), 0.0).reference
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert policy.training  # and the policy is left as it was

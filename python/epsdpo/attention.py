@@ -71,6 +71,11 @@ def _segment_sdpa(
         )
     if kwargs.get("softcap") is not None:
         raise ValueError("segment attention runs sdpa, which has no attention-logit softcapping; use eager")
+    if kwargs.get("position_bias") is not None or kwargs.get("is_causal") is False:
+        raise NotImplementedError(
+            "this model's attention adds a position bias or is not causal, which segment attention does not "
+            "apply; load it with attn_implementation='eager' to train on packed or padded batches"
+        )
     rows, heads, length, dim = query.shape
     # [R, H, L, D] → [H, R·L, D]: segments are then contiguous slices along dim 1
     flat_q, flat_k, flat_v = (t.transpose(0, 1).reshape(t.shape[1], rows * length, dim) for t in (query, key, value))

@@ -42,7 +42,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def _save_weights(weights: nn.Module | dict[str, torch.Tensor], path: Path) -> None:
     if isinstance(weights, dict):
-        save_file({name: tensor.contiguous() for name, tensor in weights.items()}, str(path))
+        # safetensors refuses tensors that share storage (tied embeddings): copy all but the first
+        seen: set[int] = set()
+        state = {}
+        for name, tensor in weights.items():
+            tensor = tensor.contiguous()
+            state[name] = tensor.clone() if tensor.data_ptr() in seen else tensor
+            seen.add(tensor.data_ptr())
+        save_file(state, str(path))
     else:
         save_model(weights, str(path))
 

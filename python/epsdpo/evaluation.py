@@ -60,16 +60,29 @@ def sample_completions(
 ) -> list[tuple[list[int], list[int]]]:
     """One answer per chat prompt sampled from the model's own distribution (temperature 1, no top-k
     or top-p, so the samples estimate expectations under π), as (prompt ids, answer ids); an answer
-    ends at its first EOS, which it keeps, or after `max_new_tokens`."""
+    ends at its first stop token (the tokenizer's or the model's EOS), which it keeps, or after
+    `max_new_tokens`."""
     torch.manual_seed(seed)
-    eos = tokenizer.eos_token_id
+    stops = _stop_ids(model, tokenizer)
     out = []
-    for prompt_ids, answer in _generate(model, tokenizer, prompts, batch_size, max_new_tokens=max_new_tokens,
-                                        do_sample=True, temperature=1.0, top_k=0, top_p=1.0):
-        if eos in answer:
-            answer = answer[: answer.index(eos) + 1]
-        out.append((prompt_ids, answer))
+    # Every logits processor a model's generation_config may switch on is neutralised: the samples
+    # must come from π itself, or the KL estimated from them is biased.
+    neutral = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_p=None, typical_p=1.0,
+                   epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                   min_length=0, min_new_tokens=None, bad_words_ids=None, suppress_tokens=None,
+                   begin_suppress_tokens=None)
+    for prompt_ids, answer in _generate(model, tokenizer, prompts, batch_size, max_new_tokens=max_new_tokens, **neutral):
+        end = next((i for i, token in enumerate(answer) if token in stops), None)
+        out.append((prompt_ids, answer if end is None else answer[: end + 1]))
     return out
+
+
+def _stop_ids(model: nn.Module, tokenizer: Any) -> set[int]:
+    """Every token that ends generation: the tokenizer's EOS and the model's (often a list)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return {i for i in ids if i is not None}
 
 
 @torch.no_grad()

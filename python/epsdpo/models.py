@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -115,9 +117,17 @@ class AdapterFreeReference:
             raise TypeError(f"expected a PEFT model, got {type(policy).__name__}")
         self.policy = policy
 
-    def disabled(self) -> Any:
-        """Context in which the policy computes the reference."""
-        return self.policy.disable_adapter()
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Context in which the policy computes the reference: adapters off and eval mode, so that
+        dropout in the base model does not make the reference random."""
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with self.policy.disable_adapter():
+                yield
+        finally:
+            self.policy.train(was_training)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with self.disabled():

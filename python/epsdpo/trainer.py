@@ -220,6 +220,15 @@ class Trainer:
             steps = torch.zeros_like(policy_c, dtype=torch.long)
         return policy_c, policy_r, ref_c, ref_r, steps
 
+    def _filler_batch(self, store: PreferenceStore) -> dict[str, Any]:
+        """A batch that only keeps a rank in step with the others' sharded collectives; its results
+        are discarded."""
+        for index in range(len(store)):
+            batch = self.collator(store, np.array([index], dtype=np.uint32))
+            if len(batch["pair_ids"]):
+                return batch
+        raise ValueError("no pair of the dataset survives truncation")
+
     def _pair_betas(self, batch: dict[str, Any], pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, steps: Tensor,
                     *, train: bool) -> tuple[Tensor, Tensor | None]:
         """Per-pair β_i, and β-DPO's keep mask (None when every pair counts).
@@ -274,10 +283,12 @@ class Trainer:
         global_pairs = all_reduce_sum(torch.tensor([float(local_pairs)], dtype=torch.float64), self.dist).item()
         sums = torch.zeros(len(_SUMS), dtype=torch.float64)
         for index, batch in enumerate(batches):
-            if len(batch["pair_ids"]) == 0:
-                continue
             if self.sharded:
                 set_gradient_sync(self.policy_unit, index == len(batches) - 1)
+            if len(batch["pair_ids"]) == 0:  # every pair of it was skipped as invalid
+                if self.sharded:  # the other ranks' forward and gradient exchange wait for this one
+                    self._score(self._filler_batch(self.train_store))[0].sum().mul(0.0).backward()
+                continue
             pc, pr, rc, rr, steps = self._score(batch)
             betas, keep = self._pair_betas(batch, pc, pr, rc, rr, steps, train=True)
             losses, reward_c, reward_r = epsilon_dpo_loss(pc, pr, rc, rr, betas, c.label_smoothing)
@@ -376,11 +387,16 @@ class Trainer:
             raise ValueError("no eval_dataset was given")
         self.model.eval()
         c = self.config
+        size = c.per_device_eval_batch_size
         indices = np.arange(self.dist.rank, len(self.eval_store), self.dist.world_size, dtype=np.uint32)
+        # Rank 0 holds the most pairs; under FSDP every rank must run as many forwards as it does.
+        batches = math.ceil(math.ceil(len(self.eval_store) / self.dist.world_size) / size)
         sums = torch.zeros(len(_SUMS), dtype=torch.float64)
-        for start in range(0, len(indices), c.per_device_eval_batch_size):
-            batch = self.collator(self.eval_store, indices[start : start + c.per_device_eval_batch_size])
+        for start in range(0, batches * size, size):
+            batch = self.collator(self.eval_store, indices[start : start + size])
             if len(batch["pair_ids"]) == 0:
+                if self.sharded:
+                    self._score(self._filler_batch(self.eval_store))
                 continue
             pc, pr, rc, rr, steps = self._score(batch)
             betas, _ = self._pair_betas(batch, pc, pr, rc, rr, steps, train=False)
