@@ -63,11 +63,11 @@ def build_attention_mask(segment_ids: Tensor, branch_ids: Tensor, dtype: torch.d
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def _is_right_padded(segment_ids: Tensor, branch_ids: Tensor) -> bool:
-    """True when each row holds one sequence followed only by padding and nothing branches, where the
-    rule above is exactly causal attention with a 2-D padding mask."""
+def _is_right_padded(segment_ids: Tensor) -> bool:
+    """True when each row holds one sequence followed only by padding, where the rule above (for a
+    batch without branches) is exactly causal attention with a 2-D padding mask."""
     real = segment_ids >= 0
-    if bool((branch_ids != 0).any()) or bool((real[:, 1:] & ~real[:, :-1]).any()):
+    if bool((real[:, 1:] & ~real[:, :-1]).any()):
         return False
     first = segment_ids[:, :1]
     return bool(((segment_ids == first) | ~real).all())
@@ -101,12 +101,13 @@ def _backbone_inputs(model: nn.Module, tensors: Mapping[str, Tensor], dtype: tor
         "input_ids": tensors["input_ids"].long(),
         "position_ids": tensors["position_ids"].long(),
     }
-    right_padded = _is_right_padded(segment_ids, branch_ids)
+    branched = bool((branch_ids != 0).any())
+    right_padded = not branched and _is_right_padded(segment_ids)
     if implementation == SEGMENT_SDPA and right_padded:
         # Causal attention over whole rows is exact for the real tokens of right-padded rows, and one
         # batched unmasked call beats both a mask and a loop over segments.
         inputs["attention_mask"] = torch.ones_like(segment_ids)
-    elif implementation in VARLEN_IMPLEMENTATIONS and not bool((branch_ids != 0).any()):
+    elif implementation in VARLEN_IMPLEMENTATIONS and not branched:
         inputs.update(varlen_kwargs(segment_ids, implementation))
         # All-ones tells sdpa's mask builder there is nothing to mask (it then builds none); flash
         # attention takes the varlen path only without a mask.
@@ -232,6 +233,8 @@ def batch_logps(
     (`split_causal_lm` returns None), or whose heads transform logits differently, are scored from
     full logits instead. Chunk sizes: see `epsdpo.ops.perturbed_logps`.
     """
+    # Converted once: the scorers and the backbones below then reuse these tensors as they are.
+    batch = {**_to_tensors(batch, _device_dtype(policy)[0]), "num_sequences": batch["num_sequences"]}
     reference_scope = nullcontext
     if isinstance(reference, AdapterFreeReference):
         reference, reference_scope = reference.policy, reference.disabled
@@ -254,8 +257,7 @@ def batch_logps(
     else:
         tokens = policy(batch, "score_logits", None, reference_output, epsilon, chunk_size)
 
-    tensors = _to_tensors(batch, _device_dtype(policy.model)[0])
-    target_sequence, num_sequences = tensors["target_sequence"], int(batch["num_sequences"])
+    target_sequence, num_sequences = batch["target_sequence"], int(batch["num_sequences"])
 
     def reduce(values: Tensor | None) -> Tensor | None:
         return None if values is None else sequence_logps(values, target_sequence, num_sequences)

@@ -47,12 +47,6 @@ def shard(model: nn.Module, *, trainable: bool) -> Scorer:
     return root
 
 
-def is_sharded(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
-
-
 def set_gradient_sync(root: nn.Module, sync: bool) -> None:
     """Skip the gradient reduce-scatter on all but the last micro-batch of an accumulation cycle."""
     root.set_requires_gradient_sync(sync)
