@@ -25,7 +25,6 @@ Finished runs are kept under --out and skipped when the script is run again.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import platform
@@ -43,6 +42,7 @@ import torch
 
 from epsdpo.config import TrainConfig
 from epsdpo.data import demo_scorer
+from epsdpo.data.demo import demo_dataset, demo_rows
 from epsdpo.evaluation import generate_answers, sample_completions, score_answers, sequence_log_ratios, win_rate
 from epsdpo.models import load_causal_lm, load_tokenizer, smollm2_gguf_path
 
@@ -79,11 +79,6 @@ SCALES = {
 }
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def prepare_data(scale: Scale, out: Path) -> tuple[Path, str]:
     """The folder holding train.jsonl.gz / test.jsonl.gz, and a description of it."""
     from epsdpo.data.demo import DEMO_DIR
@@ -105,7 +100,7 @@ class Evaluator:
     """Held-out prompts, the reference model, and its greedy answers' gold scores (computed once)."""
 
     def __init__(self, scale: Scale, data: Path, out: Path) -> None:
-        test = read_rows(data / "test.jsonl.gz")[: scale.eval_prompts]
+        test = demo_rows("test", data)[: scale.eval_prompts]
         self.prompts = [row["prompt"] for row in test]
         self.specs = [row["instructions"] for row in test]
         self.scale = scale
@@ -137,8 +132,6 @@ class Evaluator:
 
 
 def train_one(method: str, beta: float, scale: Scale, data: Path, evaluator: Evaluator, out: Path) -> dict[str, Any]:
-    from datasets import Dataset
-
     from epsdpo.trainer import Trainer
 
     run_dir = out / "runs" / f"{method}_beta{beta:g}"
@@ -151,7 +144,7 @@ def train_one(method: str, beta: float, scale: Scale, data: Path, evaluator: Eva
         device=scale.device,
     )
     policy = load_causal_lm(smollm2_gguf_path())
-    trainer = Trainer(policy, config, Dataset.from_list(read_rows(data / "train.jsonl.gz")), tokenizer=evaluator.tokenizer)
+    trainer = Trainer(policy, config, demo_dataset("train", data), tokenizer=evaluator.tokenizer)
     trainer.train()
     train_seconds = time.perf_counter() - started
     result = {"method": method, "beta": beta, "steps": trainer.state.global_step, "train_seconds": round(train_seconds, 1),
@@ -391,7 +384,7 @@ def main() -> None:
         "machine": f"{machine}; torch {torch.__version__}", "date": time.strftime("%Y-%m-%d"),
         "wall_minutes": (time.perf_counter() - started) / 60, "data": description,
         "run_minutes": sum(r["train_seconds"] + r["eval_seconds"] for r in results) / 60,
-        "train_pairs": len(read_rows(data / "train.jsonl.gz")), "eval_prompts": len(evaluator.prompts),
+        "train_pairs": len(demo_rows("train", data)), "eval_prompts": len(evaluator.prompts),
         "scale": asdict(scale),
     }
     (a.out / "meta.json").write_text(json.dumps(meta, indent=2))

