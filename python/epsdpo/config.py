@@ -64,8 +64,15 @@ class TrainConfig:
     # runtime
     seed: int = 42
     device: str | None = None  # None: this rank's CUDA device when one is visible, else the CPU
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Precision (docs/precision.md). `dtype` is how the weights are stored: a model loaded from a path
+    # is loaded in it (None: float32), a model object is cast to it (None: kept as given). Trained
+    # weights must be float32, because an AdamW update at DPO's learning rates is smaller than half a
+    # bf16 ulp of the weight and rounds away; a frozen reference may be stored in any precision.
+    # `bf16` / `fp16` choose the compute precision: autocast over the float32 weights (TRL's meaning),
+    # with a gradient scaler for fp16.
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
     bf16: bool = False
+    fp16: bool = False
     gradient_checkpointing: bool = False
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of replicating
     chunk_size: int | None = None  # scored positions per kernel chunk; None: the device default (epsdpo.ops)
@@ -79,12 +86,12 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.bf16:
-            self.dtype = "bfloat16"
         _check_choice("method", self.method, METHODS)
         _check_choice("layout", self.layout, LAYOUTS)
         _check_choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
-        _check_choice("dtype", self.dtype, DTYPES)
+        _check(self.dtype is None or self.dtype in DTYPES, "dtype", self.dtype,
+               "None or one of " + ", ".join(repr(d) for d in DTYPES))
+        _check(not (self.bf16 and self.fp16), "fp16", self.fp16, "False when bf16=True (choose one compute precision)")
         _check_choice("report_to", self.report_to, REPORTERS)
         _check_choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
         _check(self.beta > 0 and math.isfinite(self.beta), "beta", self.beta, "a finite number > 0")
@@ -112,6 +119,11 @@ class TrainConfig:
         if self.max_length is not None and self.max_prompt_length is not None:
             _check(self.max_prompt_length < self.max_length, "max_prompt_length", self.max_prompt_length,
                    f"below max_length ({self.max_length})")
+
+    @property
+    def compute_dtype(self) -> str | None:
+        """The autocast precision of forward passes; None runs them in the weights' own precision."""
+        return "bfloat16" if self.bf16 else "float16" if self.fp16 else None
 
     @property
     def step_epsilon(self) -> float:

@@ -1,21 +1,20 @@
-"""Just enough distributed plumbing for data parallelism under `torchrun`.
+"""Data parallelism under `torchrun`, on torch's own engine (DDP; FSDP2 lives in epsdpo.sharding).
 
-Gradients are summed across ranks once per optimizer step, in flat buckets, after the whole
-accumulation cycle; the loss is already normalised by the global number of pairs in the cycle, so a
-sum is exactly the global mean and no per-micro-batch communication is needed.
+Each rank's loss is its pairs' loss sum over the cycle's global pair count times the world size, so
+DDP's average over ranks is exactly the global mean. Gradients are exchanged once per optimizer step,
+during the backward of the cycle's last micro-batch (`no_sync` on the others).
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
-
-_BUCKET_BYTES = 64 * 2**20
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -60,22 +59,26 @@ def all_reduce_sum(values: Tensor, info: DistInfo) -> Tensor:
     return values
 
 
-def all_reduce_grads(params: list[torch.nn.Parameter], info: DistInfo) -> None:
-    """Sum gradients over ranks in flat buckets (few large messages instead of one per tensor)."""
-    if not info.enabled:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    bucket: list[Tensor] = []
-    size = 0
-    for grad in grads + [None]:  # type: ignore[list-item]
-        if grad is not None:
-            bucket.append(grad)
-            size += grad.numel() * grad.element_size()
-        if bucket and (grad is None or size >= _BUCKET_BYTES):
-            flat = torch.cat([g.reshape(-1) for g in bucket])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            offset = 0
-            for g in bucket:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
-            bucket, size = [], 0
+def replicate(model: nn.Module, device: torch.device) -> nn.Module:
+    """The policy's `Scorer` under `DistributedDataParallel`: every use of the parameters happens in
+    its one forward call, so DDP's reducer sees them all, and it averages gradients over ranks in
+    buckets while backward still runs."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from epsdpo.modeling import Scorer
+
+    # device_ids=None: the batch is already on the device, and DDP then passes arguments untouched
+    return DistributedDataParallel(Scorer(model), device_ids=None, broadcast_buffers=False)
+
+
+def gradient_sync(unit: nn.Module, sync: bool) -> AbstractContextManager[None]:
+    """Context for one micro-batch's forward and backward: exchange gradients over ranks only when
+    `sync` (the cycle's last micro-batch); the others accumulate locally. DDP takes `no_sync()`, an
+    FSDP root a flag; a plain module needs nothing."""
+    no_sync = getattr(unit, "no_sync", None)
+    if no_sync is not None:
+        return nullcontext() if sync else no_sync()
+    set_sync = getattr(unit, "set_requires_gradient_sync", None)
+    if set_sync is not None:
+        set_sync(sync)
+    return nullcontext()

@@ -201,6 +201,12 @@ class Scorer(nn.Module):
         )
 
 
+def _scorer_of(unit: nn.Module) -> nn.Module:
+    """The module a DistributedDataParallel wrapper runs (a `Scorer`), or the unit itself."""
+    inner = getattr(unit, "module", None)
+    return inner if isinstance(inner, Scorer) else unit
+
+
 @contextmanager
 def _parameters_gathered(module: nn.Module | None) -> Iterator[None]:
     """Keep a sharded (FSDP2) module's own parameters gathered, so another module's forward may read
@@ -238,10 +244,10 @@ def batch_logps(
     reference_scope = nullcontext
     if isinstance(reference, AdapterFreeReference):
         reference, reference_scope = reference.policy, reference.disabled
-    policy = policy if isinstance(policy, Scorer) else Scorer(policy)
+    policy = policy if isinstance(_scorer_of(policy), Scorer) else Scorer(policy)
     if reference is not None and not isinstance(reference, Scorer):
         reference = Scorer(reference)
-    policy_head = split_causal_lm(policy.model)
+    policy_head = split_causal_lm(_scorer_of(policy).model)
     ref_head = split_causal_lm(reference.model) if reference is not None else None
     splittable = policy_head is not None and (reference is None or (
         ref_head is not None

@@ -54,15 +54,16 @@ def _offline_hint(source: str | Path, error: Exception) -> OSError:
     )
 
 
-def load_causal_lm(source: str | Path | nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model in `dtype`: a module as given (cast), or loaded from a folder, a .gguf file or a hub id."""
+def load_causal_lm(source: str | Path | nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A module as given (cast to `dtype` only when one is given), or a model loaded from a folder, a
+    .gguf file or a hub id in `dtype` (float32 when None)."""
     if isinstance(source, nn.Module):
-        return source.to(dtype)
+        return source if dtype is None else source.to(dtype)
     from transformers import AutoModelForCausalLM
 
     name, kwargs = _pretrained_args(source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32, **kwargs)
     except OSError as error:
         if Path(name).exists():
             raise

@@ -99,6 +99,7 @@ def perturbed_logps(
     if ref_hidden is None and epsilon != 0:
         raise ValueError("epsilon != 0 needs the reference head (ref_hidden, ref_weight)")
     tiling = _Tiling.make(hidden.device, chunk_size, vocab_chunk_size, logit_scale, softcap)
+    hidden, weight, ref_hidden, ref_weight = _autocast_operands(hidden.device, hidden, weight, ref_hidden, ref_weight)
     policy, reference, relaxed, tightened = _HeadLogps.apply(
         hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, float(epsilon), tiling
     )
@@ -121,7 +122,9 @@ def reference_logps(
     """Chunked log-probabilities of `labels` [N] under one head, without gradient (e.g. to precompute
     reference log-probs)."""
     tiling = _Tiling.make(hidden.device, chunk_size, vocab_chunk_size, logit_scale, softcap)
-    return _forward_chunks(hidden, weight, bias, labels, None, None, None, 0.0, tiling)[0][0]
+    hidden, weight = _autocast_operands(hidden.device, hidden, weight)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _forward_chunks(hidden, weight, bias, labels, None, None, None, 0.0, tiling)[0][0]
 
 
 def perturbed_logps_from_logits(
@@ -220,6 +223,17 @@ def split_causal_lm(model: nn.Module) -> LMHeadSpec | None:
 
 # --------------------------------------------------------------------------------------------------
 # The chunked kernel
+
+
+def _autocast_operands(device: torch.device, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The head GEMMs' operands in autocast's precision when autocast is on, as a plain matmul under
+    autocast would take them; the kernel itself then runs with autocast off and keeps its statistics
+    in float32 (see `_matmul_`). The casts are differentiable, so float32 master weights get float32
+    gradients."""
+    if not torch.is_autocast_enabled(device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device.type)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -372,6 +386,9 @@ def _forward_chunks(
     return [row.clone() for row in logps], policy_lse
 
 
+_NO_GRADS = (None,) * 6  # backward's answer for the inputs that take no gradient (labels, reference, ε, tiling)
+
+
 class _HeadLogps(torch.autograd.Function):
     """Policy log-probs with a chunked backward; reference and perturbed log-probs ride along in the
     same forward pass (they reuse each policy tile) and carry no gradient.
@@ -398,7 +415,7 @@ class _HeadLogps(torch.autograd.Function):
         tiling: _Tiling,
     ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
         ctx.set_materialize_grads(False)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
             logps, policy_lse = _forward_chunks(
                 hidden,
                 weight,
@@ -428,9 +445,14 @@ class _HeadLogps(torch.autograd.Function):
         soft-cap factor) before its two GEMMs."""
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        no_grads = (None,) * 6
         if grad_policy is None or not (need_h or need_w or need_b):
-            return (None, None, None) + no_grads
+            return (None, None, None) + _NO_GRADS
+        with torch.autocast(hidden.device.type, enabled=False):  # operands arrive in their chosen dtypes
+            return _HeadLogps._backward(ctx, grad_policy, hidden, weight, bias, labels, lse, need_h, need_w, need_b)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_policy: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+                  lse: Tensor, need_h: bool, need_w: bool, need_b: bool) -> tuple[Tensor | None, ...]:
         tiling: _Tiling = ctx.tiling
         dtype = lse.dtype
         n_rows, vocab = hidden.shape[0], weight.shape[0]
@@ -485,4 +507,4 @@ class _HeadLogps(torch.autograd.Function):
             None if grad_h is None else grad_h.to(hidden.dtype),
             None if grad_w is None else grad_w.to(weight.dtype),
             None if grad_b is None else grad_b.to(bias.dtype),
-        ) + no_grads
+        ) + _NO_GRADS

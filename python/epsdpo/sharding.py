@@ -32,24 +32,21 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def shard(model: nn.Module, *, trainable: bool) -> Scorer:
+def shard(model: nn.Module, *, trainable: bool, mixed_precision: Any = None) -> Scorer:
     """Shard `model` in place over the default process group; return its `Scorer` root unit.
 
     `trainable`: the policy. Its root keeps its parameters gathered between forward and backward
     (they are needed again at once); a frozen reference reshards everything after each forward.
+    `mixed_precision`: an FSDP `MixedPrecisionPolicy` (epsdpo.precision.fsdp_mixed_precision) or None.
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    policy = mixed_precision or MixedPrecisionPolicy()
     for block in _blocks(model):
-        fully_shard(block)
+        fully_shard(block, mp_policy=policy)
     root = Scorer(model)
-    fully_shard(root, reshard_after_forward=not trainable)
+    fully_shard(root, reshard_after_forward=not trainable, mp_policy=policy)
     return root
-
-
-def set_gradient_sync(root: nn.Module, sync: bool) -> None:
-    """Skip the gradient reduce-scatter on all but the last micro-batch of an accumulation cycle."""
-    root.set_requires_gradient_sync(sync)
 
 
 def grad_norm_value(norm: torch.Tensor) -> torch.Tensor:

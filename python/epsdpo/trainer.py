@@ -8,7 +8,8 @@ One optimizer step, top to bottom:
    per-sequence policy / reference / relaxed / tightened log-probs; the step rule gives s_i; the
    KlController turns them into β_i and books them; the ε-DPO loss, divided by the cycle's global
    pair count, is backpropagated;
-3. sum gradients over ranks, clip, AdamW and scheduler step;
+3. gradients are averaged over ranks by DDP (or reduce-scattered by FSDP) during the last
+   micro-batch's backward; then clip, AdamW and scheduler step;
 4. all-reduce the step sums and apply β ← β / (1 + ε·s̄) once.
 
 Every micro-batch of a cycle uses the same base β, and the `kl/beta` logged for step k is that β.
@@ -32,20 +33,18 @@ from epsdpo.attention import use_segment_attention
 from epsdpo.baselines import BetaDPO, soft_update_reference
 from epsdpo.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from epsdpo.config import TrainConfig
-from epsdpo.distributed import DistInfo, all_reduce_grads, all_reduce_sum, barrier, init_from_env
+from epsdpo.distributed import DistInfo, all_reduce_sum, barrier, gradient_sync, init_from_env, replicate
 from epsdpo.loss import epsilon_dpo_loss, kl_steps, pair_log_ratio
 from epsdpo.modeling import batch_logps
 from epsdpo.models import AdapterFreeReference, default_reference, load_causal_lm, load_tokenizer
+from epsdpo.precision import Precision, check_trainable_precision, fsdp_mixed_precision, torch_dtype
 from epsdpo.reporting import MetricsLog
 from epsdpo.sharding import (
     full_model_state,
     full_optimizer_state,
     grad_norm_value,
-    set_gradient_sync,
     shard,
 )
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Per-step sums all-reduced in one message; the metrics are ratios of these.
 _SUMS = ("pairs", "beta", "loss", "reward_chosen", "reward_rejected", "correct", "logp_chosen", "logp_rejected",
@@ -79,7 +78,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         auto = f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(config.device or auto)
-        dtype = DTYPES[config.dtype]
+        dtype = torch_dtype(config.dtype)
         self.tokenizer = tokenizer if tokenizer is None or not isinstance(tokenizer, (str, Path)) else load_tokenizer(tokenizer)
         if self.tokenizer is None and isinstance(model, (str, Path)):
             # Only raw text data needs a tokenizer (a PreferenceStore is already tokenized), so a
@@ -89,6 +88,7 @@ class Trainer:
             except (OSError, ValueError):
                 self.tokenizer = None
         self.model = load_causal_lm(model, dtype).to(self.device)
+        check_trainable_precision(self.model, config.compute_dtype)
         if ref_model is not None:
             self.ref_model = load_causal_lm(ref_model, dtype).to(self.device).requires_grad_(False).eval()
         else:
@@ -101,19 +101,25 @@ class Trainer:
         if isinstance(self.ref_model, nn.Module):
             use_segment_attention(self.ref_model)
         if config.gradient_checkpointing and hasattr(self.model, "gradient_checkpointing_enable"):
-            self.model.gradient_checkpointing_enable()
+            # Non-reentrant checkpointing: the reentrant kind marks parameters ready twice under DDP
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if isinstance(self.ref_model, AdapterFreeReference):
                 # Frozen embeddings would otherwise cut the gradient path through checkpointed blocks
                 self.model.enable_input_require_grads()
-        # What the loop runs: the models themselves, or their sharded `Scorer` root units under FSDP.
+        # What the loop runs: the models themselves, their `Scorer` root units sharded by FSDP, or the
+        # policy's `Scorer` replicated by DDP (gradients averaged during the last backward of a cycle).
         self.sharded = config.fsdp and self.dist.enabled
         self.policy_unit: nn.Module = self.model
         self.reference_unit: nn.Module | AdapterFreeReference = self.ref_model
         if self.sharded:
             if isinstance(self.ref_model, AdapterFreeReference):
                 raise ValueError("fsdp=True with a PEFT policy is not supported: pass ref_model= or run without fsdp")
-            self.policy_unit = shard(self.model, trainable=True)
-            self.reference_unit = shard(self.ref_model, trainable=False)
+            mixed_precision = fsdp_mixed_precision(config.compute_dtype)
+            self.policy_unit = shard(self.model, trainable=True, mixed_precision=mixed_precision)
+            self.reference_unit = shard(self.ref_model, trainable=False, mixed_precision=mixed_precision)
+        elif self.dist.enabled:
+            self.policy_unit = replicate(self.model, self.device)
+        self.precision = Precision(config.compute_dtype, self.device, sharded=self.sharded)
 
         self.output_dir = Path(config.output_dir)
         pad = getattr(self.tokenizer, "pad_token_id", None)
@@ -211,7 +217,9 @@ class Trainer:
     # ----------------------------------------------------------------------------------- math
     def _score(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Per-pair policy/reference log-probs (chosen, rejected) and steps s_i for one batch."""
-        seq = batch_logps(self.policy_unit, self.reference_unit, batch, self.config.check_epsilon, self.config.chunk_size)
+        with self.precision.autocast():
+            seq = batch_logps(self.policy_unit, self.reference_unit, batch, self.config.check_epsilon,
+                              self.config.chunk_size)
         policy_c, policy_r = seq.policy.chunk(2)
         ref_c, ref_r = seq.reference.chunk(2)
         if self.config.check_epsilon > 0:
@@ -274,6 +282,29 @@ class Trainer:
             f"{prefix}padding_fraction": 1.0 - s["real_tokens"] / max(s["all_tokens"], 1.0),
         }
 
+    def _train_micro_batch(self, batch: dict[str, Any], step: int, global_pairs: float, sums: Tensor) -> None:
+        """Forward and backward of one micro-batch, its loss a share of the cycle's global mean."""
+        c = self.config
+        if len(batch["pair_ids"]) == 0:  # every pair of it was skipped as invalid
+            if self.dist.enabled:  # the other ranks' forward and gradient exchange wait for this one
+                self.precision.backward(self._score(self._filler_batch(self.train_store))[0].sum().mul(0.0))
+            return
+        pc, pr, rc, rr, steps = self._score(batch)
+        betas, keep = self._pair_betas(batch, pc, pr, rc, rr, steps, train=True)
+        losses, reward_c, reward_r = epsilon_dpo_loss(pc, pr, rc, rr, betas, c.label_smoothing)
+        if not torch.isfinite(losses).all():
+            raise NonFiniteError(
+                f"step {step}: non-finite loss for pair ids {batch['pair_ids'].tolist()}; nothing of this step was saved"
+            )
+        # β-DPO's filter trains on the kept fraction only; everything else keeps every pair.
+        kept_fraction = c.beta_dpo_filter if keep is not None else 1.0
+        # DDP and FSDP average gradients over ranks, so each rank's share of the global mean is its
+        # loss sum over the global pair count, times the world size.
+        normaliser = global_pairs * kept_fraction / self.dist.world_size
+        self.precision.backward((losses[keep].sum() if keep is not None else losses.sum()).div(normaliser))
+        self._accumulate(sums, betas.cpu(), losses.detach().cpu(), reward_c.cpu(), reward_r.cpu(),
+                         pc.detach().cpu(), pr.detach().cpu(), steps.cpu(), batch)
+
     def _train_step(self, batches: list[dict[str, Any]]) -> dict[str, float]:
         c = self.config
         self.model.train()
@@ -283,36 +314,19 @@ class Trainer:
         global_pairs = all_reduce_sum(torch.tensor([float(local_pairs)], dtype=torch.float64), self.dist).item()
         sums = torch.zeros(len(_SUMS), dtype=torch.float64)
         for index, batch in enumerate(batches):
-            if self.sharded:
-                set_gradient_sync(self.policy_unit, index == len(batches) - 1)
-            if len(batch["pair_ids"]) == 0:  # every pair of it was skipped as invalid
-                if self.sharded:  # the other ranks' forward and gradient exchange wait for this one
-                    self._score(self._filler_batch(self.train_store))[0].sum().mul(0.0).backward()
-                continue
-            pc, pr, rc, rr, steps = self._score(batch)
-            betas, keep = self._pair_betas(batch, pc, pr, rc, rr, steps, train=True)
-            losses, reward_c, reward_r = epsilon_dpo_loss(pc, pr, rc, rr, betas, c.label_smoothing)
-            if not torch.isfinite(losses).all():
-                raise NonFiniteError(
-                    f"step {step}: non-finite loss for pair ids {batch['pair_ids'].tolist()}; nothing of this step was saved"
-                )
-            # β-DPO's filter trains on the kept fraction only; everything else keeps every pair.
-            kept_fraction = c.beta_dpo_filter if keep is not None else 1.0
-            # FSDP averages gradients over ranks where the manual all-reduce sums them
-            normaliser = global_pairs * kept_fraction / (self.dist.world_size if self.sharded else 1)
-            (losses[keep].sum() if keep is not None else losses.sum()).div(normaliser).backward()
-            self._accumulate(sums, betas.cpu(), losses.detach().cpu(), reward_c.cpu(), reward_r.cpu(),
-                             pc.detach().cpu(), pr.detach().cpu(), steps.cpu(), batch)
-        if not self.sharded:  # FSDP has reduce-scattered the gradients already
-            all_reduce_grads(self.params, self.dist)
+            # Gradients are exchanged only in the cycle's last backward, overlapping its computation.
+            with gradient_sync(self.policy_unit, index == len(batches) - 1):
+                self._train_micro_batch(batch, step, global_pairs, sums)
+        self.precision.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
         grad_norm = grad_norm_value(grad_norm)
-        if not torch.isfinite(grad_norm):
+        if not torch.isfinite(grad_norm) and self.precision.scaler is None:  # fp16 overflow is the scaler's to skip
             pairs = [i for b in batches for i in b["pair_ids"].tolist()]
             raise NonFiniteError(f"step {step}: non-finite gradient norm for pair ids {pairs}; nothing of this step was saved")
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
+        applied = self.precision.step(self.optimizer)
+        if applied:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if c.method == "tr_dpo" and step % c.tr_dpo_tau == 0:
             soft_update_reference(self.ref_model, self.model, c.tr_dpo_alpha)
@@ -324,6 +338,8 @@ class Trainer:
         metrics = self._metrics(sums)
         metrics.update({"grad_norm": float(grad_norm), "learning_rate": lr, "kl/beta": beta,
                         "real_tokens": sums[_SUMS.index("real_tokens")].item()})
+        if self.precision.scaler is not None:
+            metrics.update({"loss_scale": self.precision.scaler.get_scale(), "skipped_step": float(not applied)})
         return metrics
 
     # ------------------------------------------------------------------------------ public API
