@@ -35,7 +35,7 @@ fn columns() -> [(Vec<u32>, Vec<u64>); 3] {
 }
 
 fn build_store(cols: &[(Vec<u32>, Vec<u64>); 3]) -> PreferenceStore {
-    let mut store = PreferenceStore::new(Some(49_152));
+    let mut store = PreferenceStore::new(Some(49_152)).expect("store");
     store
         .append(PairColumns { prompt: (&cols[0].0, &cols[0].1), chosen: (&cols[1].0, &cols[1].1), rejected: (&cols[2].0, &cols[2].1), ids: None })
         .expect("valid synthetic pairs");

@@ -22,6 +22,18 @@ use crate::error::{Error, Result};
 use crate::store::{Pair, PreferenceStore};
 use crate::truncate::{Truncated, Truncation};
 
+/// The most tokens one row may span (a sequence, a packed row, a padding multiple, a length
+/// limit): far above any context length in use, far below what exhausts memory, so that a typo
+/// such as `pad_to_multiple_of=2**33` is an error naming the argument, not an aborted process.
+pub const MAX_ROW_TOKENS: usize = 1 << 24;
+
+/// The most cells (rows × columns) one batch may hold. Each cell costs 34 bytes over the seven
+/// `[rows, cols]` arrays, so this caps a batch near 9 GB: no real batch comes close, and nothing
+/// derived from user input can ask the allocator for more (an allocation failure aborts the
+/// process; Rust cannot turn it into an error after the fact). It also keeps every flat index
+/// exact in the `i32` of `cu_seqlens`.
+pub const MAX_BATCH_CELLS: usize = 1 << 28;
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Layout {
     /// One row per sequence: `B` chosen rows, then `B` rejected rows, right-padded.
@@ -68,6 +80,11 @@ impl CollateConfig {
         }
         if self.capacity == Some(0) {
             return Err(Error::arg("capacity must be at least 1"));
+        }
+        for (name, value) in [("pad_to_multiple_of", Some(self.pad_to_multiple_of)), ("capacity", self.capacity)] {
+            if let Some(v) = value.filter(|&v| v > MAX_ROW_TOKENS) {
+                return Err(Error::arg(format!("{name} = {v} is above the limit of {MAX_ROW_TOKENS} tokens per row")));
+            }
         }
         Ok(())
     }
@@ -129,6 +146,7 @@ pub struct TruncatedLengths {
 
 pub fn truncated_lengths(store: &PreferenceStore, truncation: &Truncation) -> Result<TruncatedLengths> {
     truncation.validate()?;
+    store.check_file()?;
     let n = store.len();
     let mut out = TruncatedLengths {
         prompt: Vec::with_capacity(n),
@@ -137,7 +155,7 @@ pub fn truncated_lengths(store: &PreferenceStore, truncation: &Truncation) -> Re
         ..Default::default()
     };
     for i in 0..n {
-        let pair = store.pair(i);
+        let pair = store.pair_checked(i)?;
         match truncation.apply(i, &pair) {
             Ok(t) => {
                 out.num_truncated += t.was_truncated(&pair) as usize;
@@ -173,11 +191,12 @@ impl Seq<'_> {
 pub fn collate(store: &PreferenceStore, indices: &[u32], config: &CollateConfig) -> Result<Batch> {
     config.validate()?;
     store.check_indices(indices)?;
+    store.check_file()?;
     let mut kept: Vec<(usize, Pair<'_>, Truncated)> = Vec::with_capacity(indices.len());
     let mut batch = Batch { layout: config.layout, ..Default::default() };
     for &i in indices {
         let i = i as usize;
-        let pair = store.pair(i);
+        let pair = store.pair_checked(i)?;
         match config.truncation.apply(i, &pair) {
             Ok(t) => {
                 batch.num_truncated += t.was_truncated(&pair) as usize;
@@ -199,33 +218,54 @@ pub fn collate(store: &PreferenceStore, indices: &[u32], config: &CollateConfig)
         .collect();
     batch.sequence_lengths = seqs.iter().map(|s| s.len() as i32).collect();
     match config.layout {
-        Layout::Padded => padded(&mut batch, &seqs, config),
+        Layout::Padded => padded(&mut batch, &seqs, config)?,
         Layout::Packed => packed(&mut batch, &seqs, config)?,
-        Layout::SharedPrompt => shared_prompt(&mut batch, &seqs, b, config),
+        Layout::SharedPrompt => shared_prompt(&mut batch, &seqs, b, config)?,
     }
     batch.set_cu_seqlens();
     Ok(batch)
 }
 
+/// `n` rounded up to a multiple of `multiple` (both bounded by `validate`, so no overflow).
 fn round_up(n: usize, multiple: usize) -> usize {
     n.div_ceil(multiple) * multiple
 }
 
+/// `n` copies of `value`, or an error instead of the abort an impossible allocation would be.
+fn filled<T: Clone>(n: usize, value: T) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|e| Error::arg(format!("cannot allocate a batch array of {n} entries: {e}")))?;
+    v.resize(n, value);
+    Ok(v)
+}
+
+fn reserved<T>(n: usize) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|e| Error::arg(format!("cannot allocate a batch array of {n} entries: {e}")))?;
+    Ok(v)
+}
+
 impl Batch {
-    fn allocate(&mut self, rows: usize, cols: usize, pad: u32, scored: usize) {
-        let n = rows * cols;
+    fn allocate(&mut self, rows: usize, cols: usize, config: &CollateConfig, scored: usize) -> Result<()> {
+        let n = rows.checked_mul(cols).filter(|&n| n <= MAX_BATCH_CELLS).ok_or_else(|| {
+            Error::arg(format!(
+                "a batch of {rows} rows × {cols} columns (pad_to_multiple_of {}) is above the limit of {MAX_BATCH_CELLS} cells; use fewer pairs per batch or a smaller pad_to_multiple_of",
+                config.pad_to_multiple_of
+            ))
+        })?;
         self.rows = rows;
         self.cols = cols;
-        self.input_ids = vec![pad as i64; n];
-        self.attention_mask = vec![0; n];
-        self.position_ids = vec![0; n];
-        self.completion_mask = vec![false; n];
-        self.sequence_index = vec![-1; n];
-        self.segment_ids = vec![-1; n];
-        self.branch_ids = vec![0; n];
-        self.logit_index = Vec::with_capacity(scored);
-        self.target_ids = Vec::with_capacity(scored);
-        self.target_sequence = Vec::with_capacity(scored);
+        self.input_ids = filled(n, config.pad_token_id as i64)?;
+        self.attention_mask = filled(n, 0)?;
+        self.position_ids = filled(n, 0)?;
+        self.completion_mask = filled(n, false)?;
+        self.sequence_index = filled(n, -1)?;
+        self.segment_ids = filled(n, -1)?;
+        self.branch_ids = filled(n, 0)?;
+        self.logit_index = reserved(scored)?;
+        self.target_ids = reserved(scored)?;
+        self.target_sequence = reserved(scored)?;
+        Ok(())
     }
 
     /// Write `tokens` at `start` (a flat index) with consecutive positions from `position`.
@@ -283,13 +323,14 @@ impl Batch {
     }
 }
 
-fn padded(batch: &mut Batch, seqs: &[Seq<'_>], config: &CollateConfig) {
+fn padded(batch: &mut Batch, seqs: &[Seq<'_>], config: &CollateConfig) -> Result<()> {
     let cols = round_up(seqs.iter().map(Seq::len).max().unwrap_or(0), config.pad_to_multiple_of);
     let scored = seqs.iter().map(|s| s.completion.len()).sum();
-    batch.allocate(seqs.len(), cols, config.pad_token_id, scored);
+    batch.allocate(seqs.len(), cols, config, scored)?;
     for (row, seq) in seqs.iter().enumerate() {
         batch.put_sequence(row * cols, seq, row as i32);
     }
+    Ok(())
 }
 
 fn packed(batch: &mut Batch, seqs: &[Seq<'_>], config: &CollateConfig) -> Result<()> {
@@ -329,7 +370,7 @@ fn packed(batch: &mut Batch, seqs: &[Seq<'_>], config: &CollateConfig) -> Result
     // small batch does not pay for an empty tail.
     let cols = round_up(fill.iter().copied().max().unwrap_or(0), config.pad_to_multiple_of);
     let scored = seqs.iter().map(|s| s.completion.len()).sum();
-    batch.allocate(fill.len(), cols, config.pad_token_id, scored);
+    batch.allocate(fill.len(), cols, config, scored)?;
     for (seq, &(row, col)) in seqs.iter().zip(&placement) {
         batch.put_sequence(row * cols + col, seq, seq.index as i32);
     }
@@ -353,11 +394,11 @@ fn first_fit(lens: &[usize], capacity: usize) -> (Vec<usize>, Vec<(usize, usize)
     (fill, slots)
 }
 
-fn shared_prompt(batch: &mut Batch, seqs: &[Seq<'_>], b: usize, config: &CollateConfig) {
+fn shared_prompt(batch: &mut Batch, seqs: &[Seq<'_>], b: usize, config: &CollateConfig) -> Result<()> {
     let row_len = |i: usize| seqs[i].prompt.len() + seqs[i].completion.len() + seqs[b + i].completion.len();
     let cols = round_up((0..b).map(row_len).max().unwrap_or(0), config.pad_to_multiple_of);
     let scored = seqs.iter().map(|s| s.completion.len()).sum();
-    batch.allocate(b, cols, config.pad_token_id, scored);
+    batch.allocate(b, cols, config, scored)?;
     for i in 0..b {
         let (chosen, rejected) = (&seqs[i], &seqs[b + i]);
         let start = i * cols;
@@ -368,4 +409,5 @@ fn shared_prompt(batch: &mut Batch, seqs: &[Seq<'_>], b: usize, config: &Collate
         batch.put(start + p, chosen.completion, p, chosen.index, i as i32, 1, Some(last_prompt));
         batch.put(start + p + c, rejected.completion, p, rejected.index, i as i32, 2, Some(last_prompt));
     }
+    Ok(())
 }

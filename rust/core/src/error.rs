@@ -19,6 +19,20 @@ pub enum Error {
     #[error("store file {path}: {reason}")]
     StoreFile { path: PathBuf, reason: String },
 
+    /// One pair of a memory-mapped store no longer holds what `load` verified: the file was
+    /// rewritten or truncated in place while mapped.
+    #[error("store file {path}, pair {pair}: {reason}")]
+    MappedPair { path: PathBuf, pair: usize, reason: String },
+
+    /// A file operation failed; unlike a bare `Io` error it names the path and what was tried.
+    #[error("cannot {action} {path}: {source}")]
+    File {
+        path: PathBuf,
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+
     /// A configuration value out of range (batch size 0, capacity too small, ...).
     #[error("{0}")]
     InvalidArgument(String),
@@ -37,5 +51,9 @@ impl Error {
     }
     pub(crate) fn arg(message: impl Into<String>) -> Self {
         Error::InvalidArgument(message.into())
+    }
+    /// For `map_err`: an io error while doing `action` on `path`.
+    pub(crate) fn file<'a>(path: &'a std::path::Path, action: &'static str) -> impl FnOnce(std::io::Error) -> Self + 'a {
+        move |source| Error::File { path: path.to_path_buf(), action, source }
     }
 }

@@ -124,17 +124,25 @@ impl KlController {
     /// pairs) leaves β unchanged but still appends, so `beta_history()[k]` is always β after
     /// `k` optimizer steps.
     ///
-    /// An honest mean lies in [−1, 1]; it is clamped there so that a corrupted all-reduce can
-    /// never make β negative, zero or infinite (with ε < 1, `1 + ε·mean > 0`).
-    pub fn apply_update(&mut self, global_sum: i64, global_count: u64) -> f64 {
+    /// Every step is −1, 0 or +1, so an honest sum satisfies `|sum| <= count`. Anything else
+    /// comes from a corrupted all-reduce (or a caller mixing up the two values) and is refused,
+    /// naming both, with nothing changed: moving β by a clamped guess would hide the fault.
+    /// Within the bound the mean lies in [−1, 1], so with ε < 1 `1 + ε·mean > 0` and β stays
+    /// positive and finite.
+    pub fn apply_update(&mut self, global_sum: i64, global_count: u64) -> Result<f64> {
+        if global_sum.unsigned_abs() > global_count {
+            return Err(Error::arg(format!(
+                "apply_update: |global_sum| = |{global_sum}| exceeds global_count = {global_count}; every step is -1, 0 or +1, so the all-reduced sums are corrupted (beta left unchanged)"
+            )));
+        }
         if global_count > 0 {
-            let mean = (global_sum as f64 / global_count as f64).clamp(-1.0, 1.0);
+            let mean = global_sum as f64 / global_count as f64;
             self.beta /= 1.0 + self.epsilon * mean;
         }
         self.beta_history.push(self.beta);
         self.cycle_sum = 0;
         self.cycle_count = 0;
-        self.beta
+        Ok(self.beta)
     }
 
     /// β after each optimizer step, starting with the initial β.
@@ -425,7 +433,7 @@ mod tests {
             let betas = k.record(&[1, 2, 3], &[1, -1, 0]).unwrap();
             assert!(betas.iter().all(|&b| b == 0.05));
             let (s, n) = k.local_sums();
-            assert_eq!(k.apply_update(s, n), 0.05);
+            assert_eq!(k.apply_update(s, n).unwrap(), 0.05);
         }
         assert!(k.beta_history().iter().all(|&b| b == 0.05));
     }
@@ -433,10 +441,10 @@ mod tests {
     #[test]
     fn apply_update_arithmetic() {
         let mut k = KlController::new(0.1, 0.1).unwrap();
-        let new = k.apply_update(3, 4);
+        let new = k.apply_update(3, 4).unwrap();
         assert!((new - 0.1 / 1.075).abs() < 1e-16, "{new}");
         assert_eq!(k.beta_history(), &[0.1, new]);
-        assert_eq!(k.apply_update(0, 0), new, "count 0 leaves beta unchanged");
+        assert_eq!(k.apply_update(0, 0).unwrap(), new, "count 0 leaves beta unchanged");
         assert_eq!(
             k.beta_history().len(),
             3,
@@ -444,17 +452,28 @@ mod tests {
         );
         // Mean step +1 ten times: beta / 1.1^10.
         for _ in 0..10 {
-            k.apply_update(7, 7);
+            k.apply_update(7, 7).unwrap();
         }
         assert!((k.beta() - new / 1.1f64.powi(10)).abs() < 1e-15);
     }
 
     #[test]
-    fn apply_update_keeps_beta_positive_on_bogus_sums() {
+    fn apply_update_refuses_impossible_sums_and_changes_nothing() {
         let mut k = KlController::new(0.1, 0.9).unwrap();
-        k.apply_update(-100, 1);
-        assert!(k.beta().is_finite() && k.beta() > 0.0);
-        assert!((k.beta() - 0.1 / 0.1).abs() < 1e-12);
+        k.record(&[1], &[1]).unwrap();
+        let before = k.clone();
+        for (sum, count) in [(-100, 1), (2, 1), (1, 0), (i64::MIN, u64::MAX >> 1), (i64::MAX, 3)] {
+            match k.apply_update(sum, count) {
+                Err(Error::InvalidArgument(m)) => {
+                    assert!(m.contains(&sum.to_string()) && m.contains(&count.to_string()), "{m}")
+                }
+                other => panic!("({sum}, {count}): {other:?}"),
+            }
+            assert_eq!(k, before, "a refused update changes nothing");
+        }
+        // The extremes an honest all-reduce can produce are accepted, and beta stays positive.
+        assert!(k.apply_update(-7, 7).unwrap() > 0.0);
+        assert!(k.apply_update(i64::MIN + 1, i64::MAX as u64).unwrap().is_finite());
     }
 
     #[test]
@@ -463,7 +482,7 @@ mod tests {
         let betas = k.record(&[7, 3], &[1, -1]).unwrap();
         assert_eq!(betas, vec![0.1 / 1.1, 0.1 / 0.9]);
         assert_eq!(k.local_sums(), (0, 2));
-        k.apply_update(0, 2);
+        k.apply_update(0, 2).unwrap();
         // Same pair again in a later epoch: counts accumulate, last step/beta move.
         k.record(&[3, 3], &[0, 1]).unwrap();
         assert_eq!(k.local_sums(), (1, 2));
@@ -495,8 +514,8 @@ mod tests {
             .unwrap();
         assert_eq!(split.local_sums(), whole.local_sums());
         let (s, n) = split.local_sums();
-        split.apply_update(s, n);
-        whole.apply_update(s, n);
+        split.apply_update(s, n).unwrap();
+        whole.apply_update(s, n).unwrap();
         assert_eq!(split, whole);
     }
 
@@ -513,7 +532,7 @@ mod tests {
     fn sample_controller() -> KlController {
         let mut k = KlController::new(0.01, 0.01).unwrap();
         k.record(&[5, 9, 2], &[1, 0, -1]).unwrap();
-        k.apply_update(0, 3);
+        k.apply_update(0, 3).unwrap();
         k.record(&[9, 11], &[1, 1]).unwrap();
         k
     }
@@ -646,7 +665,7 @@ mod tests {
                     }
                     Op::Update => {
                         let (s, n) = k.local_sums();
-                        k.apply_update(s, n);
+                        k.apply_update(s, n).unwrap();
                     }
                 }
             }

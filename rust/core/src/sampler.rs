@@ -12,7 +12,12 @@
 //! - `drop_last = false` keeps the short batch and pads the batch list to a multiple of
 //!   `world_size` by repeating batches from the start of the list. These are the only repeats.
 
+use crate::collate::MAX_BATCH_CELLS;
 use crate::error::{Error, Result};
+
+/// More ranks than any job runs; the bound keeps the sharding arithmetic (batches × ranks) far
+/// from overflow.
+pub const MAX_WORLD_SIZE: usize = 1 << 20;
 
 /// How pairs are grouped into batches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -302,6 +307,12 @@ fn validate(chosen: &[u32], rejected: &[u32], config: &SamplerConfig) -> Result<
     if config.world_size == 0 {
         return Err(Error::arg("world_size must be at least 1"));
     }
+    if config.world_size > MAX_WORLD_SIZE {
+        return Err(Error::arg(format!(
+            "world_size = {} is above the limit of {MAX_WORLD_SIZE} ranks",
+            config.world_size
+        )));
+    }
     if config.rank >= config.world_size {
         return Err(Error::arg(format!(
             "rank {} is out of range for world_size {}",
@@ -330,6 +341,12 @@ fn validate(chosen: &[u32], rejected: &[u32], config: &SamplerConfig) -> Result<
     {
         if max_tokens == 0 {
             return Err(Error::arg("max_tokens must be at least 1"));
+        }
+        // A budget above what one collated batch may hold would only fail later, in the collator.
+        if max_tokens > MAX_BATCH_CELLS {
+            return Err(Error::arg(format!(
+                "max_tokens = {max_tokens} is above the limit of {MAX_BATCH_CELLS} tokens per batch"
+            )));
         }
         for (i, (&c, &r)) in chosen.iter().zip(rejected).enumerate() {
             let cost = if padded {

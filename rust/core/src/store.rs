@@ -25,6 +25,7 @@ use std::fs::File;
 use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use memmap2::Mmap;
 
@@ -73,7 +74,17 @@ pub struct Pair<'a> {
 enum Storage {
     Owned { tokens: Vec<u32>, bounds: Vec<u64>, ids: Vec<u64> },
     /// A loaded file; the ranges are byte ranges of the three arrays inside the map.
-    Mapped { map: Mmap, bounds: Range<usize>, ids: Range<usize>, tokens: Range<usize> },
+    Mapped { map: Mmap, bounds: Range<usize>, ids: Range<usize>, tokens: Range<usize>, file: MappedFile },
+}
+
+/// The file behind a map, kept open so that [`PreferenceStore::check_file`] can ask the inode
+/// itself (a later save renames a new file over the path, which is fine and must not count as
+/// a change) whether it was truncated or rewritten in place since `load` verified it.
+struct MappedFile {
+    file: File,
+    path: PathBuf,
+    len: u64,
+    modified: Option<SystemTime>,
 }
 
 pub struct PreferenceStore {
@@ -96,12 +107,21 @@ impl std::fmt::Debug for PreferenceStore {
 
 impl Default for PreferenceStore {
     fn default() -> Self {
-        Self::new(None)
+        Self::empty(None)
     }
 }
 
 impl PreferenceStore {
-    pub fn new(vocab_size: Option<u32>) -> Self {
+    /// An empty store; with `vocab_size`, every token appended must be below it. A vocabulary of
+    /// 0 tokens would refuse every pair, so it is refused here instead.
+    pub fn new(vocab_size: Option<u32>) -> Result<Self> {
+        if vocab_size == Some(0) {
+            return Err(Error::arg("vocab_size must be at least 1 (got 0); pass None for no vocabulary check"));
+        }
+        Ok(Self::empty(vocab_size))
+    }
+
+    fn empty(vocab_size: Option<u32>) -> Self {
         PreferenceStore {
             storage: Storage::Owned { tokens: Vec::new(), bounds: vec![0], ids: Vec::new() },
             vocab_size,
@@ -155,10 +175,62 @@ impl PreferenceStore {
         if index >= self.len() {
             return Err(Error::pair(index, format!("out of range for a store of {} pairs", self.len())));
         }
-        Ok(self.pair(index))
+        self.check_file()?;
+        self.pair_checked(index)
     }
 
-    /// Unchecked-by-contract access for the hot path; callers have validated `index`.
+    /// For a memory-mapped store: an error when its file changed size or modification time since
+    /// `load` verified it (truncated or rewritten in place). Checking first means a truncated file
+    /// is an error instead of a SIGBUS on the next read of a page past its new end. Owned stores
+    /// always pass. One `fstat`, cheap enough for every batch.
+    pub fn check_file(&self) -> Result<()> {
+        let Storage::Mapped { file, .. } = &self.storage else { return Ok(()) };
+        let meta = file.file.metadata().map_err(Error::file(&file.path, "check the memory-mapped store file"))?;
+        if meta.len() != file.len {
+            return Err(self.changed(format!("the file is now {} bytes, it was {} when loaded (truncated or rewritten in place)", meta.len(), file.len)));
+        }
+        if meta.modified().ok() != file.modified {
+            return Err(self.changed("the file was modified in place after it was loaded".into()));
+        }
+        Ok(())
+    }
+
+    fn changed(&self, what: String) -> Error {
+        let path = match &self.storage {
+            Storage::Mapped { file, .. } => file.path.clone(),
+            Storage::Owned { .. } => PathBuf::new(),
+        };
+        Error::StoreFile {
+            path,
+            reason: format!("{what}; a memory-mapped store must not be overwritten while in use (save writes a new file and renames it, which is safe); load it again"),
+        }
+    }
+
+    /// Pair `index` (already known to be in range), re-validated when it comes from a mapped
+    /// file: `load` checked every pair, but a file rewritten in place since could hold bounds that
+    /// would slice out of range, or tokens the model cannot embed. An owned store was validated
+    /// on append and cannot change behind our back.
+    pub(crate) fn pair_checked(&self, index: usize) -> Result<Pair<'_>> {
+        let Storage::Mapped { file, .. } = &self.storage else { return Ok(self.pair(index)) };
+        let bad = |reason: String| Error::MappedPair { path: file.path.clone(), pair: index, reason };
+        let b = &self.bounds()[3 * index..3 * index + 4];
+        let n = self.num_tokens() as u64;
+        if !(b[0] < b[1] && b[1] < b[2] && b[2] < b[3] && b[3] <= n) {
+            return Err(bad(format!("its spans {b:?} are empty, out of order or past the {n} tokens (was the file changed while loaded?)")));
+        }
+        let pair = self.pair(index);
+        if let Some(v) = self.vocab_size {
+            for (which, span) in [("prompt", pair.prompt), ("chosen", pair.chosen), ("rejected", pair.rejected)] {
+                if let Some(k) = span.iter().position(|&t| t >= v) {
+                    return Err(bad(format!("{which} token {k} = {} is not below vocab_size {v} (was the file changed while loaded?)", span[k])));
+                }
+            }
+        }
+        Ok(pair)
+    }
+
+    /// Unchecked-by-contract access for the hot path; callers have validated `index` (and, for a
+    /// mapped store, the bounds: see [`pair_checked`](Self::pair_checked)).
     #[inline]
     pub(crate) fn pair(&self, index: usize) -> Pair<'_> {
         let b = &self.bounds()[3 * index..3 * index + 4];
@@ -172,10 +244,13 @@ impl PreferenceStore {
         let n = self.len();
         let b = self.bounds();
         let (mut p, mut c, mut r) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        // Saturating: bounds of a mapped file rewritten in place may be out of order, and a length
+        // must then come out wrong rather than panic (callers check `check_file` first).
+        let len = |a: u64, b: u64| b.saturating_sub(a).min(u32::MAX as u64) as u32;
         for w in b.windows(4).step_by(3) {
-            p.push((w[1] - w[0]) as u32);
-            c.push((w[2] - w[1]) as u32);
-            r.push((w[3] - w[2]) as u32);
+            p.push(len(w[0], w[1]));
+            c.push(len(w[1], w[2]));
+            r.push(len(w[2], w[3]));
         }
         (p, c, r)
     }
@@ -204,6 +279,8 @@ impl PreferenceStore {
     /// Append many pairs at once. Everything is validated before anything is written, so a failed
     /// append leaves the store exactly as it was. Errors name the pair by its position in `columns`.
     pub fn append<T: TokenId>(&mut self, columns: PairColumns<'_, T>) -> Result<Range<usize>> {
+        // A mapped store is copied into memory on the first append: never copy a changed file.
+        self.check_file()?;
         let n = self.validate(&columns)?;
         let start = self.len();
         let new_ids: Vec<u64> = match columns.ids {
@@ -309,11 +386,14 @@ impl PreferenceStore {
 
     /// Write the store to `path` atomically: a temporary file beside it, synced, then renamed.
     pub fn save(&self, path: &Path) -> Result<()> {
+        // Never write out a mapped file that changed under us.
+        self.check_file()?;
         let tmp = temp_path(path);
-        let result = (|| -> Result<()> {
+        let io = Error::file(path, "save the preference store to");
+        let result = (|| -> std::io::Result<()> {
             let mut file = std::io::BufWriter::new(File::create(&tmp)?);
             let mut crc = crc32fast::Hasher::new();
-            let mut put = |bytes: &[u8]| -> Result<()> {
+            let mut put = |bytes: &[u8]| -> std::io::Result<()> {
                 crc.update(bytes);
                 file.write_all(bytes)?;
                 Ok(())
@@ -335,24 +415,28 @@ impl PreferenceStore {
             let sum = crc.finalize();
             file.write_all(&sum.to_le_bytes())?;
             file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-            Ok(())
+            std::fs::rename(&tmp, path)
         })();
-        match result {
-            Ok(()) => std::fs::rename(&tmp, path).map_err(Error::from),
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                Err(e)
-            }
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
         }
+        result.map_err(io)
     }
 
     /// Load a saved store by memory-mapping it. The checksum and every structural invariant are
     /// verified first, so a damaged file is an error and never silently wrong data.
+    ///
+    /// The file must not be truncated or rewritten in place while the store is alive (see
+    /// [`check_file`](Self::check_file) for what is detected; a truncation that races a read is a
+    /// SIGBUS, which no check can prevent). Saving over it (temporary file + rename) is safe.
     pub fn load(path: &Path) -> Result<Self> {
-        let file = File::open(path)?;
+        let file = File::open(path).map_err(Error::file(path, "open the preference store"))?;
+        // Taken before mapping: a change during the checks below then shows as a mismatch later.
+        let meta = file.metadata().map_err(Error::file(path, "read the metadata of the preference store"))?;
         // SAFETY: the map is read-only and private to this store; a concurrent writer of the same
-        // file is outside the contract (saves go through a rename, which never touches an open map).
-        let map = unsafe { Mmap::map(&file)? };
+        // file is outside the contract (saves go through a rename, which never touches an open map),
+        // and `check_file` / `pair_checked` catch what they can of one that breaks it.
+        let map = unsafe { Mmap::map(&file).map_err(Error::file(path, "memory-map the preference store"))? };
         let bad = |reason: String| Error::StoreFile { path: path.to_path_buf(), reason };
         if map.len() < HEADER_LEN + 4 || &map[..8] != MAGIC {
             return Err(bad("not an epsdpo preference store (bad magic or too short)".into()));
@@ -365,6 +449,9 @@ impl PreferenceStore {
         }
         let flags = u32_at(12);
         let vocab_size = (flags & FLAG_HAS_VOCAB != 0).then(|| u32_at(16));
+        if vocab_size == Some(0) {
+            return Err(bad("the header declares vocab_size 0".into()));
+        }
         let (n, t) = (u64_at(24), u64_at(32));
         let sizes = (|| {
             let bounds_len = n.checked_mul(3)?.checked_add(1)?.checked_mul(8)?;
@@ -390,7 +477,8 @@ impl PreferenceStore {
         let bounds = HEADER_LEN..HEADER_LEN + bounds_len;
         let ids = bounds.end..bounds.end + ids_len;
         let tokens = ids.end..ids.end + tokens_len;
-        let store = PreferenceStore { storage: Storage::Mapped { map, bounds, ids, tokens }, vocab_size, id_set: None };
+        let file = MappedFile { file, path: path.to_path_buf(), len: meta.len(), modified: meta.modified().ok() };
+        let store = PreferenceStore { storage: Storage::Mapped { map, bounds, ids, tokens, file }, vocab_size, id_set: None };
         store.check_structure().map_err(bad)?;
         Ok(store)
     }
@@ -425,14 +513,14 @@ fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-fn put_le_u64s(put: &mut impl FnMut(&[u8]) -> Result<()>, values: &[u64]) -> Result<()> {
+fn put_le_u64s(put: &mut impl FnMut(&[u8]) -> std::io::Result<()>, values: &[u64]) -> std::io::Result<()> {
     if cfg!(target_endian = "little") {
         return put(bytemuck::cast_slice(values));
     }
     values.iter().try_for_each(|v| put(&v.to_le_bytes()))
 }
 
-fn put_le_u32s(put: &mut impl FnMut(&[u8]) -> Result<()>, values: &[u32]) -> Result<()> {
+fn put_le_u32s(put: &mut impl FnMut(&[u8]) -> std::io::Result<()>, values: &[u32]) -> std::io::Result<()> {
     if cfg!(target_endian = "little") {
         return put(bytemuck::cast_slice(values));
     }

@@ -6,6 +6,7 @@
 
 use std::ops::Range;
 
+use crate::collate::MAX_ROW_TOKENS;
 use crate::error::{Error, Result};
 use crate::store::Pair;
 
@@ -51,6 +52,11 @@ impl Truncated {
 
 impl Truncation {
     pub fn validate(&self) -> Result<()> {
+        for (name, value) in [("max_length", self.max_length), ("max_prompt_length", self.max_prompt_length)] {
+            if let Some(v) = value.filter(|&v| v > MAX_ROW_TOKENS) {
+                return Err(Error::arg(format!("{name} = {v} is above the limit of {MAX_ROW_TOKENS} tokens per row; pass None for no limit")));
+            }
+        }
         if matches!(self.max_length, Some(m) if m < 2) {
             return Err(Error::arg("max_length must be at least 2 (one prompt and one completion token)"));
         }

@@ -108,7 +108,7 @@ fn check_batch(b: &Batch, expected: &[(Vec<u32>, usize)], config: &CollateConfig
 fn arb_store() -> impl Strategy<Value = PreferenceStore> {
     let span = |max: usize| prop::collection::vec(0u32..500, 1..max);
     prop::collection::vec((span(12), span(16), span(16)), 1..12).prop_map(|pairs| {
-        let mut store = PreferenceStore::new(Some(500));
+        let mut store = PreferenceStore::new(Some(500)).unwrap();
         for (p, c, r) in pairs {
             store.add_pair(&p, &c, &r, None).unwrap();
         }
@@ -152,7 +152,7 @@ proptest! {
 
 #[test]
 fn packing_uses_ffd_rows_at_the_narrowest_width() {
-    let mut store = PreferenceStore::new(None);
+    let mut store = PreferenceStore::new(None).unwrap();
     // Sequence lengths: chosen 6, 3, 5; rejected 4, 2, 2. FFD into capacity 8 needs 3 rows
     // ([6,2] [5,3] [4,2]); 22 tokens over 3 rows already need width 8, so those rows stand.
     store.add_pair(&[1u32, 2], &[3, 4, 5, 6], &[7, 8], None).unwrap();
@@ -165,7 +165,7 @@ fn packing_uses_ffd_rows_at_the_narrowest_width() {
     assert_eq!(fills, vec![8, 8, 6]);
     // Sequences 6, 5, 4, 3 into capacity 10: FFD needs 2 rows ([6,4] [5,3]); width 9 keeps 2 rows
     // ([6,3] [5,4]) and saves a padded column.
-    let mut even = PreferenceStore::new(None);
+    let mut even = PreferenceStore::new(None).unwrap();
     even.add_pair(&[1u32], &[2, 3, 4, 5, 6], &[7, 8, 9], None).unwrap();
     even.add_pair(&[1u32], &[2, 3, 4, 5], &[6, 7], None).unwrap();
     let batch = collate(&even, &[0, 1], &CollateConfig { layout: Layout::Packed, capacity: Some(10), ..Default::default() }).unwrap();
@@ -178,7 +178,7 @@ fn packing_uses_ffd_rows_at_the_narrowest_width() {
 
 #[test]
 fn emptied_completions_fail_or_are_skipped_and_counted() {
-    let mut store = PreferenceStore::new(None);
+    let mut store = PreferenceStore::new(None).unwrap();
     store.add_pair(&[1u32, 2, 3, 4], &[5], &[6], None).unwrap();
     store.add_pair(&[1u32], &[2], &[3], None).unwrap();
     let truncation = Truncation { max_length: Some(4), ..Default::default() };
@@ -192,7 +192,7 @@ fn emptied_completions_fail_or_are_skipped_and_counted() {
 
 #[test]
 fn out_of_range_index_names_it() {
-    let mut store = PreferenceStore::new(None);
+    let mut store = PreferenceStore::new(None).unwrap();
     store.add_pair(&[1u32], &[2], &[3], None).unwrap();
     assert!(matches!(collate(&store, &[0, 5], &CollateConfig::default()), Err(Error::InvalidPair { pair: 5, .. })));
 }

@@ -34,7 +34,7 @@ fn sample_pairs() -> Pairs {
 
 #[test]
 fn append_then_read_back() {
-    let mut store = PreferenceStore::new(Some(100));
+    let mut store = PreferenceStore::new(Some(100)).unwrap();
     assert_eq!(append_all(&mut store, &sample_pairs(), None).unwrap(), 0..2);
     let pair = store.get(1).unwrap();
     assert_eq!((pair.prompt, pair.chosen, pair.rejected), (&[6][..], &[7, 8, 9][..], &[10][..]));
@@ -50,7 +50,7 @@ fn append_then_read_back() {
 
 #[test]
 fn every_invalid_append_names_the_pair_and_changes_nothing() {
-    let mut store = PreferenceStore::new(Some(50));
+    let mut store = PreferenceStore::new(Some(50)).unwrap();
     append_all(&mut store, &sample_pairs(), Some(&[10, 11])).unwrap();
     let before = contents(&store);
     let ok = (vec![1u32], vec![2u32], vec![3u32]);
@@ -85,7 +85,7 @@ fn every_invalid_append_names_the_pair_and_changes_nothing() {
 fn save_load_is_memory_mapped_and_appendable() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pairs.store");
-    let mut store = PreferenceStore::new(Some(100));
+    let mut store = PreferenceStore::new(Some(100)).unwrap();
     append_all(&mut store, &sample_pairs(), None).unwrap();
     store.save(&path).unwrap();
     let mut loaded = PreferenceStore::load(&path).unwrap();
@@ -105,7 +105,7 @@ fn save_load_is_memory_mapped_and_appendable() {
 fn damaged_files_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pairs.store");
-    let mut store = PreferenceStore::new(None);
+    let mut store = PreferenceStore::new(None).unwrap();
     append_all(&mut store, &sample_pairs(), None).unwrap();
     store.save(&path).unwrap();
     let good = std::fs::read(&path).unwrap();
@@ -142,7 +142,7 @@ proptest! {
     )) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.store");
-        let mut store = PreferenceStore::new(Some(1000));
+        let mut store = PreferenceStore::new(Some(1000)).unwrap();
         append_all(&mut store, &pairs, None).unwrap();
         store.save(&path).unwrap();
         let loaded = PreferenceStore::load(&path).unwrap();
