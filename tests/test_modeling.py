@@ -254,3 +254,23 @@ def test_flash_attention_models_get_varlen_arguments_instead_of_a_mask():
     shared = build_batch(PAIRS, "shared_prompt")
     with pytest.raises(NotImplementedError, match="shared-prompt"):
         _backbone_inputs(model, {k: torch.as_tensor(v) for k, v in shared.items() if k != "num_sequences"}, torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_block_mask_path_equals_the_4d_mask_for_shared_prompt_batches():
+    """The flex_attention path that shared-prompt batches take on CUDA, run forward-only here (flex
+    has no CPU backward): the same hidden states as the 4-D mask, padding rows aside."""
+    from epsdpo.attention import segment_block_mask
+
+    model = tiny(LlamaConfig(**SMALL), 0, attn=SEGMENT_SDPA)
+    batch = build_batch(PAIRS, "shared_prompt", capacity=16)
+    ids, positions = (torch.as_tensor(batch[k]).long() for k in ("input_ids", "position_ids"))
+    segment_ids, branch_ids = torch.as_tensor(batch["segment_ids"]), torch.as_tensor(batch["branch_ids"])
+    assert (branch_ids != 0).any()
+    with torch.no_grad():
+        masked = model.model(input_ids=ids, position_ids=positions,
+                             attention_mask=build_attention_mask(segment_ids, branch_ids, torch.float32)).last_hidden_state
+        flex = model.model(input_ids=ids, position_ids=positions,
+                           attention_mask=segment_block_mask(segment_ids, branch_ids)).last_hidden_state
+    real = segment_ids >= 0
+    torch.testing.assert_close(flex[real], masked[real], rtol=1e-5, atol=1e-5)

@@ -6,8 +6,15 @@ mask. Two implementations take the segment boundaries as `cu_seq_lens_q/k` + `ma
 keyword arguments, which transformers passes from the model call down to every attention layer:
 
 - flash-attention (`flash_attention_2`/`_3`, where installed): transformers' own varlen path;
-- `SEGMENT_SDPA` (registered here): torch sdpa run causally on each segment, for any device. It is a
-  drop-in for `sdpa`: without segment arguments it behaves exactly like sdpa (generation, evaluation).
+- `SEGMENT_SDPA` (registered here), a drop-in for `sdpa` that needs no extra install: without segment
+  arguments it behaves exactly like sdpa (generation, evaluation). With them it runs, best first:
+  torch's own varlen kernel (`torch.nn.attention.varlen.varlen_attn`, torch ≥ 2.10, CUDA, half
+  precision) in one call for the whole batch; else causal sdpa on each segment, for any device.
+
+Shared-prompt batches are not sequences end to end (a rejected answer must not see the chosen one
+beside it), so no varlen call expresses them. On CUDA they attend through `flex_attention` with a
+block mask of the batch's rule (`segment_block_mask`), which skips the masked blocks instead of
+materialising an L×L mask; elsewhere they keep the 4-D mask (flex has no CPU backward).
 
 Boundaries are offsets into the batch flattened to R·L tokens; a run of padding is a segment of its
 own, so every token belongs to one segment (its outputs are never scored).
@@ -46,6 +53,70 @@ def varlen_kwargs(segment_ids: Tensor, implementation: str) -> dict[str, Tensor 
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
+def _varlen_attn():
+    """torch's varlen attention (torch ≥ 2.10), or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def flex_attention_available(device: torch.device) -> bool:
+    """Whether shared-prompt batches on `device` can attend through flex_attention (CUDA only: flex
+    has no CPU backward)."""
+    if device.type != "cuda":
+        return False
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def segment_block_mask(segment_ids: Tensor, branch_ids: Tensor) -> object:
+    """A flex_attention `BlockMask` of the batch attention rule (epsdpo.modeling): same segment,
+    causal, and a branch sees the shared part and itself; padding attends only to itself."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    rows, length = segment_ids.shape
+
+    def allowed(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        seg_q, seg_k, br_q, br_k = segment_ids[b, q], segment_ids[b, k], branch_ids[b, q], branch_ids[b, k]
+        inside = (seg_q == seg_k) & (seg_k >= 0) & (k <= q) & ((br_k == 0) | (br_k == br_q))
+        return inside | ((q == k) & (seg_q < 0))
+
+    return create_block_mask(allowed, rows, None, length, length, device=segment_ids.device)
+
+
+_compiled_flex = None
+
+
+def _flex_attention(query: Tensor, key: Tensor, value: Tensor, block_mask: object, scaling: float | None,
+                    gqa: bool) -> Tensor:
+    """flex_attention, compiled once on CUDA (eager flex materialises the scores)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if query.is_cuda and _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=True)
+    run = _compiled_flex if query.is_cuda else flex_attention
+    return run(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa)
+
+
+def _is_block_mask(mask: object) -> bool:
+    try:
+        from torch.nn.attention.flex_attention import BlockMask
+    except ImportError:
+        return False
+    return isinstance(mask, BlockMask)
+
+
+def _varlen_usable(query: Tensor, dropout: float, training: bool) -> bool:
+    return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _varlen_attn() is not None
+            and not (dropout and training))
+
+
 def _segment_sdpa(
     module: nn.Module,
     query: Tensor,
@@ -64,6 +135,9 @@ def _segment_sdpa(
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if _is_block_mask(attention_mask):  # a shared-prompt batch on CUDA (see segment_block_mask)
+        gqa = query.shape[1] != key.shape[1]
+        return _flex_attention(query, key, value, attention_mask, scaling, gqa).transpose(1, 2).contiguous(), None
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -77,6 +151,8 @@ def _segment_sdpa(
             "apply; load it with attn_implementation='eager' to train on packed or padded batches"
         )
     rows, heads, length, dim = query.shape
+    if _varlen_usable(query, dropout, module.training):
+        return _varlen(query, key, value, cu_seq_lens_q, kwargs.get("max_length_q"), scaling, sliding_window), None
     # [R, H, L, D] → [H, R·L, D]: segments are then contiguous slices along dim 1
     flat_q, flat_k, flat_v = (t.transpose(0, 1).reshape(t.shape[1], rows * length, dim) for t in (query, key, value))
     gqa = flat_q.shape[0] != flat_k.shape[0]
@@ -97,6 +173,21 @@ def _segment_sdpa(
         ))
     out = torch.cat(outputs, dim=1)  # [H, R·L, D]
     return out.reshape(heads, rows, length, dim).permute(1, 2, 0, 3).contiguous(), None
+
+
+def _varlen(query: Tensor, key: Tensor, value: Tensor, cu_seq_lens: Tensor, longest: int | None,
+            scaling: float | None, sliding_window: int | None) -> Tensor:
+    """All segments in one call of torch's varlen kernel; query [R, Hq, L, D] → [R, L, Hq, D]."""
+    rows, heads, length, dim = query.shape
+    q, k, v = (t.transpose(1, 2).reshape(rows * length, t.shape[1], dim) for t in (query, key, value))
+    cu = cu_seq_lens.to(query.device, torch.int32, non_blocking=True)
+    if longest is None:
+        longest = int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
+    # Token i sees j in (i − window, i] (transformers' convention): window − 1 tokens to the left
+    window = (-1, 0) if sliding_window is None else (sliding_window - 1, 0)
+    out = _varlen_attn()(q, k, v, cu, cu, longest, longest, scale=scaling, window_size=window,
+                         enable_gqa=q.shape[1] != k.shape[1])
+    return out.reshape(rows, length, heads, dim)
 
 
 _registered = False

@@ -25,7 +25,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from epsdpo.attention import SEGMENT_SDPA, VARLEN_IMPLEMENTATIONS, varlen_kwargs
+from epsdpo.attention import (
+    SEGMENT_SDPA,
+    VARLEN_IMPLEMENTATIONS,
+    flex_attention_available,
+    segment_block_mask,
+    varlen_kwargs,
+)
 from epsdpo.models import AdapterFreeReference
 from epsdpo.ops import (
     TokenLogps,
@@ -118,11 +124,14 @@ def _backbone_inputs(model: nn.Module, tensors: Mapping[str, Tensor], dtype: tor
         window = _sliding_window(model.config)
         if window is not None and window < segment_ids.shape[1]:
             raise NotImplementedError(
-                f"the model attends through a sliding window of {window} tokens, which a 4-D mask over "
-                f"rows of {segment_ids.shape[1]} does not express; use sdpa attention (run segment-wise, "
-                "see epsdpo.attention) or the padded layout"
+                f"the model attends through a sliding window of {window} tokens, which a mask over rows of "
+                f"{segment_ids.shape[1]} does not express; use sdpa attention (run segment-wise, see "
+                "epsdpo.attention) or the padded layout"
             )
-        inputs["attention_mask"] = build_attention_mask(segment_ids, branch_ids, dtype)
+        if implementation == SEGMENT_SDPA and flex_attention_available(segment_ids.device):
+            inputs["attention_mask"] = segment_block_mask(segment_ids, branch_ids)
+        else:
+            inputs["attention_mask"] = build_attention_mask(segment_ids, branch_ids, dtype)
     else:
         raise NotImplementedError(
             f"shared-prompt batches need eager or sdpa attention (and packed batches one of those or "
