@@ -2,7 +2,8 @@
 
     python benches/train_compare.py --config tiny                     # tiny Llama, vocab 128,256 (CPU)
     python benches/train_compare.py --config smollm2                  # SmolLM2-135M-Instruct, demo data (CPU)
-    python benches/train_compare.py --device cuda --config gpu        # ~0.5B random Qwen2, bf16 (one GPU)
+    python benches/train_compare.py --config gpu                      # ~0.5B random Qwen2, bf16 mixed (one GPU)
+    python benches/train_compare.py --config gpu_1p5b                 # ~1.5B random Qwen2, bf16 mixed (one GPU)
 
 Each case trains in a fresh subprocess on the same model init, the same tokenized pairs, the same
 per-device batch size, learning rate and number of steps; the first step is a warm-up and is not
@@ -44,18 +45,26 @@ CASES: dict[str, tuple[str, str]] = {
     "naive": ("official-style ε-DPO (full logits)", "official-style ε-DPO"),
 }
 DEFAULT_CASES = "eps_padded,eps_grouped,eps_packed,eps_shared,dpo,trl,naive"
+GPU_CASES = "trl,dpo,eps_padded,dpo_packed,eps_packed,eps_shared"
 BASELINE = "trl"
+# Dense bf16 tensor-core peaks (FLOP/s) by device name, for model-FLOPs utilisation
+BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
 
 # Per-config defaults; every one can be overridden by the flag of the same name.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         device="cpu", steps=5, batch=4, pairs=64, vocab=128_256, hidden=256, intermediate=1024, layers=2,
-        heads=4, kv_heads=4, prompt_len=(8, 64), completion_len=(8, 160), dtype="float32",
+        heads=4, kv_heads=4, prompt_len=(8, 64), completion_len=(8, 160), precision="fp32",
     ),
-    "smollm2": dict(device="cpu", steps=5, batch=4, pairs=None, dtype="float32"),
+    "smollm2": dict(device="cpu", steps=5, batch=4, pairs=None, precision="fp32"),
+    # Qwen2-0.5B's and Qwen2-1.5B's shapes, random init
     "gpu": dict(
         device="cuda", steps=10, batch=8, pairs=512, vocab=151_936, hidden=896, intermediate=4864, layers=24,
-        heads=14, kv_heads=2, prompt_len=(32, 512), completion_len=(32, 512), dtype="bfloat16",
+        heads=14, kv_heads=2, prompt_len=(32, 512), completion_len=(32, 512), precision="bf16", cases=GPU_CASES,
+    ),
+    "gpu_1p5b": dict(
+        device="cuda", steps=6, batch=8, pairs=256, vocab=151_936, hidden=1536, intermediate=8960, layers=28,
+        heads=12, kv_heads=2, prompt_len=(32, 512), completion_len=(32, 512), precision="bf16", cases=GPU_CASES,
     ),
 }
 
@@ -71,7 +80,8 @@ What runs (one fresh subprocess per case, so peak memory is per case):
 - **TRL DPO** — TRL's `DPOTrainer` (plain sigmoid DPO) with its defaults — its `DataCollatorForPreference`,
   its fused (chunked) LM head, its optimizer — except what the comparison needs to be fair or offline:
   the same model, per-device batch, steps, learning rate and β, a constant learning rate, no
-  checkpoints, `report_to="none"`, fp32 on CPU (`bf16` only on CUDA), gradient checkpointing as the
+  checkpoints, `report_to="none"`, the same precision as epsdpo (fp32, or `bf16=True`: autocast over fp32
+  master weights, as epsdpo's `bf16=True`), gradient checkpointing as the
   other cases (TRL's own default is on; see `--gradient-checkpointing`), and the rows pre-tokenized by
   epsdpo (its `_prepare_dataset` is skipped) in the order of epsdpo's padded shuffle, read sequentially
   — so TRL, epsdpo padded and the official-style loop train on exactly the same batches.
@@ -100,16 +110,15 @@ case of the same run.
 def _resolve(args: argparse.Namespace) -> dict[str, Any]:
     preset = dict(PRESETS[args.config])
     for key in ("device", "steps", "batch", "pairs", "vocab", "hidden", "intermediate", "layers", "heads",
-                "kv_heads", "prompt_len", "completion_len", "dtype"):
+                "kv_heads", "prompt_len", "completion_len", "precision"):
         value = getattr(args, key, None)
         if value is not None:
             preset[key] = tuple(value) if isinstance(value, list) else value
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    cases = [c.strip() for c in (args.cases or preset.pop("cases", DEFAULT_CASES)).split(",") if c.strip()]
+    preset.pop("cases", None)
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         sys.exit(f"unknown cases {unknown}; known: {', '.join(CASES)}")
-    if preset["device"] == "cuda" and args.config != "gpu":
-        print("note: --device cuda with a CPU config; bf16 is used only with --config gpu", file=sys.stderr)
     return dict(
         config=args.config, cases=cases, warmup=args.warmup, lr=args.lr, beta=args.beta, epsilon=args.epsilon,
         seed=args.seed, threads=args.threads, attn=args.attn, gradient_checkpointing=args.gradient_checkpointing,
@@ -272,9 +281,15 @@ def run_case(case: str, spec: dict[str, Any], timeout: float | None) -> dict[str
 def _machine(device: str) -> str:
     import torch
     import transformers
-    import trl
 
     import epsdpo
+
+    try:
+        import trl
+
+        trl_version = trl.__version__
+    except ImportError:
+        trl_version = "not installed"
 
     cpu = platform.processor() or "?"
     try:
@@ -292,7 +307,7 @@ def _machine(device: str) -> str:
     if device == "cuda" and torch.cuda.is_available():
         parts.append(f"GPU {torch.cuda.get_device_name(0)}")
     parts.append(f"Python {platform.python_version()}, torch {torch.__version__}, transformers "
-                 f"{transformers.__version__}, trl {trl.__version__}, epsdpo {epsdpo.__version__}")
+                 f"{transformers.__version__}, trl {trl_version}, epsdpo {epsdpo.__version__}")
     return "; ".join(parts)
 
 
@@ -306,7 +321,7 @@ def add_ratios(results: list[dict[str, Any]]) -> None:
         if "error" in r:
             continue
         for key in ("real_tokens_per_s", "pair_tokens_per_s", "pairs_per_s", "peak_gb", "added_gb",
-                    "padding_fraction", "final_loss"):
+                    "padding_fraction", "final_loss", "mfu"):
             r[f"{key}_vs_trl"] = _ratio(r.get(key), base.get(key)) if base else None
 
 
@@ -317,7 +332,7 @@ def _f(x: float | None, fmt: str) -> str:
 def table(results: list[dict[str, Any]], device: str) -> str:
     mem = "peak GPU mem (GB)" if device == "cuda" else "peak RSS (GB)"
     head = ["case", "real tok/s", "× TRL", "pair tok/s", "× TRL", "pairs/s", "× TRL", mem, "× TRL", "added (GB)",
-            "× TRL", "padding", "× TRL", "final loss", "× TRL"]
+            "× TRL", "padding", "× TRL", "final loss", "× TRL", "MFU"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in results:
         label = CASES[r["case"]][0]
@@ -333,6 +348,7 @@ def table(results: list[dict[str, Any]], device: str) -> str:
             _f(r["added_gb"], ".2f"), _f(r["added_gb_vs_trl"], ".2f"),
             _f(100 * r["padding_fraction"], ".1f") + " %", _f(r["padding_fraction_vs_trl"], ".2f"),
             _f(r["final_loss"], ".4f"), _f(r["final_loss_vs_trl"], ".3f"),
+            _f(None if r.get("mfu") is None else 100 * r["mfu"], ".1f") + (" %" if r.get("mfu") is not None else ""),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -356,9 +372,20 @@ def verdict(results: list[dict[str, Any]], spec: dict[str, Any]) -> str:
     if packed and naive:
         checks.append(("ε-DPO packed peak memory ≤ 0.35× official-style ε-DPO", packed["peak_gb"] / naive["peak_gb"],
                        0.35, "<=", vocab_ok and cpu, "at vocab 128,256 on CPU"))
+    gpu = spec["device"] == "cuda" and spec.get("precision") == "bf16"
+    if packed and trl:
+        checks.append(("ε-DPO packed real tokens/s ≥ 2× TRL DPO (same bf16 mixed precision)",
+                       packed["real_tokens_per_s"] / trl["real_tokens_per_s"], 2.0, ">=", gpu, "on a GPU in bf16"))
+        checks.append(("ε-DPO packed peak memory ≤ 0.8× TRL DPO", packed["peak_gb"] / trl["peak_gb"], 0.8, "<=", gpu,
+                       "on a GPU in bf16"))
+    dpo_packed = by.get("dpo_packed")
+    if packed and dpo_packed:
+        # Same sampler, same budget: the two packed cases run identical batches, so time ratios are step-time ratios
+        checks.append(("ε-DPO packed step time ≤ 1.10× DPO packed", dpo_packed["real_tokens_per_s"]
+                       / packed["real_tokens_per_s"], 1.10, "<=", gpu, "on a GPU in bf16"))
     if not checks:
         return "Targets: not evaluated (the run lacks the packed, TRL or official-style case).\n"
-    lines = ["Issue 6 targets (ε-DPO with packing):", ""]
+    lines = ["Targets (ε-DPO with packing):", ""]
     for name, value, limit, op, applies, where in checks:
         met = value >= limit if op == ">=" else value <= limit
         status = "met" if met else "NOT met"
@@ -413,11 +440,17 @@ def config_table(spec: dict[str, Any], data: dict[str, Any], results: list[dict[
         ("β, ε", f"β = {spec['beta']:g}, ε = {spec['epsilon']:g}"),
         ("max_length", f"{data['max_length']} for every trainer and the packed row capacity (pairs that do not fit "
                        "are dropped, so nothing is truncated; max_prompt_length unset)"),
-        ("dtype / attention", f"{spec['dtype']} / {spec['attn']}"),
+        ("precision / attention", f"{_precision_text(spec)} / {spec['attn']}"),
         ("gradient checkpointing", gc_text),
         ("device", spec["device"] + (f", {threads} torch threads" if threads else "")),
     ]
     return "| setting | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def _precision_text(spec: dict[str, Any]) -> str:
+    if "precision" not in spec:  # sections measured before mixed precision stored a weight dtype
+        return f"{spec.get('dtype', '?')} weights"
+    return "bf16 autocast over fp32 weights (both trainers)" if spec["precision"] == "bf16" else "fp32"
 
 
 def section(entry: dict[str, Any]) -> str:
@@ -511,8 +544,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cpu, cuda for --config gpu")
-    parser.add_argument("--cases", default=DEFAULT_CASES,
-                        help=f"comma list of {', '.join(CASES)} (default: {DEFAULT_CASES})")
+    parser.add_argument("--cases", help=f"comma list of {', '.join(CASES)} (default: {DEFAULT_CASES}; "
+                                         f"GPU configs: {GPU_CASES})")
     parser.add_argument("--steps", type=int, help="timed steps (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps (default 1)")
     parser.add_argument("--batch", type=int, help="per-device batch size in pairs")
@@ -532,7 +565,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, nargs=2, metavar=("MIN", "MAX"), help="synthetic data of tiny/gpu")
     parser.add_argument("--completion-len", type=int, nargs=2, metavar=("MIN", "MAX"),
                         help="synthetic data of tiny/gpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"])
+    parser.add_argument("--precision", choices=["fp32", "bf16"],
+                        help="fp32, or bf16 autocast over fp32 master weights in every case (default: per config)")
     parser.add_argument("--lr", type=float, default=1e-5, help="learning rate of every case (constant)")
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--epsilon", type=float, default=0.01)
@@ -638,6 +672,21 @@ class _Probe:
         self.cuda = device == "cuda"
         self.torch = torch
         self.steps: list[dict[str, Any]] = []
+        self.shape: tuple[int, int, int] | None = None  # (matmul parameters, layers, hidden) for MFU
+        self.peak_flops: float | None = None
+
+    def describe(self, model, precision: str) -> None:
+        """Model FLOPs per step need the matmul parameter count (the embedding lookup is no matmul; a
+        tied head is counted once, as the head) and the attention's layers × width."""
+        total = sum(p.numel() for p in model.parameters())
+        embedding = model.get_input_embeddings().weight
+        head = model.get_output_embeddings()
+        tied = head is not None and head.weight is embedding
+        config = model.config
+        self.shape = (total if tied else total - embedding.numel(), config.num_hidden_layers, config.hidden_size)
+        if self.cuda and precision == "bf16":
+            name = self.torch.cuda.get_device_name(0)
+            self.peak_flops = next((v for k, v in BF16_PEAK.items() if k in name), None)
 
     @staticmethod
     def _kib(key: str) -> int:
@@ -662,21 +711,32 @@ class _Probe:
                 pass
         self.peak = self.base
 
-    def end_step(self, real: int, total: int, pair_tokens: int, pairs: int) -> None:
+    def end_step(self, real: int, total: int, pair_tokens: int, pairs: int, squares: int = 0) -> None:
+        """`squares`: Σ L² over the step's sequences (each sequence attends causally within itself)."""
         if self.cuda:
             self.torch.cuda.synchronize()
             peak = self.torch.cuda.max_memory_allocated()
         else:
             peak = self._kib("VmHWM") * 1024
         self.peak = max(self.peak, peak)
-        self.steps.append(dict(end=time.perf_counter(), real=real, total=total, pair_tokens=pair_tokens, pairs=pairs))
+        self.steps.append(dict(end=time.perf_counter(), real=real, total=total, pair_tokens=pair_tokens, pairs=pairs,
+                               squares=squares))
 
     def summary(self, warmup: int, losses: list[float]) -> dict[str, Any]:
         timed = self.steps[warmup:]
         seconds = self.steps[-1]["end"] - self.steps[warmup - 1]["end"] if warmup else float("nan")
         real = sum(s["real"] for s in timed)
         total = sum(s["total"] for s in timed)
-        return dict(
+        mfu = None
+        if self.shape and self.peak_flops:
+            # Model FLOPs of DPO's work: policy forward + backward (3 × 2 FLOPs per parameter and token)
+            # plus the reference forward (2), and causal attention (2·L²·hidden per layer forward, QKᵀ
+            # and AV at half the square) at the same 3 + 1 multiple. ε-DPO's perturbed log-probs reuse
+            # these logits, so both methods are held to the same count.
+            params, layers, hidden = self.shape
+            flops = sum(8 * params * s["real"] + 8 * layers * hidden * s["squares"] for s in timed)
+            mfu = flops / seconds / self.peak_flops
+        return dict(mfu=mfu,
             steps_run=len(self.steps), timed_s=seconds, real_tokens=real,
             real_tokens_per_s=real / seconds, pair_tokens_per_s=sum(s["pair_tokens"] for s in timed) / seconds,
             pairs_per_s=sum(s["pairs"] for s in timed) / seconds,
@@ -691,7 +751,7 @@ class _Probe:
 def _build_model(spec: dict[str, Any]):
     import torch
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec["dtype"]]
+    dtype = torch.float32  # trained weights stay fp32 in every precision (master weights)
     device = torch.device("cuda" if spec["device"] == "cuda" else "cpu")
     attn = spec["attn"]
     if spec["config"] == "smollm2":
@@ -705,7 +765,7 @@ def _build_model(spec: dict[str, Any]):
                   num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
                   num_key_value_heads=spec["kv_heads"], max_position_embeddings=max(2048, spec["max_length"]),
                   pad_token_id=0, bos_token_id=1, eos_token_id=0)
-    if spec["config"] == "gpu":
+    if spec["config"].startswith("gpu"):
         config = Qwen2Config(**common, tie_word_embeddings=True, rope_theta=1_000_000.0)
         name = "Qwen2"
     else:
@@ -779,7 +839,8 @@ def _case_epsdpo(case: str, spec: dict[str, Any], store, probe: _Probe) -> dict[
         warmup_ratio=0.0, per_device_train_batch_size=spec["batch"], max_steps=spec["warmup"] + spec["steps"],
         max_length=spec["max_length"], max_prompt_length=None, layout=layout, group_by_length=case == "eps_grouped",
         max_tokens_per_batch=spec["max_tokens_per_batch"] if layout == "packed" else None, seed=spec["seed"],
-        dtype=spec["dtype"], gradient_checkpointing=spec["gradient_checkpointing"], report_to="none", plots=False,
+        bf16=spec["precision"] == "bf16", gradient_checkpointing=spec["gradient_checkpointing"], report_to="none",
+        plots=False,
         progress=False, logging_steps=1,
     )
     tokenizer = _tokenizer(spec) if spec["config"] == "smollm2" else None
@@ -798,10 +859,12 @@ def _case_epsdpo(case: str, spec: dict[str, Any], store, probe: _Probe) -> dict[
         total = sum(int(b["attention_mask"].size) for b in batches)
         pair_tokens = sum(int(np.asarray(b["sequence_lengths"]).sum()) for b in batches)
         pairs = sum(len(b["pair_ids"]) for b in batches)
-        probe.end_step(real, total, pair_tokens, pairs)
+        squares = sum(int((np.asarray(b["sequence_lengths"], dtype=np.int64) ** 2).sum()) for b in batches)
+        probe.end_step(real, total, pair_tokens, pairs, squares)
         return metrics
 
     trainer._train_step = timed_step  # the library's own loop, timed from outside
+    probe.describe(trainer.model, spec["precision"])
     probe.start()
     state = trainer.train()
     losses = [r["loss"] for r in state.log_history if "loss" in r]
@@ -838,7 +901,7 @@ def _case_trl(spec: dict[str, Any], store, probe: _Probe) -> dict[str, Any]:
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             mask = inputs["attention_mask"]
-            pending.append((int(mask.sum()), mask.numel(), mask.shape[0] // 2))
+            pending.append((int(mask.sum()), mask.numel(), mask.shape[0] // 2, int((mask.sum(1).long() ** 2).sum())))
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
 
@@ -847,21 +910,22 @@ def _case_trl(spec: dict[str, Any], store, probe: _Probe) -> dict[str, Any]:
             probe.start()
 
         def on_step_end(self, args, state, control, **kwargs):
-            real, total, pairs = map(sum, zip(*pending)) if pending else (0, 0, 0)
+            real, total, pairs, squares = map(sum, zip(*pending)) if pending else (0, 0, 0, 0)
             pending.clear()
-            probe.end_step(real, total, real, pairs)
+            probe.end_step(real, total, real, pairs, squares)
 
     cuda = spec["device"] == "cuda"
     args = DPOConfig(
         output_dir=str(Path(spec["workdir"]) / "trl"), per_device_train_batch_size=spec["batch"],
         max_steps=spec["warmup"] + spec["steps"], learning_rate=spec["lr"], lr_scheduler_type="constant",
         warmup_steps=0, beta=spec["beta"], max_length=spec["max_length"], logging_steps=1, save_strategy="no",
-        report_to="none", disable_tqdm=True, seed=spec["seed"], bf16=cuda and spec["dtype"] == "bfloat16",
+        report_to="none", disable_tqdm=True, seed=spec["seed"], bf16=spec["precision"] == "bf16",
         use_cpu=not cuda, gradient_checkpointing=spec["gradient_checkpointing"], train_sampling_strategy="sequential",
         dataloader_num_workers=0,
     )
     trainer = BenchDPOTrainer(model=model, ref_model=reference, args=args, train_dataset=dataset,
                               processing_class=tokenizer, callbacks=[Timer()])
+    probe.describe(model, spec["precision"])
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r and "train_runtime" not in r]
     return dict(losses=losses, model=name, optimizer=str(args.optim),
@@ -885,6 +949,7 @@ def _case_naive(spec: dict[str, Any], store, probe: _Probe) -> dict[str, Any]:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec["lr"], weight_decay=0.0)
     beta, epsilon = spec["beta"], spec["epsilon"]
     losses = []
+    probe.describe(model, spec["precision"])
     probe.start()
     for batch in batches:
         ids = torch.as_tensor(batch["input_ids"], device=device).long()
@@ -898,9 +963,10 @@ def _case_naive(spec: dict[str, Any], store, probe: _Probe) -> dict[str, Any]:
         scored = torch.zeros(rows * length, device=device)
         scored[index] = 1.0
         # As the official code: full logits of every position, then every log-softmax, autograd on
-        with torch.no_grad():
-            ref_logits = reference(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["precision"] == "bf16"):
+            with torch.no_grad():
+                ref_logits = reference(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         vocab = logits.shape[-1]
         per_token = token_logps(logits.reshape(-1, vocab), ref_logits.reshape(-1, vocab), labels, epsilon)
         per_seq = {k: (v.float() * scored).view(rows, length).sum(1) for k, v in per_token.items()}
@@ -915,7 +981,7 @@ def _case_naive(spec: dict[str, Any], store, probe: _Probe) -> dict[str, Any]:
         losses.append(float(step_loss))
         real = int(mask.sum())
         del logits, ref_logits, per_token, per_seq, step_loss
-        probe.end_step(real, rows * length, real, rows // 2)
+        probe.end_step(real, rows * length, real, rows // 2, int((mask.sum(1) ** 2).sum()))
     return dict(losses=losses, model=name, beta_final=beta,
                 gradient_checkpointing=_checkpointing(model))
 
