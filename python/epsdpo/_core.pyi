@@ -24,7 +24,11 @@ class TruncationError(InvalidPairError):
     """Truncation left a completion with no tokens; ``pair_index`` names the pair."""
 
 class StoreFileError(EpsdpoError):
-    """A store file is truncated, corrupted, of another format version, or not a store."""
+    """A store file is truncated, corrupted, of another format version, or not a store; or the
+    file of a loaded (memory-mapped) store was changed in place. When the damage is in one pair,
+    ``pair_index`` names it."""
+
+    pair_index: int
 
 class ConfigError(EpsdpoError):
     """A configuration value is out of range."""
@@ -32,10 +36,17 @@ class ConfigError(EpsdpoError):
 class StateError(EpsdpoError):
     """Saved sampler or controller state cannot be restored."""
 
+class InternalError(RuntimeError):
+    """A bug in epsdpo's Rust core (a panic), caught at the boundary; please report it."""
+
+def _raise_panic(message: str) -> None:
+    """Test hook: panics in Rust; arrives as :class:`InternalError`."""
+
 class PreferenceStore:
     """Tokenized preference pairs in one contiguous token arena."""
 
-    def __init__(self, vocab_size: int | None = None) -> None: ...
+    def __init__(self, vocab_size: int | None = None) -> None:
+        """``vocab_size`` (1 to 2**32 - 1, or None for no check) bounds every token appended."""
     def append(
         self,
         prompt_tokens: IntArray,
@@ -66,9 +77,28 @@ class PreferenceStore:
         self, index: int
     ) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32], npt.NDArray[np.uint32]]: ...
     def pair_id(self, index: int) -> int: ...
-    def save(self, path: str | PathLike[str]) -> None: ...
+    def save(self, path: str | PathLike[str]) -> None:
+        """Write one checksummed file atomically (temporary file beside it, then rename).
+
+        An unwritable path raises an ``OSError`` subclass whose ``filename`` is ``path``."""
     @staticmethod
-    def load(path: str | PathLike[str]) -> PreferenceStore: ...
+    def load(path: str | PathLike[str]) -> PreferenceStore:
+        """Memory-map a saved store after verifying its checksum and structure.
+
+        A damaged file raises :class:`StoreFileError`; a missing or unreadable one an ``OSError``
+        subclass (``FileNotFoundError``, ``PermissionError``, ...) whose message and ``filename``
+        name ``path``.
+
+        The store reads the file's pages for as long as it lives, so the file must not be
+        truncated or rewritten in place meanwhile (``save`` to the same path is safe: it writes
+        a new file and renames it). Truncation makes a read past the new end a SIGBUS, which
+        kills the process; an in-place rewrite serves whatever bytes are there now. What can be
+        detected is: every call that reads the store first compares the file's size and
+        modification time with those at load and raises :class:`StoreFileError` on a change;
+        and each pair a batch or lookup reads is re-checked (spans in order and in range,
+        tokens below ``vocab_size``), raising :class:`StoreFileError` with ``pair_index`` set.
+        A truncation racing a read cannot be caught: copy the file away before changing it.
+        """
 
 class Collator:
     """Turns pair indices into one batch layout: a dict of numpy arrays."""
@@ -147,7 +177,9 @@ class KlController:
         self, pair_ids: npt.NDArray[np.uint64], steps: npt.NDArray[np.int8]
     ) -> npt.NDArray[np.float64]: ...
     def local_sums(self) -> tuple[int, int]: ...
-    def apply_update(self, global_sum: int, global_count: int) -> float: ...
+    def apply_update(self, global_sum: int, global_count: int) -> float:
+        """β ← β / (1 + ε·sum/count); returns the new β. Raises :class:`ConfigError` naming both
+        values, β unchanged, when ``count < 0`` or ``|sum| > count`` (a corrupted all-reduce)."""
     def beta_history(self) -> npt.NDArray[np.float64]: ...
     def ledger(self) -> dict[str, npt.NDArray[Any]]: ...
     def state_dict(self) -> dict[str, bytes]: ...

@@ -389,7 +389,7 @@ impl PreferenceStore {
         // Never write out a mapped file that changed under us.
         self.check_file()?;
         let tmp = temp_path(path);
-        let io = Error::file(path, "save the preference store to");
+        let io = Error::file(path, "save the preference store");
         let result = (|| -> std::io::Result<()> {
             let mut file = std::io::BufWriter::new(File::create(&tmp)?);
             let mut crc = crc32fast::Hasher::new();
@@ -433,6 +433,10 @@ impl PreferenceStore {
         let file = File::open(path).map_err(Error::file(path, "open the preference store"))?;
         // Taken before mapping: a change during the checks below then shows as a mismatch later.
         let meta = file.metadata().map_err(Error::file(path, "read the metadata of the preference store"))?;
+        if meta.is_dir() {
+            // Opening a directory succeeds on Unix; mapping it would fail with a baffling ENODEV.
+            return Err(Error::StoreFile { path: path.to_path_buf(), reason: "a directory, not a preference store file".into() });
+        }
         // SAFETY: the map is read-only and private to this store; a concurrent writer of the same
         // file is outside the contract (saves go through a rename, which never touches an open map),
         // and `check_file` / `pair_checked` catch what they can of one that breaks it.

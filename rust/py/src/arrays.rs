@@ -68,23 +68,30 @@ pub fn offsets(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u64>> {
 
 /// Pair indices (for the collator): any integer array or a Python sequence of ints.
 pub fn indices(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
-    let arr = match IntArray::extract(obj, "indices") {
+    u32s(obj, "indices", |x| crate::errors::InvalidPairError::new_err(format!("index {x} is not a valid pair index")))
+}
+
+/// Token lengths (for the sampler): as `indices`, errors named after the argument.
+pub fn lengths(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u32>> {
+    u32s(obj, what, |x| crate::errors::ConfigError::new_err(format!("{what} holds {x}, not a length between 0 and {}", u32::MAX)))
+}
+
+fn u32s(obj: &Bound<'_, PyAny>, what: &str, bad: impl Fn(String) -> PyErr) -> PyResult<Vec<u32>> {
+    let arr = match IntArray::extract(obj, what) {
         Ok(arr) => arr,
-        Err(e) => return obj.extract::<Vec<i64>>().map_err(|_| e).and_then(|v| to_u32(&v)),
+        Err(e) => return obj.extract::<Vec<i64>>().map_err(|_| e).and_then(|v| to_u32(&v, &bad)),
     };
     match &arr {
         IntArray::U32(a) => Ok(slice(a).into_owned()),
-        IntArray::I64(a) => to_u32(&slice(a)),
-        IntArray::I32(a) => to_u32(&slice(a)),
-        IntArray::U64(a) => to_u32(&slice(a)),
+        IntArray::I64(a) => to_u32(&slice(a), &bad),
+        IntArray::I32(a) => to_u32(&slice(a), &bad),
+        IntArray::U64(a) => to_u32(&slice(a), &bad),
         IntArray::U16(a) => Ok(slice(a).iter().map(|&v| v as u32).collect()),
     }
 }
 
-fn to_u32<T: Copy + TryInto<u32> + std::fmt::Display>(v: &[T]) -> PyResult<Vec<u32>> {
-    v.iter()
-        .map(|&x| x.try_into().map_err(|_| crate::errors::InvalidPairError::new_err(format!("index {x} is not a valid pair index"))))
-        .collect()
+fn to_u32<T: Copy + TryInto<u32> + std::fmt::Display>(v: &[T], bad: &impl Fn(String) -> PyErr) -> PyResult<Vec<u32>> {
+    v.iter().map(|&x| x.try_into().map_err(|_| bad(x.to_string()))).collect()
 }
 
 pub fn vec1<'py, T: numpy::Element>(py: Python<'py>, v: Vec<T>) -> Bound<'py, PyArray1<T>> {

@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::arrays::{indices, vec1, vec2};
-use crate::errors::detached;
+use crate::errors::{detached, guarded, opt_size, size, ConfigError};
 use crate::store::PyPreferenceStore;
 
 /// Turns a list of pair indices into one batch layout (a dict of numpy arrays).
@@ -66,14 +66,20 @@ impl PyCollator {
     fn new(
         py: Python<'_>,
         layout: &str,
-        max_length: Option<usize>,
-        max_prompt_length: Option<usize>,
+        max_length: Option<i64>,
+        max_prompt_length: Option<i64>,
         truncation_mode: &str,
-        pad_token_id: u32,
-        pad_to_multiple_of: usize,
-        capacity: Option<usize>,
+        pad_token_id: i64,
+        pad_to_multiple_of: i64,
+        capacity: Option<i64>,
         skip_empty: bool,
     ) -> PyResult<Self> {
+        let max_length = opt_size(max_length, "max_length")?;
+        let max_prompt_length = opt_size(max_prompt_length, "max_prompt_length")?;
+        let pad_to_multiple_of = size(pad_to_multiple_of, "pad_to_multiple_of")?;
+        let capacity = opt_size(capacity, "capacity")?;
+        let pad_token_id = u32::try_from(pad_token_id)
+            .map_err(|_| ConfigError::new_err(format!("pad_token_id must be a token id between 0 and {} (got {pad_token_id})", u32::MAX)))?;
         let prompt_mode = match truncation_mode {
             "keep_end" => PromptTruncation::KeepEnd,
             "keep_start" => PromptTruncation::KeepStart,
@@ -87,7 +93,7 @@ impl PyCollator {
             capacity,
             skip_empty,
         };
-        config.validate().map_err(|e| crate::errors::to_py(py, e))?;
+        guarded(py, || config.validate())?;
         Ok(PyCollator { config })
     }
 

@@ -6,7 +6,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
 use crate::arrays::{slice, vec1};
-use crate::errors::{to_py, StateError};
+use crate::errors::{guarded, ConfigError, StateError};
 
 /// The β bookkeeping of ε-DPO (steps in {-1, 0, +1} as int8 arrays; pair ids as uint64).
 #[pyclass(module = "epsdpo._core", name = "KlController")]
@@ -18,7 +18,7 @@ pub struct PyKlController {
 impl PyKlController {
     #[new]
     fn new(py: Python<'_>, beta: f64, epsilon: f64) -> PyResult<Self> {
-        KlController::new(beta, epsilon).map(|inner| PyKlController { inner }).map_err(|e| to_py(py, e))
+        guarded(py, || KlController::new(beta, epsilon)).map(|inner| PyKlController { inner })
     }
 
     /// The base β every micro-batch of the current accumulation cycle uses.
@@ -34,13 +34,15 @@ impl PyKlController {
 
     /// β_i = β / (1 + ε·s_i) without recording anything (evaluation).
     fn betas_for<'py>(&self, py: Python<'py>, steps: PyReadonlyArray1<'py, i8>) -> PyResult<Bound<'py, PyArray1<f64>>> {
-        let betas = self.inner.betas_for(&slice(&steps)).map_err(|e| to_py(py, e))?;
+        let inner = &self.inner;
+        let betas = guarded(py, || inner.betas_for(&slice(&steps)))?;
         Ok(vec1(py, betas))
     }
 
     /// Record a micro-batch's steps (cycle sums and ledger); returns its per-pair β_i.
     fn record<'py>(&mut self, py: Python<'py>, pair_ids: PyReadonlyArray1<'py, u64>, steps: PyReadonlyArray1<'py, i8>) -> PyResult<Bound<'py, PyArray1<f64>>> {
-        let betas = self.inner.record(&slice(&pair_ids), &slice(&steps)).map_err(|e| to_py(py, e))?;
+        let inner = &mut self.inner;
+        let betas = guarded(py, || inner.record(&slice(&pair_ids), &slice(&steps)))?;
         Ok(vec1(py, betas))
     }
 
@@ -49,9 +51,22 @@ impl PyKlController {
         self.inner.local_sums()
     }
 
-    /// β ← β / (1 + ε·sum/count), once per optimizer step; returns the new β.
-    fn apply_update(&mut self, global_sum: i64, global_count: u64) -> f64 {
-        self.inner.apply_update(global_sum, global_count)
+    /// β ← β / (1 + ε·sum/count), once per optimizer step; returns the new β. Refuses (with a
+    /// `ConfigError` naming both values, β unchanged) a negative count or `|sum| > count`, which
+    /// only a corrupted all-reduce produces.
+    fn apply_update(&mut self, py: Python<'_>, global_sum: &Bound<'_, PyAny>, global_count: &Bound<'_, PyAny>) -> PyResult<f64> {
+        // Any Python int is taken, so that a negative or huge value gets this message naming
+        // both, not pyo3's bare OverflowError; a non-integer is still a TypeError.
+        let (sum, count) = match (int_in::<i64>(global_sum, "global_sum")?, int_in::<u64>(global_count, "global_count")?) {
+            (Some(s), Some(c)) => (s, c),
+            _ => {
+                return Err(ConfigError::new_err(format!(
+                    "apply_update: global_sum = {global_sum}, global_count = {global_count}: the count must be between 0 and 2^64 - 1 and |sum| at most the count; the all-reduced sums are corrupted (beta left unchanged)"
+                )))
+            }
+        };
+        let inner = &mut self.inner;
+        guarded(py, || inner.apply_update(sum, count))
     }
 
     /// β before the first update, then after each update.
@@ -84,11 +99,20 @@ impl PyKlController {
             .get_item("state")?
             .ok_or_else(|| StateError::new_err("controller state has no 'state' entry"))?
             .extract()?;
-        self.inner = KlController::from_state_bytes(&bytes).map_err(|e| to_py(py, e))?;
+        self.inner = guarded(py, || KlController::from_state_bytes(&bytes))?;
         Ok(())
     }
 
     fn __repr__(&self) -> String {
         format!("KlController(beta={}, epsilon={}, updates={})", self.inner.beta(), self.inner.epsilon(), self.inner.beta_history().len().saturating_sub(1))
     }
+}
+
+/// `obj` as a `T` when it is an int in `T`'s range, `None` when it is an int outside it, a
+/// `TypeError` naming `what` when it is no int at all.
+fn int_in<T: for<'a, 'py> FromPyObject<'a, 'py>>(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Option<T>> {
+    let index = obj
+        .call_method0("__index__")
+        .map_err(|_| pyo3::exceptions::PyTypeError::new_err(format!("{what} must be an int, got {}", obj.get_type().name().map(|n| n.to_string()).unwrap_or_default())))?;
+    Ok(index.extract::<T>().ok())
 }

@@ -6,8 +6,8 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::arrays::{indices, vec1};
-use crate::errors::{detached, to_py};
+use crate::arrays::{lengths, vec1};
+use crate::errors::{detached, guarded, infallible, opt_size, size};
 
 /// Deterministic, resumable, rank-sharded batches of pair indices.
 #[pyclass(module = "epsdpo._core", name = "BatchSampler")]
@@ -26,16 +26,21 @@ impl PyBatchSampler {
         py: Python<'_>,
         chosen_lengths: &Bound<'_, PyAny>,
         rejected_lengths: &Bound<'_, PyAny>,
-        batch_size: usize,
+        batch_size: i64,
         mode: &str,
         seed: u64,
-        world_size: usize,
-        rank: usize,
+        world_size: i64,
+        rank: i64,
         drop_last: bool,
-        mega_batch_mult: usize,
-        max_tokens: Option<usize>,
+        mega_batch_mult: i64,
+        max_tokens: Option<i64>,
         padded: bool,
     ) -> PyResult<Self> {
+        let batch_size = size(batch_size, "batch_size")?;
+        let world_size = size(world_size, "world_size")?;
+        let rank = size(rank, "rank")?;
+        let mega_batch_mult = size(mega_batch_mult, "mega_batch_mult")?;
+        let max_tokens = opt_size(max_tokens, "max_tokens")?;
         let mode = match (mode, max_tokens) {
             ("shuffle", _) => SamplerMode::Shuffle,
             ("length_grouped", _) => SamplerMode::LengthGrouped { mega_batch_mult },
@@ -45,8 +50,8 @@ impl PyBatchSampler {
                 return Err(PyValueError::new_err(format!("mode must be 'shuffle', 'length_grouped' or 'token_budget', got {other:?}")))
             }
         };
-        let chosen = indices(chosen_lengths)?;
-        let rejected = indices(rejected_lengths)?;
+        let chosen = lengths(chosen_lengths, "chosen_lengths")?;
+        let rejected = lengths(rejected_lengths, "rejected_lengths")?;
         let config = SamplerConfig { batch_size, mode, seed, world_size, rank, drop_last };
         let inner = detached(py, move || BatchSampler::new(chosen, rejected, config))?;
         Ok(PyBatchSampler { inner })
@@ -62,8 +67,9 @@ impl PyBatchSampler {
     }
 
     /// The next batch of this epoch; stops at the epoch's end (call `set_epoch` for the next).
-    fn __next__<'py>(&mut self, py: Python<'py>) -> Option<Bound<'py, PyArray1<u32>>> {
-        self.inner.next_batch().map(|b| vec1(py, b))
+    fn __next__<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyArray1<u32>>>> {
+        let inner = &mut self.inner;
+        Ok(infallible(|| inner.next_batch())?.map(|b| vec1(py, b)))
     }
 
     /// Every batch of `epoch` for this rank, without moving the position.
@@ -74,9 +80,12 @@ impl PyBatchSampler {
     }
 
     /// Start `epoch` from its first batch.
-    fn set_epoch(&mut self, py: Python<'_>, epoch: u64) {
+    fn set_epoch(&mut self, py: Python<'_>, epoch: u64) -> PyResult<()> {
         let inner = &mut self.inner;
-        py.detach(move || inner.set_epoch(epoch));
+        detached(py, move || {
+            inner.set_epoch(epoch);
+            Ok(())
+        })
     }
 
     #[getter]
@@ -103,6 +112,7 @@ impl PyBatchSampler {
             .get_item("state")?
             .ok_or_else(|| crate::errors::StateError::new_err("sampler state has no 'state' entry"))?
             .extract()?;
-        self.inner.load_state_bytes(&bytes).map_err(|e| to_py(py, e))
+        let inner = &mut self.inner;
+        guarded(py, || inner.load_state_bytes(&bytes))
     }
 }

@@ -8,7 +8,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
 use crate::arrays::{offsets, slice, vec1, IntArray};
-use crate::errors::{detached, to_py};
+use crate::errors::{detached, guarded, ConfigError};
 
 /// Tokenized preference pairs in one contiguous token arena (see the Rust docs of
 /// `epsdpo_core::store` for the layout and file format).
@@ -30,8 +30,11 @@ impl PyPreferenceStore {
 impl PyPreferenceStore {
     #[new]
     #[pyo3(signature = (vocab_size=None))]
-    fn new(vocab_size: Option<u32>) -> Self {
-        PyPreferenceStore { inner: CoreStore::new(vocab_size) }
+    fn new(py: Python<'_>, vocab_size: Option<i64>) -> PyResult<Self> {
+        let vocab_size = vocab_size
+            .map(|v| u32::try_from(v).map_err(|_| ConfigError::new_err(format!("vocab_size must be between 1 and {} (got {v})", u32::MAX))))
+            .transpose()?;
+        guarded(py, || CoreStore::new(vocab_size)).map(|inner| PyPreferenceStore { inner })
     }
 
     /// Append many pairs from flat token arrays and `n + 1` offsets each. Validates everything
@@ -86,7 +89,8 @@ impl PyPreferenceStore {
     /// Append one pair (any integer sequences); returns its index.
     #[pyo3(signature = (prompt, chosen, rejected, id=None))]
     fn add_pair(&mut self, py: Python<'_>, prompt: Vec<i64>, chosen: Vec<i64>, rejected: Vec<i64>, id: Option<u64>) -> PyResult<usize> {
-        self.inner.add_pair(&prompt, &chosen, &rejected, id).map_err(|e| to_py(py, e))
+        let inner = &mut self.inner;
+        guarded(py, || inner.add_pair(&prompt, &chosen, &rejected, id))
     }
 
     fn __len__(&self) -> usize {
@@ -109,48 +113,65 @@ impl PyPreferenceStore {
     }
 
     /// Per-pair `(prompt, chosen, rejected)` lengths as uint32 arrays.
-    fn lengths<'py>(&self, py: Python<'py>) -> (Bound<'py, PyArray1<u32>>, Bound<'py, PyArray1<u32>>, Bound<'py, PyArray1<u32>>) {
-        let (p, c, r) = py.detach(|| self.inner.lengths());
-        (vec1(py, p), vec1(py, c), vec1(py, r))
+    #[allow(clippy::type_complexity)]
+    fn lengths<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyArray1<u32>>, Bound<'py, PyArray1<u32>>, Bound<'py, PyArray1<u32>>)> {
+        let inner = &self.inner;
+        let (p, c, r) = detached(py, || {
+            inner.check_file()?;
+            Ok(inner.lengths())
+        })?;
+        Ok((vec1(py, p), vec1(py, c), vec1(py, r)))
     }
 
     /// Pair ids, uint64, in store order.
-    fn ids<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u64>> {
-        vec1(py, self.inner.ids().to_vec())
+    fn ids<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<u64>>> {
+        let inner = &self.inner;
+        let ids = guarded(py, || {
+            inner.check_file()?;
+            Ok(inner.ids().to_vec())
+        })?;
+        Ok(vec1(py, ids))
     }
 
     /// `(prompt, chosen, rejected)` token arrays of pair `index` (negative counts from the end).
     fn __getitem__<'py>(&self, py: Python<'py>, index: isize) -> PyResult<Bound<'py, PyTuple>> {
         let n = self.inner.len() as isize;
-        let i = if index < 0 { index + n } else { index };
-        let pair = self.inner.get(usize::try_from(i).unwrap_or(usize::MAX)).map_err(|e| to_py(py, e))?;
-        let arrays = [pair.prompt, pair.chosen, pair.rejected].map(|s| vec1(py, s.to_vec()));
-        PyTuple::new(py, arrays)
+        let i = if index < 0 { index.saturating_add(n) } else { index };
+        let inner = &self.inner;
+        let spans = guarded(py, || {
+            let pair = inner.get(usize::try_from(i).unwrap_or(usize::MAX))?;
+            Ok([pair.prompt, pair.chosen, pair.rejected].map(<[u32]>::to_vec))
+        })?;
+        PyTuple::new(py, spans.map(|s| vec1(py, s)))
     }
 
     /// Id of pair `index`.
     fn pair_id(&self, py: Python<'_>, index: usize) -> PyResult<u64> {
-        self.inner.get(index).map(|p| p.id).map_err(|e| to_py(py, e))
+        let inner = &self.inner;
+        guarded(py, || inner.get(index).map(|p| p.id))
     }
 
-    /// Save to one checksummed file, atomically (temporary file + rename).
+    /// Save to one checksummed file, atomically (temporary file + rename); errors are `OSError`
+    /// subclasses naming the path.
     fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
         let inner = &self.inner;
         detached(py, move || inner.save(&path))
     }
 
-    /// Load a saved store, memory-mapped; damaged files raise `StoreFileError`.
+    /// Load a saved store, memory-mapped; damaged files raise `StoreFileError`, a missing or
+    /// unreadable one an `OSError` subclass naming the path. The file must not be truncated or
+    /// rewritten in place while loaded (see the stub's docstring).
     #[staticmethod]
     fn load(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
         detached(py, move || CoreStore::load(&path)).map(|inner| PyPreferenceStore { inner })
     }
 
     fn __repr__(&self) -> String {
+        let vocab = self.inner.vocab_size().map_or("None".to_string(), |v| v.to_string());
         format!(
-            "PreferenceStore(pairs={}, tokens={}, vocab_size={:?}, memory_mapped={})",
+            "PreferenceStore(pairs={}, tokens={}, vocab_size={vocab}, memory_mapped={})",
             self.inner.len(),
             self.inner.num_tokens(),
-            self.inner.vocab_size(),
             self.inner.is_memory_mapped()
         )
     }
