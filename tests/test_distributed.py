@@ -15,12 +15,16 @@ import pytest
 HERE = Path(__file__).parent
 
 
-def launch(out: Path, nproc: int, batch_size: int, *args: str) -> dict:
+def launch(out: Path, nproc: int, batch_size: int, *args: str, fails: bool = False) -> dict | str:
+    """The run's result; with `fails`, its stderr (the run must fail)."""
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     command = [torchrun, "--standalone", f"--nproc_per_node={nproc}", str(HERE / "dist_worker.py"), str(out), str(batch_size), *args]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    if fails:
+        assert done.returncode != 0
+        return done.stderr
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "result.json").read_text())
 
@@ -70,9 +74,16 @@ def test_fsdp_matches_one_process_and_resumes(tmp_path, single):
     assert got.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+    # Checkpoints are sharded: each rank wrote its own part, nobody gathered the whole model
+    checkpoint = tmp_path / "fsdp" / "checkpoint-2"
+    assert (checkpoint / "sharded" / ".metadata").is_file() and not (checkpoint / "model.safetensors").exists()
+    assert len(list((checkpoint / "sharded").glob("*.distcp"))) == 2
     # A sharded run resumed from its step-2 checkpoint continues exactly
     resumed = launch(tmp_path / "fsdp", 2, 2, "fsdp", "resume")
     assert_same_run(resumed, sharded)
+    # Another world size would change the data order: refused, naming both sizes
+    error = launch(tmp_path / "fsdp", 1, 4, "fsdp", "resume", fails=True)
+    assert "written by a run of 2 rank(s), this run has 1" in error
 
 
 @pytest.mark.slow
@@ -81,7 +92,9 @@ def test_fsdp_moves_a_sharded_tr_dpo_reference_like_one_process(tmp_path, single
     one = launch(tmp_path / "one", 1, 4, "ddp", "fresh", "tr_dpo")
     sharded = launch(tmp_path / "fsdp", 2, 2, "fsdp", "fresh", "tr_dpo")
     assert_same_run(sharded, one)
-    assert (tmp_path / "fsdp" / "checkpoint-2" / "reference.safetensors").is_file()
+    assert (tmp_path / "fsdp" / "checkpoint-2" / "sharded" / ".metadata").is_file()
+    resumed = launch(tmp_path / "fsdp", 2, 2, "fsdp", "resume", "tr_dpo")
+    assert_same_run(resumed, sharded)
     # TR-DPO is DPO until its reference first moves (after step τ = 2), then it leaves it
     dpo = launch(tmp_path / "dpo", 1, 4, "ddp", "fresh", "dpo")
     tr_losses, dpo_losses = ([r["loss"] for r in run["history"] if "loss" in r] for run in (one, dpo))

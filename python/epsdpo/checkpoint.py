@@ -1,13 +1,24 @@
-"""Checkpoints that are complete or absent: written to a temporary directory, then renamed.
+"""Checkpoints that are complete or absent, verified before use, and never executed.
 
-A checkpoint holds everything a resumed run needs to continue exactly: the policy weights
-(safetensors), optimizer and scheduler state, the KlController state (β, its history and the
-per-pair ledger; the official ε-DPO code loses β here), the sampler position, every RNG state and
-the run's config and trainer state.
+A checkpoint holds everything a resumed run needs to continue exactly: the policy weights, optimizer
+and scheduler state, the KlController state (β, its history and the per-pair ledger; the official
+ε-DPO code loses β here), the sampler position, every RNG state and the run's config and trainer
+state. It is written to a temporary directory and renamed into place, so a crash leaves either the
+whole checkpoint or none.
+
+- Weights: `model.safetensors` (and `reference.safetensors` when TR-DPO moves the reference) for
+  one process or DDP. FSDP runs write `sharded/` with `torch.distributed.checkpoint` instead: every
+  rank writes its own shards, and no rank ever holds the whole model. Either kind resumes into either
+  kind of run.
+- Nothing is unpickled with arbitrary classes: `training_state.pt` is read with
+  `torch.load(weights_only=True)`, which accepts tensors and plain containers only.
+- `manifest.json`, written last, lists every file's size and SHA-256. Its presence marks a finished
+  checkpoint, and resuming verifies every entry and names the file that does not match.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -22,19 +33,35 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 PREFIX = "checkpoint-"
-_COMPLETE = "trainer_state.json"  # written last: its presence marks a finished checkpoint
+MANIFEST = "manifest.json"  # written last: its presence marks a finished checkpoint
+TRAINER_STATE = "trainer_state.json"
+SHARDED = "sharded"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is incomplete, altered or does not belong to this run; names the file."""
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state as tensors and plain values, so that a weights-only load can read it back."""
+    _, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["position"], numpy["has_gauss"],
+                         numpy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -54,12 +81,48 @@ def _save_weights(weights: nn.Module | dict[str, torch.Tensor], path: Path) -> N
         save_model(weights, str(path))
 
 
+def staging_dir(output_dir: Path, step: int) -> Path:
+    """Where checkpoint `step` is written before it is renamed into place."""
+    return output_dir / f".{PREFIX}{step}.tmp"
+
+
+def begin_checkpoint(output_dir: Path, step: int) -> Path:
+    """A fresh, empty staging directory (rank 0 calls this before any rank writes into it)."""
+    tmp = staging_dir(output_dir, step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                   reference: nn.Module | None) -> dict[str, Any]:
+    """The state dicts DCP reads and writes: sharded (DTensor) under FSDP, plain tensors otherwise."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    else:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+    if reference is not None:
+        state["reference"] = get_model_state_dict(reference)
+    return state
+
+
+def save_sharded(tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 reference: nn.Module | None = None) -> None:
+    """Every rank writes its own shards of the weights and optimizer state (a collective)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_sharded_state(model, optimizer, reference), checkpoint_id=str(tmp / SHARDED))
+
+
 def save_checkpoint(
     output_dir: Path,
     step: int,
     *,
-    model: nn.Module | dict[str, torch.Tensor],
-    optimizer_state: dict[str, Any],
+    model: nn.Module | dict[str, torch.Tensor] | None,
+    optimizer_state: dict[str, Any] | None,
     scheduler: Any,
     kl_state: bytes,
     sampler_state: bytes,
@@ -67,27 +130,34 @@ def save_checkpoint(
     config: dict[str, Any],
     save_total_limit: int | None = None,
     reference: nn.Module | dict[str, torch.Tensor] | None = None,
+    extra_state: dict[str, Any] | None = None,
 ) -> Path:
-    """`reference` is saved too when it changes during training (TR-DPO). Weights come as modules, or
-    as full state dicts where they were gathered from shards (FSDP)."""
+    """Finish checkpoint `step` and rename it into place (rank 0).
+
+    `model` (and `reference`, saved when it changes during training: TR-DPO) come as modules or full
+    state dicts; pass `model=None` and `optimizer_state=None` when `save_sharded` has already written
+    them into the staging directory. `extra_state`: more tensors and plain values to restore (the fp16
+    loss scale)."""
     final = output_dir / f"{PREFIX}{step}"
-    tmp = output_dir / f".{PREFIX}{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _save_weights(model, tmp / "model.safetensors")
-    if reference is not None:
-        _save_weights(reference, tmp / "reference.safetensors")
-    torch.save(
-        {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_state()},
-        tmp / "training_state.pt",
-    )
+    tmp = staging_dir(output_dir, step)
+    if model is None:
+        if not (tmp / SHARDED).is_dir():
+            raise CheckpointError(f"{tmp}: no sharded weights were written before finishing the checkpoint")
+    else:
+        if not tmp.is_dir():
+            begin_checkpoint(output_dir, step)
+        _save_weights(model, tmp / "model.safetensors")
+        if reference is not None:
+            _save_weights(reference, tmp / "reference.safetensors")
+    training = {"scheduler": scheduler.state_dict(), "rng": rng_state(), "extra": extra_state or {}}
+    if optimizer_state is not None:
+        training["optimizer"] = optimizer_state
+    _write(tmp / "training_state.pt", lambda path: torch.save(training, path))
     (tmp / "kl_controller.bin").write_bytes(kl_state)
     (tmp / "sampler.bin").write_bytes(sampler_state)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    (tmp / _COMPLETE).write_text(json.dumps(trainer_state, indent=2))
-    for f in tmp.iterdir():
-        with open(f, "rb") as handle:
-            os.fsync(handle.fileno())
+    (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+    _write_manifest(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -97,6 +167,63 @@ def save_checkpoint(
     return final
 
 
+def _write(path: Path, writer: Any) -> None:
+    """Run a library writer, naming the file when it fails (torch.save on a full disk says only
+    'iostream error')."""
+    try:
+        writer(path)
+    except (OSError, RuntimeError) as error:
+        raise OSError(f"could not write {path}: {error}") from error
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_manifest(root: Path) -> None:
+    entries = {}
+    for path in _files(root):
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+        entries[path.relative_to(root).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    manifest = root / MANIFEST
+    manifest.write_text(json.dumps({"format": 1, "files": entries}, indent=1))
+    with open(manifest, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Every file of the manifest is present with its size and SHA-256; raises CheckpointError naming
+    the first that is not."""
+    manifest_path = path / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+        if not isinstance(files, dict):
+            raise TypeError("'files' is not a mapping")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not a complete epsdpo checkpoint (no {MANIFEST})") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{manifest_path} is unreadable: {error}") from None
+    for name, entry in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is listed in {MANIFEST} but missing")
+        size = file.stat().st_size
+        if size != entry.get("size"):
+            raise CheckpointError(f"{file} has {size} bytes, the manifest says {entry.get('size')}: truncated or replaced")
+        if _sha256(file) != entry.get("sha256"):
+            raise CheckpointError(f"{file} does not match its SHA-256 in {MANIFEST}: the file was altered or corrupted")
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not output_dir.exists():
@@ -104,7 +231,7 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     found = []
     for path in output_dir.iterdir():
         match = re.fullmatch(rf"{PREFIX}(\d+)", path.name)
-        if match and (path / _COMPLETE).exists():
+        if match and (path / MANIFEST).exists():
             found.append((int(match.group(1)), path))
     return [p for _, p in sorted(found)]
 
@@ -117,17 +244,38 @@ def resolve_checkpoint(output_dir: Path, resume: str | Path | bool) -> Path:
             raise FileNotFoundError(f"no complete checkpoint under {output_dir} to resume from")
         return found[-1]
     path = Path(resume)
-    if not (path / _COMPLETE).exists():
-        raise FileNotFoundError(f"{path} is not a complete epsdpo checkpoint (no {_COMPLETE})")
+    if not (path / MANIFEST).exists():
+        raise FileNotFoundError(f"{path} is not a complete epsdpo checkpoint (no {MANIFEST})")
     return path
 
 
+def _load_training_state(path: Path) -> dict[str, Any]:
+    file = path / "training_state.pt"
+    try:
+        return torch.load(file, weights_only=True, map_location="cpu")
+    except Exception as error:  # noqa: BLE001 - the unpickler raises many kinds; all mean "not ours"
+        raise CheckpointError(f"{file} holds something other than tensors and plain values, so it is not "
+                              f"loaded ({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    reference: nn.Module | None = None, sharded: bool = False) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG; return the rest for the trainer to apply.
-    `sharded`: the models are FSDP-sharded and the checkpoint holds full state dicts."""
-    training = torch.load(path / "training_state.pt", weights_only=False)
-    if sharded:
+                    reference: nn.Module | None = None, sharded: bool = False, verify: bool = True) -> dict[str, Any]:
+    """Verify the checkpoint (unless the caller has: `verify=False`), restore weights, optimizer,
+    scheduler and RNG; return the rest for the trainer to apply. `sharded`: the models are
+    FSDP-sharded (every rank calls this)."""
+    if verify:
+        verify_checkpoint(path)
+    training = _load_training_state(path)
+    if (path / SHARDED).is_dir():
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+        state = _sharded_state(model, optimizer, reference)
+        dcp.load(state, checkpoint_id=str(path / SHARDED))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        if reference is not None:
+            set_model_state_dict(reference, state["reference"])
+    elif sharded:
         from epsdpo.sharding import load_full_state
 
         load_full_state(model, optimizer, load_file(str(path / "model.safetensors")), training["optimizer"])
@@ -143,5 +291,6 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     return {
         "kl_state": (path / "kl_controller.bin").read_bytes(),
         "sampler_state": (path / "sampler.bin").read_bytes(),
-        "trainer_state": json.loads((path / _COMPLETE).read_text()),
+        "trainer_state": json.loads((path / TRAINER_STATE).read_text()),
+        "extra_state": training.get("extra", {}),
     }

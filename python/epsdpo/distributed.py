@@ -54,8 +54,14 @@ def barrier(info: DistInfo) -> None:
 
 
 def all_reduce_sum(values: Tensor, info: DistInfo) -> Tensor:
+    """Sum `values` over ranks in place (host tensors travel through the GPU where NCCL needs it)."""
     if info.enabled:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        if dist.get_backend() == "nccl" and not values.is_cuda:
+            on_device = values.cuda()
+            dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+            values.copy_(on_device)
+        else:
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
 
 

@@ -7,8 +7,9 @@ head, so the fused kernel reads a gathered head weight inside the root's forward
 gradients over ranks (a custom sum needs PREMUL_SUM, which gloo lacks), so the trainer divides the
 loss by the global number of pairs over the world size, giving the same gradients as the sum.
 
-Saving gathers full (unsharded) state dicts on every rank and lets rank 0 write them, so checkpoints
-and `save_pretrained` output are the same files as without FSDP.
+Checkpoints are sharded: every rank writes its own shards with torch.distributed.checkpoint
+(epsdpo.checkpoint), so no rank holds the whole model. Only `final/` gathers the full weights, to rank
+0's CPU, so that it is one ordinary Hugging Face folder.
 """
 
 from __future__ import annotations
@@ -60,12 +61,6 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,

@@ -17,6 +17,7 @@ Every micro-batch of a cycle uses the same base β, and the `kl/beta` logged for
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,7 +32,18 @@ from torch import Tensor, nn
 from epsdpo._core import BatchSampler, Collator, KlController, PreferenceStore, TruncationError
 from epsdpo.attention import use_segment_attention
 from epsdpo.baselines import BetaDPO, soft_update_reference
-from epsdpo.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from epsdpo.checkpoint import (
+    TRAINER_STATE,
+    CheckpointError,
+    begin_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_sharded,
+    staging_dir,
+    verify_checkpoint,
+)
 from epsdpo.config import TrainConfig
 from epsdpo.distributed import DistInfo, all_reduce_sum, barrier, gradient_sync, init_from_env, replicate
 from epsdpo.loss import epsilon_dpo_loss, kl_steps, pair_log_ratio
@@ -39,12 +51,7 @@ from epsdpo.modeling import batch_logps
 from epsdpo.models import AdapterFreeReference, default_reference, load_causal_lm, load_tokenizer
 from epsdpo.precision import Precision, check_trainable_precision, fsdp_mixed_precision, torch_dtype
 from epsdpo.reporting import MetricsLog
-from epsdpo.sharding import (
-    full_model_state,
-    full_optimizer_state,
-    grad_norm_value,
-    shard,
-)
+from epsdpo.sharding import full_model_state, grad_norm_value, shard
 
 # Per-step sums all-reduced in one message; the metrics are ratios of these.
 _SUMS = ("pairs", "beta", "loss", "reward_chosen", "reward_rejected", "correct", "logp_chosen", "logp_rejected",
@@ -443,34 +450,70 @@ class Trainer:
 
     # ------------------------------------------------------------------------ checkpoints, outputs
     def _save_checkpoint(self, sampler_state: bytes | None) -> None:
+        """Every rank calls this. FSDP ranks each write their own shards; rank 0 writes the rest and
+        renames the finished checkpoint into place."""
         if sampler_state is None:
             return
-        tr_dpo = self.config.method == "tr_dpo"
-        model, reference = self.model, self.ref_model if tr_dpo else None
-        if self.sharded:  # gathering is collective: every rank takes part, rank 0 writes
-            model, optimizer_state = full_model_state(self.model), full_optimizer_state(self.model, self.optimizer)
-            reference = full_model_state(self.ref_model) if tr_dpo else None
-        if not self.dist.is_main:
-            return
-        if not self.sharded:
+        step = self.state.global_step
+        reference = self.ref_model if self.config.method == "tr_dpo" else None
+        model, optimizer_state = self.model, None
+        if self.sharded:
+            if self.dist.is_main:
+                begin_checkpoint(self.output_dir, step)
+            barrier(self.dist)
+            save_sharded(staging_dir(self.output_dir, step), self.model, self.optimizer, reference)
+            model = reference = None
+        elif self.dist.is_main:
             optimizer_state = self.optimizer.state_dict()
-        save_checkpoint(
-            self.output_dir, self.state.global_step, model=model, optimizer_state=optimizer_state,
-            scheduler=self.scheduler, kl_state=self.kl.state_dict()["state"], sampler_state=sampler_state,
-            trainer_state={"global_step": self.state.global_step, "max_steps": self.state.max_steps,
-                           "beta": self.kl.beta, "log_history": self.metrics.history,
-                           "beta_dpo_running_gap": None if self.beta_dpo is None else self.beta_dpo.running_gap},
-            reference=reference, config=self.config.to_dict(), save_total_limit=self.config.save_total_limit,
-        )
+        if self.dist.is_main:
+            save_checkpoint(
+                self.output_dir, step, model=model, optimizer_state=optimizer_state, scheduler=self.scheduler,
+                kl_state=self.kl.state_dict()["state"], sampler_state=sampler_state,
+                trainer_state={"global_step": step, "max_steps": self.state.max_steps, "beta": self.kl.beta,
+                               "world_size": self.dist.world_size, "log_history": self.metrics.history,
+                               "beta_dpo_running_gap": None if self.beta_dpo is None else self.beta_dpo.running_gap},
+                reference=reference, config=self.config.to_dict(), save_total_limit=self.config.save_total_limit,
+                extra_state={"loss_scaler": self.precision.state_dict()},
+            )
+        barrier(self.dist)  # no rank moves on (or prunes, or resumes) before the checkpoint is in place
+
+    def _verify_checkpoint(self, path: Path) -> None:
+        """Rank 0 checks the manifest (hashing a large checkpoint once, not once per rank); every rank
+        learns the verdict."""
+        error = None
+        if self.dist.is_main:
+            try:
+                verify_checkpoint(path)
+            except CheckpointError as caught:
+                error = caught
+        failed = all_reduce_sum(torch.tensor([float(error is not None)], dtype=torch.float64), self.dist).item()
+        if error is not None:
+            raise error
+        if failed:
+            raise CheckpointError(f"{path}: rank 0 found the checkpoint incomplete or altered")
 
     def _resume(self, path: Path) -> None:
+        self._verify_checkpoint(path)
+        saved_world = json.loads((path / TRAINER_STATE).read_text()).get("world_size", 1)
+        if saved_world != self.dist.world_size:
+            raise CheckpointError(
+                f"{path} was written by a run of {saved_world} rank(s), this run has {self.dist.world_size}: the "
+                "data order and β bookkeeping are per world size, so resume with the same number of ranks (the "
+                "weights alone are in final/ or load into any world size)"
+            )
         restored = load_checkpoint(path, self.model, self.optimizer, self.scheduler,
                                    reference=self.ref_model if self.config.method == "tr_dpo" else None,
-                                   sharded=self.sharded)
+                                   sharded=self.sharded, verify=False)
         self.kl.load_state_dict({"state": restored["kl_state"]})
         self.sampler.load_state_dict({"state": restored["sampler_state"]})
+        self.precision.load_state_dict(restored["extra_state"].get("loss_scaler", {}))
         trainer_state = restored["trainer_state"]
         self.state.global_step = trainer_state["global_step"]
+        if len(self.kl.beta_history()) != self.state.global_step + 1 or trainer_state.get("beta") != self.kl.beta:
+            raise CheckpointError(
+                f"{path / TRAINER_STATE} says step {self.state.global_step} and β {trainer_state.get('beta')}, but the "
+                f"KL controller state holds {len(self.kl.beta_history()) - 1} steps and β {self.kl.beta}"
+            )
         if self.beta_dpo is not None:
             self.beta_dpo.running_gap = trainer_state.get("beta_dpo_running_gap")
         self.state.beta = self.kl.beta
