@@ -51,7 +51,7 @@ pub fn slice<'a, T: numpy::Element + Copy>(a: &'a PyReadonlyArray1<'_, T>) -> Co
 /// Offsets must be non-negative; converted once to the core's u64.
 pub fn offsets(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u64>> {
     let arr = IntArray::extract(obj, what)?;
-    let bad = || pyo3::exceptions::PyValueError::new_err(format!("{what} holds a negative offset"));
+    let bad = || crate::errors::ConfigError::new_err(format!("{what} holds a negative offset"));
     macro_rules! conv {
         ($a:expr) => {
             slice($a).iter().map(|&v| u64::try_from(v).map_err(|_| bad())).collect()

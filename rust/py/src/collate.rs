@@ -2,7 +2,6 @@
 
 use epsdpo_core::collate::{collate, truncated_lengths, Batch, CollateConfig, Layout};
 use epsdpo_core::truncate::{PromptTruncation, Truncation};
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -21,7 +20,7 @@ fn parse_layout(layout: &str) -> PyResult<Layout> {
         "padded" => Ok(Layout::Padded),
         "packed" => Ok(Layout::Packed),
         "shared_prompt" => Ok(Layout::SharedPrompt),
-        other => Err(PyValueError::new_err(format!("layout must be 'padded', 'packed' or 'shared_prompt', got {other:?}"))),
+        other => Err(ConfigError::new_err(format!("layout must be 'padded', 'packed' or 'shared_prompt', got {other:?}"))),
     }
 }
 
@@ -83,7 +82,7 @@ impl PyCollator {
         let prompt_mode = match truncation_mode {
             "keep_end" => PromptTruncation::KeepEnd,
             "keep_start" => PromptTruncation::KeepStart,
-            other => return Err(PyValueError::new_err(format!("truncation_mode must be 'keep_end' or 'keep_start', got {other:?}"))),
+            other => return Err(ConfigError::new_err(format!("truncation_mode must be 'keep_end' or 'keep_start', got {other:?}"))),
         };
         let config = CollateConfig {
             layout: parse_layout(layout)?,

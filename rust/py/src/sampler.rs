@@ -2,12 +2,11 @@
 
 use epsdpo_core::sampler::{BatchSampler, SamplerConfig, SamplerMode};
 use numpy::PyArray1;
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use crate::arrays::{lengths, vec1};
-use crate::errors::{detached, guarded, infallible, opt_size, size};
+use crate::errors::{detached, guarded, infallible, opt_size, size, ConfigError};
 
 /// Deterministic, resumable, rank-sharded batches of pair indices.
 #[pyclass(module = "epsdpo._core", name = "BatchSampler")]
@@ -45,9 +44,9 @@ impl PyBatchSampler {
             ("shuffle", _) => SamplerMode::Shuffle,
             ("length_grouped", _) => SamplerMode::LengthGrouped { mega_batch_mult },
             ("token_budget", Some(max_tokens)) => SamplerMode::TokenBudget { max_tokens, padded, mega_batch_mult },
-            ("token_budget", None) => return Err(PyValueError::new_err("mode 'token_budget' needs max_tokens")),
+            ("token_budget", None) => return Err(ConfigError::new_err("mode 'token_budget' needs max_tokens")),
             (other, _) => {
-                return Err(PyValueError::new_err(format!("mode must be 'shuffle', 'length_grouped' or 'token_budget', got {other:?}")))
+                return Err(ConfigError::new_err(format!("mode must be 'shuffle', 'length_grouped' or 'token_budget', got {other:?}")))
             }
         };
         let chosen = lengths(chosen_lengths, "chosen_lengths")?;
