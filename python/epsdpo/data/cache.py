@@ -8,6 +8,11 @@ Layout: ``<cache dir>/<fingerprint>.epsdpo`` (the :class:`~epsdpo.PreferenceStor
 memory-mapped on load) and ``<cache dir>/<fingerprint>.json`` (the :class:`DataReport`). Both are
 written atomically (temporary file + rename), the report last, so a reader that finds the report
 finds a complete store; concurrent writers (several ranks) just overwrite one another.
+
+The cache never fails a load: a damaged entry is rebuilt, and a directory that cannot be written
+(or read) means no caching, each with a warning. A writer killed mid-write (``kill -9``, OOM)
+leaves its temporary file (``*.epsdpo-tmp<pid>*``); the next load or write removes such files once
+their writer is gone (see :func:`clean_stale_temp_files`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,7 +31,7 @@ from typing import Any
 from epsdpo._core import PreferenceStore, StoreFileError, __version__
 from epsdpo.data.stats import DataReport
 
-__all__ = ["DEFAULT", "fingerprint", "resolve_cache_dir", "store_path", "tokenizer_hash"]
+__all__ = ["DEFAULT", "clean_stale_temp_files", "fingerprint", "resolve_cache_dir", "store_path", "tokenizer_hash"]
 
 # Bump when the ingestion rules change what a given input produces, so old entries stop matching.
 INGEST_VERSION = 1
@@ -32,6 +39,14 @@ ENV_VAR = "EPSDPO_CACHE"
 # Sentinel for "the default cache dir": None already means "no cache".
 DEFAULT: Any = object()
 _CHUNK = 1 << 20
+# Temporary files of both writers: the store's (Rust, `<name>.epsdpo-tmp<pid>`) and the report's
+# (`.<key>.json.epsdpo-tmp<pid>.<random>`). The pid says whose it is.
+_TEMP_FILE = re.compile(r"\.epsdpo-tmp(\d+)(?:\.|$)")
+# A temporary file whose writer process is gone is removed once it is this old, so that a writer
+# on another machine sharing the directory (whose pid means nothing here) is never raced: a write
+# in progress keeps touching its file. Any temporary file this old is removed regardless.
+STALE_DEAD_WRITER_SECONDS = 60.0
+STALE_ANY_SECONDS = 24 * 3600.0
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None | Any) -> Path | None:
@@ -117,15 +132,70 @@ def report_path(root: Path, key: str) -> Path:
     return root / f"{key}.json"
 
 
+def _process_gone(pid: int) -> bool:
+    """Whether no process ``pid`` runs here (signal 0 probes without signalling)."""
+    if os.name == "nt":  # os.kill would terminate the process there: leave it to the age rule
+        return False
+    if pid <= 0:  # 0 and negatives address process groups in kill(); never a writer's pid
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OverflowError:  # no pid is that large
+        return True
+    except OSError:  # PermissionError: alive, another user's; anything else: assume alive
+        return False
+    return False
+
+
+def clean_stale_temp_files(root: Path, now: float | None = None) -> list[str]:
+    """Remove the temporary files of writers killed mid-write; return their names.
+
+    A file is stale when its writer's pid is not running here and it has not been written for
+    ``STALE_DEAD_WRITER_SECONDS``, or when it has not been written for ``STALE_ANY_SECONDS``. Any
+    error (a directory that cannot be listed, a file another process removed first) is ignored:
+    cleaning is best effort and must never fail a load.
+    """
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMP_FILE.search(entry.name)
+        if match is None:
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+            if age > STALE_ANY_SECONDS or (age > STALE_DEAD_WRITER_SECONDS and _process_gone(int(match.group(1)))):
+                os.unlink(entry.path)
+                removed.append(entry.name)
+        except OSError:
+            continue
+    return removed
+
+
 def load(root: Path, key: str) -> tuple[PreferenceStore, DataReport] | None:
     """The cached entry, or None when absent or damaged (a damaged one is rebuilt, with a warning)."""
     rpath, spath = report_path(root, key), store_path(root, key)
-    if not rpath.is_file() or not spath.is_file():
+    clean_stale_temp_files(root)
+    try:
+        if not rpath.is_file() or not spath.is_file():
+            return None
+    except OSError as e:  # e.g. a directory we may not search
+        warnings.warn(f"cannot read the cache directory {root} ({e}); loading without the cache", stacklevel=3)
         return None
     try:
-        report = DataReport.from_dict(json.loads(rpath.read_text(encoding="utf-8")))
+        data = json.loads(rpath.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"the report is a JSON {type(data).__name__}, not an object")
+        report = DataReport.from_dict(data)
         store = PreferenceStore.load(spath)
-    except (OSError, ValueError, TypeError, KeyError, StoreFileError) as e:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError, StoreFileError) as e:
         warnings.warn(f"ignoring a damaged cache entry {spath.name} ({e}); rebuilding it", stacklevel=3)
         return None
     if len(store) != report.num_pairs:
@@ -134,14 +204,25 @@ def load(root: Path, key: str) -> tuple[PreferenceStore, DataReport] | None:
     return store, report
 
 
-def save(root: Path, key: str, store: PreferenceStore, report: DataReport) -> Path:
-    """Write the store, then the report (both atomically); return the store path."""
-    root.mkdir(parents=True, exist_ok=True)
-    spath = store_path(root, key)
-    store.save(spath)
+def save(root: Path, key: str, store: PreferenceStore, report: DataReport) -> Path | None:
+    """Write the store, then the report (both atomically); return the store path, or None (with
+    a warning) when the cache directory cannot be written: the data is loaded either way."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        clean_stale_temp_files(root)
+        spath = store_path(root, key)
+        store.save(spath)
+        _write_report(root, key, report)
+    except (OSError, StoreFileError) as e:
+        warnings.warn(f"cannot write the cache entry under {root} ({e}); continuing without caching", stacklevel=3)
+        return None
+    return spath
+
+
+def _write_report(root: Path, key: str, report: DataReport) -> None:
     data = report.to_dict()
     data["cache_hit"] = False
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{key}.", suffix=".json.tmp")
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{key}.json.epsdpo-tmp{os.getpid()}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1, ensure_ascii=False)
@@ -149,4 +230,3 @@ def save(root: Path, key: str, store: PreferenceStore, report: DataReport) -> Pa
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return spath

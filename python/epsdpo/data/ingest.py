@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, Literal
@@ -38,7 +38,7 @@ import numpy as np
 from epsdpo._core import Collator, PreferenceStore
 from epsdpo.data import cache as _cache
 from epsdpo.data.encoder import BatchEncoder
-from epsdpo.data.sources import COLUMNS, DataSourceError, check_columns, open_source
+from epsdpo.data.sources import COLUMNS, DataSourceError, UnreadableRow, check_columns, open_source
 from epsdpo.data.stats import DataReport, compute_stats
 
 __all__ = ["DataSourceError", "InvalidRowError", "load_preferences"]
@@ -54,19 +54,30 @@ class InvalidRowError(ValueError):
     """A source row cannot become a preference pair.
 
     ``row`` and ``reason`` name the first bad row; ``bad_rows`` lists every ``(row, reason)``
-    found in the same batch, so one run shows more than one problem.
+    found in the same batch, so one run shows more than one problem. ``source`` names the file
+    (or dataset) the rows came from; ``locate`` maps a row to its place there (``"line 7"`` in a
+    JSON Lines file), when that is not its number.
     """
 
-    def __init__(self, bad_rows: Sequence[tuple[int, str]]) -> None:
+    def __init__(
+        self, bad_rows: Sequence[tuple[int, str]], source: str | None = None, locate: Callable[[int], str | None] | None = None
+    ) -> None:
         self.bad_rows = list(bad_rows)
         self.row, self.reason = self.bad_rows[0]
+        self.source = source
+
+        def where(row: int) -> str:
+            place = locate(row) if locate is not None else None
+            return f"row {row} ({place})" if place else f"row {row}"
+
         more = ""
         if len(self.bad_rows) > 1:
-            shown = "; ".join(f"row {r}: {why}" for r, why in self.bad_rows[1:6])
+            shown = "; ".join(f"{where(r)}: {why}" for r, why in self.bad_rows[1:6])
             extra = len(self.bad_rows) - 6
             more = f" (also {shown}{f'; and {extra} more' if extra > 0 else ''})"
+        prefix = f"{source}: " if source else ""
         super().__init__(
-            f"row {self.row}: {self.reason}{more}. Fix the data, or pass skip_invalid=True to skip "
+            f"{prefix}{where(self.row)}: {self.reason}{more}. Fix the data, or pass skip_invalid=True to skip "
             "bad rows and count them in the report."
         )
 
@@ -97,9 +108,23 @@ class _Bad(Exception):
 def _detect_format(batch: dict[str, list[Any]]) -> Format:
     """Conversational if the first row with a chosen value holds a list (of messages)."""
     for value in batch.get("chosen", []):
-        if value is not None:
+        if value is not None and not isinstance(value, UnreadableRow):
             return "conversational" if isinstance(value, (list, tuple)) else "standard"
     return "standard"
+
+
+def _check_unicode(text: str, what: str) -> None:
+    """Python strings may hold lone surrogates (JSON's ``"\\ud800"`` decodes to one); no
+    tokenizer can encode them, and the batch call would fail for every row, naming none."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _Bad(
+            "invalid_text",
+            f"{what} holds a lone surrogate (U+{ord(text[e.start]):04X} at character {e.start}), which is not valid Unicode text",
+        ) from None
 
 
 def _check_messages(value: Any, name: str) -> list[dict[str, str]]:
@@ -119,6 +144,7 @@ def _check_messages(value: Any, name: str) -> list[dict[str, str]]:
         if not isinstance(content, str):
             got = "missing" if content is None else f"a {type(content).__name__}"
             raise _Bad("non_string_content", f"'{name}' message {k} ({role}) content is {got}, not a string")
+        _check_unicode(content, f"'{name}' message {k} ({role}) content")
         if len(m) == 2:
             out.append({"role": role, "content": content})
         else:  # keep keys the template may read (name, tool_calls, ...), drop Arrow's None fill-ins
@@ -133,6 +159,7 @@ def _check_text(value: Any, name: str) -> str:
         raise _Bad("mixed_formats", f"'{name}' is a list but the dataset is in the standard format (strings)")
     if not isinstance(value, str):
         raise _Bad("non_string_content", f"'{name}' is a {type(value).__name__}, not a string")
+    _check_unicode(value, f"'{name}'")
     return value
 
 
@@ -198,10 +225,17 @@ def _normalize_rows(batch: dict[str, list[Any]], first_row: int, fmt: Format, im
     rows = _Rows()
     for k in range(n):
         row = first_row + k
+        unreadable = batch["chosen"][k]
+        if isinstance(unreadable, UnreadableRow):
+            bad.append((row, unreadable.code, unreadable.message))
+            continue
         try:
             p, c, r = _normalize_row(prompts[k], batch["chosen"][k], batch["rejected"][k], fmt, implicit)
         except _Bad as e:
             bad.append((row, e.code, e.message))
+            continue
+        except Exception as e:  # a value no validator foresaw: still this row's failure, not the run's
+            bad.append((row, "invalid_row", f"{type(e).__name__}: {e}"))
             continue
         rows.index.append(row)
         rows.prompt.append(p)
@@ -285,6 +319,16 @@ class _Templater:
         return out
 
 
+def _invalid_unicode(*texts: str) -> str | None:
+    """Why the first of ``texts`` that is not valid Unicode is not, or None."""
+    try:
+        for text in texts:
+            _check_unicode(text, "")
+    except _Bad as e:
+        return e.message.lstrip()
+    return None
+
+
 def _render(rows: _Rows, templater: _Templater, bad: list[tuple[int, str, str]]) -> tuple[list[str], list[str], list[str], list[bool]]:
     """Render prompt (with generation prompt), prompt + chosen, prompt + rejected; return the
     prompt text and the two completion suffixes. A completion suffix exists only when the
@@ -297,8 +341,12 @@ def _render(rows: _Rows, templater: _Templater, bad: list[tuple[int, str, str]])
     r_out: list[str] = []
     for k, (p, pc, pr) in enumerate(zip(p_txt, pc_txt, pr_txt)):
         failure = next((t for t in (p, pc, pr) if isinstance(t, _TemplateFailure)), None)
+        invalid = None if failure is not None else _invalid_unicode(p, pc, pr)
         if failure is not None:
             bad.append((rows.index[k], "chat_template_error", f"the chat template failed: {failure}"))
+            ok.append(False)
+        elif invalid is not None:  # a message field besides the content (a name, a tool call) carried it
+            bad.append((rows.index[k], "invalid_text", f"the rendered conversation {invalid}"))
             ok.append(False)
         elif not (pc.startswith(p) and pr.startswith(p)):
             where = pc if not pc.startswith(p) else pr
@@ -473,6 +521,17 @@ def _append_eos(enc: BatchEncoder, flat: np.ndarray, lengths: np.ndarray, anywhe
     return flat, lengths, n
 
 
+def _rows_refused_by_tokenizer(enc: BatchEncoder, prompts: list[str], chosen: list[str], rejected: list[str]) -> dict[int, str]:
+    """Row by row, the rows whose texts the tokenizer raises on, with the reason."""
+    refused = {}
+    for k in range(len(prompts)):
+        try:
+            _split_tokenize(enc, [prompts[k]], [[chosen[k]], [rejected[k]]])
+        except Exception as e:
+            refused[k] = f"{type(e).__name__}: {e}"
+    return refused
+
+
 def _tokenize_batch(rows: _Rows, fmt: Format, enc: BatchEncoder, templater: _Templater | None, built: _Built, bad: list[tuple[int, str, str]]) -> None:
     if fmt == "conversational":
         assert templater is not None
@@ -487,7 +546,21 @@ def _tokenize_batch(rows: _Rows, fmt: Format, enc: BatchEncoder, templater: _Tem
         add_bos = enc.adds_bos
     if not index:
         return
-    p_ids, ((c_flat, c_len), (r_flat, r_len)), ok = _split_tokenize(enc, prompts, [chosen, rejected])
+    try:
+        p_ids, ((c_flat, c_len), (r_flat, r_len)), ok = _split_tokenize(enc, prompts, [chosen, rejected])
+    except Exception:
+        # One text the tokenizer refuses fails the whole batch call: find it, report it as its
+        # row's failure, and tokenize the rest. If no single row fails, the fault is not the data.
+        refused = _rows_refused_by_tokenizer(enc, prompts, chosen, rejected)
+        if not refused:
+            raise
+        for k, why in refused.items():
+            bad.append((index[k], "tokenizer_error", f"the tokenizer refused this row ({why})"))
+        keep = [k for k in range(len(index)) if k not in refused]
+        prompts, chosen, rejected, index = ([x[k] for k in keep] for x in (prompts, chosen, rejected, index))
+        if not index:
+            return
+        p_ids, ((c_flat, c_len), (r_flat, r_len)), ok = _split_tokenize(enc, prompts, [chosen, rejected])
     p_ids, doubled = _fix_bos(enc, p_ids, add_bos)
     p_flat, p_len = _flatten(p_ids)
     for k in np.flatnonzero(~ok):
@@ -637,7 +710,7 @@ def load_preferences(
             rows = _normalize_rows(batch, row, fmt, implicit, bad)
             _tokenize_batch(rows, fmt, enc, templater, built, bad)
             if len(bad) > before and not skip_invalid:
-                raise InvalidRowError(sorted((r, msg) for r, _, msg in bad[before:]))
+                raise InvalidRowError(sorted((r, msg) for r, _, msg in bad[before:]), src.description, src.locate)
             row += n
             bar.update(n)
     if not built.ids:
@@ -665,5 +738,6 @@ def load_preferences(
     report.fingerprint = key
     report.seconds = time.perf_counter() - t0
     if root is not None and key is not None:
-        report.cache_path = str(_cache.save(root, key, store, report))
+        saved = _cache.save(root, key, store, report)  # None: the cache dir is not writable (warned)
+        report.cache_path = str(saved) if saved is not None else None
     return store, report

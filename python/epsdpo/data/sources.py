@@ -3,6 +3,9 @@
 Every source is read as batches of Python objects (a dict of column lists), and can hash its
 content for the cache without being parsed. Local JSON files are parsed with the standard library
 rather than Arrow, so a row whose value has the wrong type becomes a per-row error, not a failed load.
+Likewise a JSON Lines line that is not a row at all (not UTF-8, not JSON, nested too deeply, not an
+object) keeps its place as an :class:`UnreadableRow`, which ingestion reports (or skips) like any
+other bad row.
 """
 
 from __future__ import annotations
@@ -12,13 +15,14 @@ import json
 import os
 import socket
 import urllib.parse
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from epsdpo.data import cache as _cache
 
-__all__ = ["COLUMNS", "FILE_SUFFIXES", "DataSourceError", "RowSource", "check_columns", "open_source"]
+__all__ = ["COLUMNS", "FILE_SUFFIXES", "DataSourceError", "RowSource", "UnreadableRow", "check_columns", "open_source"]
 
 COLUMNS = ("prompt", "chosen", "rejected")
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
@@ -26,6 +30,20 @@ FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
 
 class DataSourceError(ValueError):
     """The source cannot be read: missing file, unknown suffix, missing column, unreachable hub."""
+
+
+class UnreadableRow:
+    """A row that could not even be parsed: it stands in every column of its row, so the rows
+    after it keep their numbers (pair ids are row numbers) and ingestion turns it into a bad row
+    with ``code`` and ``message``, raised or, under ``skip_invalid``, skipped and counted."""
+
+    __slots__ = ("code", "message")
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code, self.message = code, message
+
+    def __repr__(self) -> str:
+        return f"UnreadableRow({self.code!r}, {self.message!r})"
 
 
 class RowSource:
@@ -40,6 +58,10 @@ class RowSource:
 
     def content_hash(self, columns: Sequence[str]) -> str:
         raise NotImplementedError
+
+    def locate(self, row: int) -> str | None:
+        """Where row ``row`` is in the source (``"line 7"``), when that differs from its number."""
+        return None
 
 
 class _DatasetSource(RowSource):
@@ -65,26 +87,41 @@ class _FileSource(RowSource):
     def __init__(self, path: Path) -> None:
         self.path = path
         self.description = path.name
-        self._rows: list[dict[str, Any]] | None = None
+        self._rows: list[dict[str, Any] | UnreadableRow] | None = None
+        self._lines: list[int] | None = None
         self._parquet: Any = None
         if _is_parquet(path):
             import pyarrow.parquet as pq
 
-            self._parquet = pq.ParquetFile(path)
+            try:
+                self._parquet = pq.ParquetFile(path)
+            except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+                raise DataSourceError(f"{path.name}: not a readable Parquet file ({e})") from e
             self.column_names = list(self._parquet.schema_arrow.names)
         else:
-            rows = _read_json_rows(path, limit=1000 if _is_jsonl(path) else None)
+            rows, self._lines = _read_json_rows(path, limit=1000 if _is_jsonl(path) else None)
             if not _is_jsonl(path):
                 self._rows = rows
             names: dict[str, None] = {}
             for row in rows[:1000]:
-                names.update(dict.fromkeys(row))
+                if isinstance(row, dict):
+                    names.update(dict.fromkeys(row))
+            first_bad = next((k for k, row in enumerate(rows) if isinstance(row, UnreadableRow)), None)
+            if not names and first_bad is not None:
+                # No column names to check and no row to train on: say why, not "no 'chosen' column".
+                where = self.locate(first_bad) or f"row {first_bad}"
+                raise DataSourceError(f"{path.name}, {where}: {rows[first_bad].message} (and no readable row among the first {len(rows)})")
             self.column_names = list(names)
 
-    def _all_rows(self) -> list[dict[str, Any]]:
+    def _all_rows(self) -> list[dict[str, Any] | UnreadableRow]:
         if self._rows is None:
-            self._rows = _read_json_rows(self.path)
+            self._rows, self._lines = _read_json_rows(self.path)
         return self._rows
+
+    def locate(self, row: int) -> str | None:
+        if self._lines is None or row >= len(self._lines):
+            return None
+        return f"line {self._lines[row]}"
 
     @property
     def num_rows(self) -> int:  # type: ignore[override]
@@ -95,14 +132,18 @@ class _FileSource(RowSource):
     def batches(self, batch_size: int) -> Iterator[dict[str, list[Any]]]:
         cols = [c for c in COLUMNS if c in self.column_names]
         if self._parquet is not None:
-            for batch in self._parquet.iter_batches(batch_size=batch_size, columns=cols):
-                yield batch.to_pydict()
+            try:
+                for batch in self._parquet.iter_batches(batch_size=batch_size, columns=cols):
+                    yield batch.to_pydict()
+            except (OSError, ValueError) as e:
+                raise DataSourceError(f"{self.path.name}: the Parquet data cannot be read ({e})") from e
             return
         rows = self._all_rows()
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            # A row lacking a key gets None, exactly like a missing value in an Arrow column.
-            yield {c: [row.get(c) for row in chunk] for c in cols}
+            # A row lacking a key gets None, exactly like a missing value in an Arrow column; an
+            # unreadable row stands in every column.
+            yield {c: [row.get(c) if isinstance(row, dict) else row for row in chunk] for c in cols}
 
     def content_hash(self, columns: Sequence[str]) -> str:
         return _cache.hash_file(self.path)
@@ -116,41 +157,78 @@ def _is_parquet(path: Path) -> bool:
     return path.name.endswith(".parquet")
 
 
-def _read_json_rows(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+def _read_json_rows(path: Path, limit: int | None = None) -> tuple[list[dict[str, Any] | UnreadableRow], list[int] | None]:
     """Parse with the standard library, not pyarrow: Arrow refuses a column whose type changes
     between rows, and such a row must become a per-row error, not a failed load. ``limit``
-    stops a JSON Lines file after that many rows."""
+    stops a JSON Lines file after that many rows. Returns the rows and, for JSON Lines, the line
+    number of each (blank lines are not rows)."""
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        if _is_jsonl(path):
-            rows = []
-            for lineno, line in enumerate(f, 1):
-                if limit is not None and len(rows) >= limit:
-                    break
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataSourceError(f"{path.name}, line {lineno}: not valid JSON ({e.msg})") from None
-        else:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataSourceError(f"{path.name}: not valid JSON ({e.msg}, line {e.lineno})") from None
-            if isinstance(data, dict):  # column-oriented {"prompt": [...], "chosen": [...], ...}
-                lengths = {len(v) for v in data.values() if isinstance(v, list)}
-                if len(lengths) != 1 or not all(isinstance(v, list) for v in data.values()):
-                    raise DataSourceError(f"{path.name}: a JSON object must map each column to an equally long list")
-                n = lengths.pop()
-                data = [{k: v[i] for k, v in data.items()} for i in range(n)]
-            if not isinstance(data, list):
-                raise DataSourceError(f"{path.name}: expected a JSON list of rows or an object of columns")
-            rows = data
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise DataSourceError(f"{path.name}: row {i} is a {type(row).__name__}, not a JSON object")
-    return rows
+    try:
+        with opener(path, "rb") as f:
+            if _is_jsonl(path):
+                rows: list[dict[str, Any] | UnreadableRow] = []
+                lines: list[int] = []
+                # Bytes, decoded line by line, so that a bad byte costs its line, not the file.
+                for lineno, raw in enumerate(f, 1):
+                    if limit is not None and len(rows) >= limit:
+                        break
+                    if not raw.strip():
+                        continue
+                    rows.append(_parse_line(raw, lineno))
+                    lines.append(lineno)
+                return rows, lines
+            data = _parse_document(path, f.read())
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataSourceError(f"{path.name}: not a readable gzip file ({e})") from e
+    if isinstance(data, dict):  # column-oriented {"prompt": [...], "chosen": [...], ...}
+        lengths = {len(v) for v in data.values() if isinstance(v, list)}
+        if len(lengths) != 1 or not all(isinstance(v, list) for v in data.values()):
+            raise DataSourceError(f"{path.name}: a JSON object must map each column to an equally long list")
+        n = lengths.pop()
+        data = [{k: v[i] for k, v in data.items()} for i in range(n)]
+    if not isinstance(data, list):
+        raise DataSourceError(f"{path.name}: expected a JSON list of rows or an object of columns")
+    return [row if isinstance(row, dict) else UnreadableRow("not_an_object", f"a JSON {_json_type(row)}, not an object") for row in data], None
+
+
+def _parse_line(raw: bytes, lineno: int) -> dict[str, Any] | UnreadableRow:
+    """One JSON Lines line as a row, or why it is none (the caller adds the file and line)."""
+    try:
+        # A byte-order mark may start the file (Windows editors write one).
+        text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        return UnreadableRow("invalid_utf8", f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)")
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        return UnreadableRow("invalid_json", f"not valid JSON ({e.msg} at column {e.colno})")
+    except RecursionError:
+        # The parser recurses per nesting level; Python's recursion limit stops it.
+        return UnreadableRow("too_deep", "JSON nested too deeply to parse (over the interpreter's recursion limit)")
+    if not isinstance(row, dict):
+        return UnreadableRow("not_an_object", f"a JSON {_json_type(row)}, not an object")
+    return row
+
+
+def _parse_document(path: Path, raw: bytes) -> Any:
+    """A whole .json file; any failure is the file's, named with the line where possible."""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataSourceError(f"{path.name}, line {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {column} of the line)") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataSourceError(f"{path.name}, line {e.lineno}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise DataSourceError(f"{path.name}: JSON nested too deeply to parse (over the interpreter's recursion limit)") from None
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _pick_split(dataset_dict: Mapping[str, Any], split: str | None, what: str) -> tuple[Any, str]:
