@@ -289,7 +289,7 @@ impl Batch {
             self.logit_index.push(first_predictor as i64);
             self.logit_index.extend((start..end - 1).map(|f| f as i64));
             self.target_ids.extend(tokens.iter().map(|&t| t as i64));
-            self.target_sequence.extend(std::iter::repeat_n(sequence as i64, tokens.len()));
+            self.target_sequence.extend(std::iter::repeat(sequence as i64).take(tokens.len()));
         }
     }
 
