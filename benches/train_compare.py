@@ -85,7 +85,7 @@ What runs (one fresh subprocess per case, so peak memory is per case):
   other cases (TRL's own default is on; see `--gradient-checkpointing`), and the rows pre-tokenized by
   epsdpo (its `_prepare_dataset` is skipped) in the order of epsdpo's padded shuffle, read sequentially
   — so TRL, epsdpo padded and the official-style loop train on exactly the same batches.
-- **official-style ε-DPO** — a training loop written from DESIGN.md §1 like the official code
+- **official-style ε-DPO** — a training loop written from docs/algorithm.md like the official code
   (trl 0.13 based): full `[2B, T, V]` logits for policy and reference, log-softmax of policy,
   reference, relaxed and tightened logits with autograd on, on the same padded batches
   (tests/naive_epsdpo.py), AdamW, clipping 1.0, the β update once per step.

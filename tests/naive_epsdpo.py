@@ -1,6 +1,6 @@
-"""A deliberately naive ε-DPO written straight from DESIGN.md §1, used as the reference in tests and
-as the official-code-style baseline in benches/. It materialises full [N, V] logits and runs every
-log-softmax with autograd on, as the official implementation does."""
+"""A deliberately naive ε-DPO written straight from docs/algorithm.md ('The objective', 'The step rule'),
+used as the reference in tests and as the official-code-style baseline in benches/. It materialises
+full [N, V] logits and runs every log-softmax with autograd on, as the official implementation does."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ TRUNCATION_MODES = ("keep_end", "keep_start")
 @dataclass
 class TrainConfig:
     output_dir: str = "outputs/epsdpo"
-    # ε-DPO (DESIGN.md §1)
+    # ε-DPO (docs/algorithm.md, 'The step rule')
     method: Literal["epsilon_dpo", "dpo", "tr_dpo", "beta_dpo"] = "epsilon_dpo"
     beta: float = 0.1
     epsilon: float = 0.01

@@ -1,4 +1,4 @@
-"""The ε-DPO objective (DESIGN.md §1), given per-sequence log-probs.
+"""The ε-DPO objective (docs/algorithm.md, 'The objective'), given per-sequence log-probs.
 
 For each pair i (chosen y_w, rejected y_l) the step decides which way the KL penalty should move:
 

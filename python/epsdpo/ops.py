@@ -1,7 +1,7 @@
 """Log-probabilities of the labels under the policy, the reference and the two ε-perturbed policies.
 
-ε-DPO (DESIGN.md §1) scores every completion token under four distributions built from the same
-per-token logits f (policy) and r (reference):
+ε-DPO (docs/algorithm.md, 'The fused log-prob kernel') scores every completion token under four
+distributions built from the same per-token logits f (policy) and r (reference):
 
     policy      log_softmax(f)[y]                       (with gradient)
     reference   log_softmax(r)[y]                       (no gradient)

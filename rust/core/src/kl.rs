@@ -1,4 +1,4 @@
-//! The per-pair β bookkeeping of ε-DPO (DESIGN.md §1).
+//! The per-pair β bookkeeping of ε-DPO (docs/algorithm.md, 'The β update').
 //!
 //! Each training micro-batch reports the step `s_i ∈ {+1, 0, −1}` of its pairs; the pair is
 //! trained with `β_i = β / (1 + ε·s_i)`. Once per optimizer step the base β moves by the mean
