@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
+use crate::saved_state::{StateReader, StateWriter};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct LedgerEntry {
@@ -163,64 +164,37 @@ impl KlController {
         out
     }
 
-    /// Little-endian: magic, version, β, ε, cycle sum, cycle count, history (count, values),
-    /// ledger (count, entries sorted by id), then a CRC-32 of everything before it.
+    /// Fields, in the `saved_state` framing (magic, version, CRC-32): β, ε, cycle sum, cycle
+    /// count, history (count, values), ledger (count, entries sorted by id).
     pub fn state_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(
-            8 + 4 + 8 * 6 + 8 * self.beta_history.len() + LEDGER_ENTRY_LEN * self.ledger.len() + 4,
-        );
-        out.extend_from_slice(STATE_MAGIC);
-        out.extend_from_slice(&STATE_VERSION.to_le_bytes());
-        out.extend_from_slice(&self.beta.to_le_bytes());
-        out.extend_from_slice(&self.epsilon.to_le_bytes());
-        out.extend_from_slice(&self.cycle_sum.to_le_bytes());
-        out.extend_from_slice(&self.cycle_count.to_le_bytes());
-        out.extend_from_slice(&(self.beta_history.len() as u64).to_le_bytes());
-        for b in &self.beta_history {
-            out.extend_from_slice(&b.to_le_bytes());
+        // Six 8-byte scalars (β, ε, cycle sum and count, the two counts), then the arrays.
+        let fields_len =
+            8 * 6 + 8 * self.beta_history.len() + LEDGER_ENTRY_LEN * self.ledger.len();
+        let mut w = StateWriter::new(STATE_MAGIC, STATE_VERSION, fields_len);
+        w.f64(self.beta)
+            .f64(self.epsilon)
+            .i64(self.cycle_sum)
+            .u64(self.cycle_count);
+        w.u64(self.beta_history.len() as u64);
+        for &b in &self.beta_history {
+            w.f64(b);
         }
-        out.extend_from_slice(&(self.ledger.len() as u64).to_le_bytes());
+        w.u64(self.ledger.len() as u64);
         for (&id, e) in &self.ledger {
-            out.extend_from_slice(&id.to_le_bytes());
-            out.extend_from_slice(&e.plus.to_le_bytes());
-            out.extend_from_slice(&e.zero.to_le_bytes());
-            out.extend_from_slice(&e.minus.to_le_bytes());
-            out.extend_from_slice(&e.last_step.to_le_bytes());
-            out.extend_from_slice(&e.last_beta.to_le_bytes());
+            w.u64(id)
+                .u64(e.plus)
+                .u64(e.zero)
+                .u64(e.minus)
+                .i8(e.last_step)
+                .f64(e.last_beta);
         }
-        let crc = crc32fast::hash(&out);
-        out.extend_from_slice(&crc.to_le_bytes());
-        out
+        w.finish()
     }
 
     /// Restores a controller from [`state_bytes`](Self::state_bytes). Anything malformed,
     /// including values the controller could never have produced, is an `Error::State`.
     pub fn from_state_bytes(bytes: &[u8]) -> Result<Self> {
-        let mut r = Reader { bytes, at: 0 };
-        if r.take(8)? != STATE_MAGIC {
-            return Err(bad("not a KL controller state (bad magic)"));
-        }
-        let version = r.u32()?;
-        if version != STATE_VERSION {
-            return Err(bad(format!(
-                "KL controller state version {version} is not supported (expected {STATE_VERSION})"
-            )));
-        }
-        // Check the checksum before believing any count read from the body.
-        let body_len = bytes
-            .len()
-            .checked_sub(4)
-            .filter(|&n| n >= r.at)
-            .ok_or_else(|| bad("truncated"))?;
-        let mut crc = Reader {
-            bytes: &bytes[body_len..],
-            at: 0,
-        };
-        if crc.u32()? != crc32fast::hash(&bytes[..body_len]) {
-            return Err(bad("checksum mismatch (truncated or corrupted)"));
-        }
-        r.bytes = &bytes[..body_len];
-
+        let mut r = StateReader::open(bytes, "KL controller", STATE_MAGIC, STATE_VERSION)?;
         let beta = r.f64()?;
         let epsilon = r.f64()?;
         check_beta_epsilon(beta, epsilon).map_err(Error::State)?;
@@ -260,7 +234,7 @@ impl KlController {
                 plus: r.u64()?,
                 zero: r.u64()?,
                 minus: r.u64()?,
-                last_step: r.take(1)?[0] as i8,
+                last_step: r.i8()?,
                 last_beta: r.f64()?,
             };
             if !(-1..=1).contains(&entry.last_step) {
@@ -277,9 +251,7 @@ impl KlController {
             }
             ledger.insert(id, entry);
         }
-        if r.at != r.bytes.len() {
-            return Err(bad(format!("{} trailing bytes", r.bytes.len() - r.at)));
-        }
+        r.finish()?;
         Ok(KlController {
             beta,
             epsilon,
@@ -320,58 +292,6 @@ fn check_steps(steps: &[i8]) -> Result<()> {
 
 fn bad(reason: impl Into<String>) -> Error {
     Error::State(reason.into())
-}
-
-/// Bounds-checked little-endian reads: every read of untrusted state goes through `take`.
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|&end| end <= self.bytes.len())
-            .ok_or_else(|| bad("truncated"))?;
-        let out = &self.bytes[self.at..end];
-        self.at = end;
-        Ok(out)
-    }
-
-    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
-        let mut a = [0u8; N];
-        a.copy_from_slice(self.take(N)?);
-        Ok(a)
-    }
-
-    fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.array()?))
-    }
-
-    fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.array()?))
-    }
-
-    fn i64(&mut self) -> Result<i64> {
-        Ok(i64::from_le_bytes(self.array()?))
-    }
-
-    fn f64(&mut self) -> Result<f64> {
-        Ok(f64::from_le_bytes(self.array()?))
-    }
-
-    /// An element count, checked against the bytes left so a corrupted count cannot make us
-    /// allocate gigabytes before failing.
-    fn count(&mut self, elem_len: usize) -> Result<usize> {
-        let n = self.u64()?;
-        let left = (self.bytes.len() - self.at) as u64;
-        if !matches!(n.checked_mul(elem_len as u64), Some(need) if need <= left) {
-            return Err(bad(format!("count {n} exceeds the remaining {left} bytes")));
-        }
-        Ok(n as usize)
-    }
 }
 
 #[cfg(test)]

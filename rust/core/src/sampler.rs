@@ -14,6 +14,7 @@
 
 use crate::collate::MAX_BATCH_CELLS;
 use crate::error::{Error, Result};
+use crate::saved_state::{StateReader, StateWriter};
 
 /// More ranks than any job runs; the bound keeps the sharding arithmetic (batches × ranks) far
 /// from overflow.
@@ -68,8 +69,8 @@ pub struct BatchSampler {
 
 const STATE_MAGIC: &[u8; 8] = b"EDPOSMPL";
 const STATE_VERSION: u32 = 1;
-/// magic, version, seed, epoch, position, fingerprint, crc32.
-const STATE_LEN: usize = 8 + 4 + 8 + 8 + 8 + 8 + 4;
+/// seed, epoch, position, fingerprint.
+const STATE_FIELDS_LEN: usize = 4 * 8;
 
 impl BatchSampler {
     /// `chosen_lengths[i]`, `rejected_lengths[i]`: token lengths (prompt + completion, already
@@ -149,16 +150,12 @@ impl BatchSampler {
     /// The rank is deliberately left out of the fingerprint: all ranks move in lockstep through
     /// the same number of batches, so the state saved by one rank resumes every rank.
     pub fn state_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(STATE_LEN);
-        out.extend_from_slice(STATE_MAGIC);
-        out.extend_from_slice(&STATE_VERSION.to_le_bytes());
-        out.extend_from_slice(&self.config.seed.to_le_bytes());
-        out.extend_from_slice(&self.epoch.to_le_bytes());
-        out.extend_from_slice(&(self.position as u64).to_le_bytes());
-        out.extend_from_slice(&self.fingerprint.to_le_bytes());
-        let crc = crc32fast::hash(&out);
-        out.extend_from_slice(&crc.to_le_bytes());
-        out
+        let mut w = StateWriter::new(STATE_MAGIC, STATE_VERSION, STATE_FIELDS_LEN);
+        w.u64(self.config.seed)
+            .u64(self.epoch)
+            .u64(self.position as u64)
+            .u64(self.fingerprint);
+        w.finish()
     }
 
     /// Restores a state from [`state_bytes`](Self::state_bytes). On error nothing changes.
@@ -451,48 +448,16 @@ struct SavedState {
 
 impl SavedState {
     fn parse(bytes: &[u8]) -> Result<Self> {
-        if bytes.len() < 12 || &bytes[..8] != STATE_MAGIC {
-            return Err(Error::State("not a sampler state (bad magic)".into()));
-        }
-        let version = le_u32(&bytes[8..12]);
-        if version != STATE_VERSION {
-            return Err(Error::State(format!(
-                "sampler state version {version} is not supported (expected {STATE_VERSION})"
-            )));
-        }
-        if bytes.len() != STATE_LEN {
-            return Err(Error::State(format!(
-                "sampler state is {} bytes, expected {STATE_LEN}",
-                bytes.len()
-            )));
-        }
-        let (body, crc) = bytes.split_at(STATE_LEN - 4);
-        if crc32fast::hash(body) != le_u32(crc) {
-            return Err(Error::State(
-                "sampler state checksum mismatch (corrupted)".into(),
-            ));
-        }
-        let field = |k: usize| le_u64(&body[12 + 8 * k..20 + 8 * k]);
-        Ok(SavedState {
-            seed: field(0),
-            epoch: field(1),
-            position: field(2),
-            fingerprint: field(3),
-        })
+        let mut r = StateReader::open(bytes, "sampler", STATE_MAGIC, STATE_VERSION)?;
+        let state = SavedState {
+            seed: r.u64()?,
+            epoch: r.u64()?,
+            position: r.u64()?,
+            fingerprint: r.u64()?,
+        };
+        r.finish()?;
+        Ok(state)
     }
-}
-
-// Callers slice exactly 4 / 8 bytes after checking the total length.
-fn le_u32(b: &[u8]) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(b);
-    u32::from_le_bytes(a)
-}
-
-fn le_u64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(b);
-    u64::from_le_bytes(a)
 }
 
 /// SplitMix64: tiny, well-mixed, and fully specified here, so streams never change under us.
@@ -538,6 +503,9 @@ fn shuffle<T>(items: &mut [T], rng: &mut SplitMix64) {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// magic, version, the fields, crc32.
+    const STATE_LEN: usize = 8 + 4 + STATE_FIELDS_LEN + 4;
 
     fn cfg(
         mode: SamplerMode,
