@@ -1,10 +1,15 @@
-"""`_core.pyi` must describe the extension as it is: same names, same parameters."""
+"""`_core.pyi` must describe the extension as it is: same names, same parameters, and the keys and
+types of the batch dict the collator returns."""
 
 from __future__ import annotations
 
 import ast
 import inspect
+import re
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 import epsdpo._core as core
 
@@ -13,11 +18,17 @@ if not STUB.exists():  # an installed wheel keeps the stub beside the package so
     STUB = Path(__file__).parents[1] / "python" / "epsdpo" / "_core.pyi"
 
 
+def is_typeddict(node):
+    return any(isinstance(b, ast.Name) and b.id == "TypedDict" for b in node.bases)
+
+
 def stub_classes():
+    """The stub's classes, less its TypedDicts: those describe dicts that the extension returns
+    and exist for type checkers only."""
     tree = ast.parse(STUB.read_text())
     classes = {}
     for node in tree.body:
-        if isinstance(node, ast.ClassDef):
+        if isinstance(node, ast.ClassDef) and not is_typeddict(node):
             methods = {}
             for item in node.body:
                 if isinstance(item, ast.FunctionDef):
@@ -58,3 +69,66 @@ def test_methods_and_parameters_agree():
             got = runtime_params(target)
             if got is not None:
                 assert got == params, f"{name}.{method}: runtime {got} vs stub {params}"
+
+
+def stub_typeddict(name):
+    """``{key: (annotation source, one-line docstring)}`` of a TypedDict of the stub."""
+    tree = ast.parse(STUB.read_text())
+    (node,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name and is_typeddict(n)]
+    keys, body = {}, node.body
+    for item, after in zip(body, body[1:] + [None]):
+        if isinstance(item, ast.AnnAssign):
+            doc = after.value.value if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) else ""
+            keys[item.target.id] = (ast.unparse(item.annotation), doc)
+    return keys
+
+
+def stub_literal(alias):
+    """The values of a module-level ``Alias = Literal[...]`` of the stub."""
+    tree = ast.parse(STUB.read_text())
+    (node,) = [n for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == alias]
+    values = node.value.slice
+    return {e.value for e in (values.elts if isinstance(values, ast.Tuple) else [values])}
+
+
+def test_collator_returns_the_batch_typeddict():
+    tree = ast.parse(STUB.read_text())
+    (collator,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Collator"]
+    (call,) = [f for f in collator.body if isinstance(f, ast.FunctionDef) and f.name == "__call__"]
+    assert ast.unparse(call.returns) == "Batch"
+
+
+@pytest.mark.parametrize("layout", sorted(stub_literal("Layout")))
+def test_collated_batch_matches_the_batch_typeddict(layout):
+    store = core.PreferenceStore(vocab_size=100)
+    store.add_pair([1, 2, 3], [4, 5], [6])
+    store.add_pair([7, 8], [9, 10, 11, 12], [13, 14])
+    store.add_pair([1] * 8, [2], [3])  # its prompt fills max_length: skipped
+    store.add_pair([5, 6], list(range(20, 30)), [7])  # chosen answer truncated
+    collator = core.Collator(layout, max_length=8, skip_empty=True, pad_to_multiple_of=4)
+    batch = collator(store, [0, 2, 3, 1])
+    assert len(batch["skipped"]) == 1 and batch["num_truncated"] == 1  # no key is trivially empty
+
+    stub = stub_typeddict("Batch")
+    assert set(batch) == set(stub)
+    sizes = {}  # each shape symbol of the docstrings (rows, cols, B, 2B, T, ...) has one size
+    for key, (annotation, doc) in stub.items():
+        value = batch[key]
+        if m := re.fullmatch(r"npt\.NDArray\[np\.(\w+)\]", annotation):
+            assert isinstance(value, np.ndarray), key
+            assert value.dtype == np.dtype(getattr(np, m[1])), f"{key}: {value.dtype} vs stub {annotation}"
+            shape = re.match(r"``\[([^\]]+)\]``", doc)
+            assert shape, f"{key}: the stub's docstring does not start with its shape"
+            symbols = [d.strip() for d in shape[1].split(",")]
+            assert value.ndim == len(symbols), f"{key}: shape {value.shape} vs stub {symbols}"
+            for symbol, n in zip(symbols, value.shape):
+                assert sizes.setdefault(symbol, n) == n, f"{key}: {symbol} = {n}, elsewhere {sizes[symbol]}"
+        elif annotation == "int":
+            assert type(value) is int, f"{key}: {type(value).__name__} vs stub int"
+        elif annotation == "Layout":
+            assert value == layout and value in stub_literal("Layout"), key
+        else:
+            raise AssertionError(f"{key}: the test does not know the stub type {annotation}")
+        assert doc, f"{key}: undocumented in the stub"
+    assert sizes["B"] == 3 and sizes["2B"] == batch["num_sequences"] == 6
+    assert sizes["rows"] * sizes["cols"] == batch["cu_seqlens"][-1]

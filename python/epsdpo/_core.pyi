@@ -2,7 +2,7 @@
 
 from collections.abc import Sequence
 from os import PathLike
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 import numpy.typing as npt
@@ -100,6 +100,54 @@ class PreferenceStore:
         A truncation racing a read cannot be caught: copy the file away before changing it.
         """
 
+class Batch(TypedDict):
+    """What a :class:`Collator` call returns: ``B`` pairs as ``2B`` sequences (sequence ``b`` is
+    pair ``b``'s chosen answer, ``B + b`` its rejected one) in one layout. ``rows`` is ``2B``
+    (padded), the number of packed rows (packed) or ``B`` (shared_prompt); ``T`` counts the
+    scored (completion) tokens, ``S`` the skipped pairs. ``[rows, cols]`` arrays are row-major.
+
+    A type checker's view only: at run time the batch is a plain ``dict``, and ``Batch`` is
+    not importable from ``epsdpo._core``."""
+
+    input_ids: npt.NDArray[np.int64]
+    """``[rows, cols]`` token ids; ``pad_token_id`` on padding."""
+    attention_mask: npt.NDArray[np.int64]
+    """``[rows, cols]`` 1 on tokens, 0 on padding."""
+    position_ids: npt.NDArray[np.int64]
+    """``[rows, cols]`` position in the sequence (shared_prompt's rejected answer goes on from the prompt); 0 on padding."""
+    completion_mask: npt.NDArray[np.bool_]
+    """``[rows, cols]`` True on the completion tokens that are scored."""
+    sequence_index: npt.NDArray[np.int32]
+    """``[rows, cols]`` sequence of each token, -1 on padding (shared_prompt's prompt tokens: the chosen one)."""
+    segment_ids: npt.NDArray[np.int32]
+    """``[rows, cols]`` attention segment, -1 on padding: i sees j iff same row and segment, j <= i, branch rule."""
+    branch_ids: npt.NDArray[np.int8]
+    """``[rows, cols]`` 0 shared, 1 chosen, 2 rejected: i sees j only if ``branch[j] in (0, branch[i])``."""
+    cu_seqlens: npt.NDArray[np.int32]
+    """``[runs + 1]`` flat starts of the runs of equal segment, padding too, then ``rows * cols``: flash-attn varlen."""
+    max_seqlen: int
+    """Length of the longest run in ``cu_seqlens``."""
+    logit_index: npt.NDArray[np.int64]
+    """``[T]`` flat ``row * cols + col`` position whose logits predict each scored token."""
+    target_ids: npt.NDArray[np.int64]
+    """``[T]`` each scored token."""
+    target_sequence: npt.NDArray[np.int64]
+    """``[T]`` the sequence each scored token belongs to."""
+    num_sequences: int
+    """``2B``."""
+    pair_indices: npt.NDArray[np.int64]
+    """``[B]`` store indices of the batch's pairs, in sequence order (skipped pairs left out)."""
+    pair_ids: npt.NDArray[np.uint64]
+    """``[B]`` ids of those pairs."""
+    skipped: npt.NDArray[np.int64]
+    """``[S]`` store indices dropped as truncation emptied a completion (``skip_empty=True``)."""
+    num_truncated: int
+    """How many of the ``B`` pairs lost tokens to truncation."""
+    sequence_lengths: npt.NDArray[np.int32]
+    """``[2B]`` prompt + completion length of each sequence after truncation."""
+    layout: Layout
+    """The layout that produced the batch."""
+
 class Collator:
     """Turns pair indices into one batch layout: a dict of numpy arrays."""
 
@@ -115,7 +163,7 @@ class Collator:
         capacity: int | None = None,
         skip_empty: bool = False,
     ) -> None: ...
-    def __call__(self, store: PreferenceStore, indices: IntArray | Sequence[int]) -> dict[str, Any]: ...
+    def __call__(self, store: PreferenceStore, indices: IntArray | Sequence[int]) -> Batch: ...
     def truncated_lengths(self, store: PreferenceStore) -> dict[str, Any]: ...
     @property
     def layout(self) -> Layout: ...
