@@ -27,7 +27,7 @@ def test_train_from_yaml_with_overrides(tmp_path):
 
 def test_bad_override_is_reported(tmp_path):
     (tmp_path / "run.yaml").write_text("model: x\ntrain_data: y\n")
-    with pytest.raises(ValueError, match="layout"):
-        main(["train", str(tmp_path / "run.yaml"), "--layout=ragged"])
-    with pytest.raises(ValueError, match="expected --key=value"):
-        main(["train", str(tmp_path / "run.yaml"), "--no_such_key=1"])
+    for override, named in (("--layout=ragged", "layout='ragged' is invalid"), ("--no_such_key=1", "expected --key=value"),
+                            ("--beta=abc", "beta='abc' is invalid"), ("--bf16=nope", "bf16='nope' is invalid")):
+        with pytest.raises(SystemExit, match=named):
+            main(["train", str(tmp_path / "run.yaml"), override])

@@ -162,9 +162,28 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.replace(tmp, final)
     if save_total_limit:
-        for old in list_checkpoints(output_dir)[:-save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(output_dir, keep=final, limit=save_total_limit)
     return final
+
+
+def prune_checkpoints(output_dir: Path, keep: Path, limit: int) -> None:
+    """Leave at most `limit` checkpoints, never deleting `keep` (the one just written). Checkpoints of
+    later steps than `keep` belong to a future this run abandoned by resuming earlier: they go first."""
+    step = int(keep.name.removeprefix(PREFIX))
+    others = [p for p in list_checkpoints(output_dir) if p != keep]
+    abandoned = [p for p in others if int(p.name.removeprefix(PREFIX)) > step]
+    older = [p for p in others if int(p.name.removeprefix(PREFIX)) < step]
+    for old in (abandoned + older)[: max(len(others) + 1 - limit, 0)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def previous_run_outputs(output_dir: Path) -> list[Path]:
+    """What a run writes into its output_dir, found there before this run wrote anything."""
+    if not output_dir.is_dir():
+        return []
+    names = ("metrics.jsonl", "final", "beta_ledger.npz", "plots")
+    return sorted(p for p in output_dir.iterdir()
+                  if p.name in names or re.fullmatch(rf"\.?{PREFIX}\d+(\.tmp)?", p.name))
 
 
 def _write(path: Path, writer: Any) -> None:

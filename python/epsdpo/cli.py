@@ -33,12 +33,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         if key.replace("-", "_") in RUN_KEYS:
             run[key.replace("-", "_")] = raw
         else:
-            key, value = TrainConfig.parse_override(override)
+            try:
+                key, value = TrainConfig.parse_override(override)
+            except ValueError as error:
+                raise SystemExit(f"epsdpo train: {error}") from None
             data[key] = value
     missing = [k for k in ("model", "train_data") if k not in run]
     if missing:
         raise SystemExit(f"{args.config}: missing {missing} (the model and the training data to use)")
-    config = TrainConfig.from_dict(data)
+    try:
+        config = TrainConfig.from_dict(data)
+    except ValueError as error:  # a usage error names the key; no traceback
+        raise SystemExit(f"epsdpo train: {args.config}: {error}") from None
     trainer = Trainer(
         run["model"], config, _load_data(run["train_data"], run.get("train_split")),
         tokenizer=run.get("tokenizer"), ref_model=run.get("ref_model"),
@@ -107,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--layout", choices=["padded", "packed", "shared_prompt"], default=None)
     demo.add_argument("--eval-prompts", type=int, default=None)
     demo.add_argument("--threads", type=int, default=None)
+    demo.add_argument("--bf16", action="store_true", default=None,
+                      help="compute in bf16 (autocast) over fp32 master weights, as training on a GPU does")
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-METHODS = ("epsilon_dpo", "dpo", "tr_dpo", "beta_dpo")
-LAYOUTS = ("padded", "packed", "shared_prompt")
-SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
-DTYPES = ("float32", "bfloat16", "float16")
-REPORTERS = ("none", "jsonl", "tensorboard", "wandb")
-TRUNCATION_MODES = ("keep_end", "keep_start")
+Layout = Literal["padded", "packed", "shared_prompt"]
+LAYOUTS: tuple[str, ...] = typing.get_args(Layout)  # the batch layouts of the Rust collator
 
 
 @dataclass
@@ -55,7 +52,7 @@ class TrainConfig:
     max_length: int | None = 1024
     max_prompt_length: int | None = 512
     truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
-    layout: Literal["padded", "packed", "shared_prompt"] = "padded"
+    layout: Layout = "padded"
     group_by_length: bool = False
     max_tokens_per_batch: int | None = None
     pad_to_multiple_of: int = 1
@@ -81,44 +78,72 @@ class TrainConfig:
     eval_steps: int | None = None
     save_steps: int | None = None
     save_total_limit: int | None = None
+    # A fresh run refuses an output_dir holding another run's checkpoints or metrics; True clears them
+    # first (TRL/transformers' meaning). Resuming never needs it.
+    overwrite_output_dir: bool = False
     report_to: Literal["none", "jsonl", "tensorboard", "wandb"] = "jsonl"
     plots: bool = True
     progress: bool = True
 
     def __post_init__(self) -> None:
-        _check_choice("method", self.method, METHODS)
-        _check_choice("layout", self.layout, LAYOUTS)
-        _check_choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
-        _check(self.dtype is None or self.dtype in DTYPES, "dtype", self.dtype,
-               "None or one of " + ", ".join(repr(d) for d in DTYPES))
+        self._check_types()
         _check(not (self.bf16 and self.fp16), "fp16", self.fp16, "False when bf16=True (choose one compute precision)")
-        _check_choice("report_to", self.report_to, REPORTERS)
-        _check_choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
-        _check(self.beta > 0 and math.isfinite(self.beta), "beta", self.beta, "a finite number > 0")
+        _check(self.beta > 0, "beta", self.beta, "a finite number > 0")
         _check(0 <= self.epsilon < 1, "epsilon", self.epsilon, "in [0, 1)")
         _check(self.epsilon_check is None or 0 <= self.epsilon_check < 1, "epsilon_check", self.epsilon_check,
                "None or in [0, 1)")
         _check(self.tr_dpo_tau >= 1, "tr_dpo_tau", self.tr_dpo_tau, "an integer >= 1")
         _check(0 < self.tr_dpo_alpha <= 1, "tr_dpo_alpha", self.tr_dpo_alpha, "in (0, 1]")
+        _check(self.beta_dpo_alpha >= 0, "beta_dpo_alpha", self.beta_dpo_alpha, "a finite number >= 0")
         _check(0 <= self.beta_dpo_momentum < 1, "beta_dpo_momentum", self.beta_dpo_momentum, "in [0, 1)")
         _check(self.beta_dpo_filter is None or 0 < self.beta_dpo_filter <= 1, "beta_dpo_filter",
                self.beta_dpo_filter, "None or in (0, 1]")
         _check(0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing, "in [0, 0.5)")
-        _check(self.learning_rate >= 0, "learning_rate", self.learning_rate, ">= 0")
+        _check(self.learning_rate >= 0, "learning_rate", self.learning_rate, "a finite number >= 0")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "logging_steps", "pad_to_multiple_of"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+        _check(self.max_steps == -1 or self.max_steps >= 1, "max_steps", self.max_steps, "-1 (unset) or an integer >= 1")
         _check(self.num_train_epochs > 0 or self.max_steps > 0, "num_train_epochs", self.num_train_epochs,
-               "> 0 (or set max_steps > 0)")
+               "a finite number > 0 (or set max_steps >= 1)")
         _check(0 <= self.warmup_ratio <= 1, "warmup_ratio", self.warmup_ratio, "in [0, 1]")
-        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
-        _check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, ">= 0 (0 disables clipping)")
-        for name in ("eval_steps", "save_steps", "save_total_limit", "max_tokens_per_batch", "chunk_size"):
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a finite number >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            _check(0 <= getattr(self, name) < 1, name, getattr(self, name), "in [0, 1)")
+        _check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "a finite number >= 0 (0 disables clipping)")
+        for name in ("max_length", "max_prompt_length", "eval_steps", "save_steps", "save_total_limit",
+                     "max_tokens_per_batch", "chunk_size"):
             value = getattr(self, name)
             _check(value is None or value >= 1, name, value, "None or an integer >= 1")
+        _check(0 <= self.seed < 2**32, "seed", self.seed, "an integer in [0, 2**32)")
+        _check(bool(self.output_dir), "output_dir", self.output_dir, "a non-empty path")
         if self.max_length is not None and self.max_prompt_length is not None:
             _check(self.max_prompt_length < self.max_length, "max_prompt_length", self.max_prompt_length,
                    f"below max_length ({self.max_length})")
+
+    def _check_types(self) -> None:
+        """Every field against its annotation: choices for Literals, exact types for bool/int/str,
+        finite numbers for floats (ints are accepted and widened). The error names the field."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            allowed = _allowed_types(hints[f.name])
+            if value is None and type(None) in allowed:
+                continue
+            literal = next((a for a in allowed if typing.get_origin(a) is Literal), None)
+            if literal is not None:
+                _check(value in typing.get_args(literal), f.name, value,
+                       "one of " + ", ".join(repr(c) for c in typing.get_args(literal))
+                       + (" or None" if type(None) in allowed else ""))
+            elif float in allowed:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                _check(ok, f.name, value, "a finite number" + (" or None" if type(None) in allowed else ""))
+                setattr(self, f.name, float(value))
+            else:
+                kind = next(a for a in allowed if a is not type(None))
+                ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+                _check(ok, f.name, value, f"{'an integer' if kind is int else 'a ' + kind.__name__}"
+                       + (" or None" if type(None) in allowed else ""))
 
     @property
     def compute_dtype(self) -> str | None:
@@ -195,10 +220,13 @@ def _numeric(value: Any, hint: Any) -> Any:
     return value
 
 
+def _allowed_types(hint: Any) -> tuple[Any, ...]:
+    """`int | None` → (int, NoneType); `Literal[...] | None` → (Literal[...], NoneType); `bool` → (bool,)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
+
+
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ValueError(f"{name}={value!r} is invalid: must be {allowed}")
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    _check(value in choices, name, value, "one of " + ", ".join(repr(c) for c in choices))

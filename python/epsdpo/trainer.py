@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from epsdpo.checkpoint import (
     begin_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    previous_run_outputs,
     resolve_checkpoint,
     save_checkpoint,
     save_sharded,
@@ -56,6 +58,23 @@ from epsdpo.sharding import full_model_state, grad_norm_value, shard
 # Per-step sums all-reduced in one message; the metrics are ratios of these.
 _SUMS = ("pairs", "beta", "loss", "reward_chosen", "reward_rejected", "correct", "logp_chosen", "logp_rejected",
          "relaxed", "tightened", "step_sum", "real_tokens", "all_tokens")
+
+
+def _check_vocabulary(store: PreferenceStore, model: nn.Module) -> None:
+    """Every token id must index the model's embedding; a store tokenized for another vocabulary would
+    otherwise fail deep inside the forward pass with a bare IndexError. The store's own bound settles
+    it at once when it is small enough; otherwise its tokens are scanned."""
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None or (store.vocab_size is not None and store.vocab_size <= rows):
+        return
+    for index in range(len(store)):
+        largest = max(int(part.max()) for part in store[index] if len(part))
+        if largest >= rows:
+            raise ValueError(
+                f"pair {index}: token id {largest} is beyond the model's embedding ({rows} rows; the data's "
+                f"vocab_size is {store.vocab_size}): was it tokenized with another tokenizer?"
+            )
 
 
 class NonFiniteError(FloatingPointError):
@@ -137,6 +156,9 @@ class Trainer:
         )
         self.train_store, train_lengths = self._as_store(train_dataset)
         self.eval_store = None if eval_dataset is None else self._as_store(eval_dataset)[0]
+        for store in (self.train_store, self.eval_store):
+            if store is not None:
+                _check_vocabulary(store, self.model)
         self.sampler = self._make_sampler(train_lengths)
 
         self.kl = KlController(config.beta, config.step_epsilon)
@@ -184,6 +206,11 @@ class Trainer:
             raise ValueError("the preference dataset is empty")
         lengths = self.collator.truncated_lengths(store)
         empty = lengths["empty"]
+        if len(empty) == len(store):
+            raise ValueError(
+                f"no pair can be trained on: every completion of all {len(store)} pairs is empty after truncation to "
+                f"max_length={self.config.max_length}, max_prompt_length={self.config.max_prompt_length}"
+            )
         if len(empty) and not self.config.skip_invalid:
             error = TruncationError(
                 f"pair {int(empty[0])}: a completion is empty after truncation to max_length={self.config.max_length}, "
@@ -234,6 +261,14 @@ class Trainer:
         else:
             steps = torch.zeros_like(policy_c, dtype=torch.long)
         return policy_c, policy_r, ref_c, ref_r, steps
+
+    def _weights_finite(self) -> bool:
+        """One fused pass over this rank's trained weights (its shards under FSDP) and one host sync:
+        the norm of the per-tensor norms is finite iff every element is."""
+        local = [getattr(p, "to_local", lambda p=p: p)() for p in self.params]
+        if not local:
+            return True
+        return bool(torch.isfinite(torch.stack(torch._foreach_norm(local)).norm()))
 
     def _filler_batch(self, store: PreferenceStore) -> dict[str, Any]:
         """A batch that only keeps a rank in step with the others' sharded collectives; its results
@@ -337,9 +372,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if c.method == "tr_dpo" and step % c.tr_dpo_tau == 0:
             soft_update_reference(self.ref_model, self.model, c.tr_dpo_alpha)
-        # The β update uses the step sums of every pair of the cycle on every rank.
+        # The β update uses the step sums of every pair of the cycle on every rank; the same message
+        # carries each rank's verdict on its weights, so every rank stops together.
         local_sum, local_count = self.kl.local_sums()
-        totals = all_reduce_sum(torch.tensor([float(local_sum), float(local_count)], dtype=torch.float64), self.dist)
+        totals = all_reduce_sum(torch.tensor([float(local_sum), float(local_count), float(not self._weights_finite())],
+                                             dtype=torch.float64), self.dist)
+        if totals[2].item():
+            raise NonFiniteError(
+                f"step {step}: the optimizer step made weights non-finite (learning rate {lr:g}, gradient norm "
+                f"{float(grad_norm):.4g}){' on some rank' if self.dist.enabled else ''}; nothing of this step was saved"
+            )
         self.kl.apply_update(int(totals[0].item()), int(totals[1].item()))
         sums = all_reduce_sum(sums, self.dist)
         metrics = self._metrics(sums)
@@ -354,6 +396,8 @@ class Trainer:
         c = self.config
         if resume_from_checkpoint:
             self._resume(resolve_checkpoint(self.output_dir, resume_from_checkpoint))
+        else:
+            self._claim_output_dir()
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         progress = None
@@ -476,6 +520,22 @@ class Trainer:
                 extra_state={"loss_scaler": self.precision.state_dict()},
             )
         barrier(self.dist)  # no rank moves on (or prunes, or resumes) before the checkpoint is in place
+
+    def _claim_output_dir(self) -> None:
+        """A fresh run starts in an output_dir without another run's outputs, so that neither its
+        checkpoints nor its metrics mix with this run's (pruning, `resume=True` and metrics.jsonl
+        would otherwise act on the old run)."""
+        found = previous_run_outputs(self.output_dir)
+        if found and not self.config.overwrite_output_dir:
+            raise FileExistsError(
+                f"output_dir {self.output_dir} holds another run's outputs ({', '.join(p.name for p in found[:5])}"
+                f"{', ...' if len(found) > 5 else ''}): resume it (resume_from_checkpoint=True, `--resume`), choose "
+                "another output_dir, or set overwrite_output_dir=True to delete them"
+            )
+        if found and self.dist.is_main:
+            for path in found:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        barrier(self.dist)
 
     def _verify_checkpoint(self, path: Path) -> None:
         """Rank 0 checks the manifest (hashing a large checkpoint once, not once per rank); every rank

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 
 from epsdpo._core import Collator, PreferenceStore
+from epsdpo.config import LAYOUTS
 
 __all__ = ["LAYOUTS", "DataReport", "compute_stats"]
 
-LAYOUTS = ("padded", "packed", "shared_prompt")
 PERCENTILES = (50, 90, 95, 99)
 
 

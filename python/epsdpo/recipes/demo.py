@@ -32,6 +32,7 @@ class DemoOptions:
     eval_prompts: int = 48
     max_new_tokens: int = 48
     threads: int | None = None
+    bf16: bool = False  # bf16 autocast over fp32 master weights, as on a GPU
 
 
 def run_demo(options: DemoOptions) -> dict[str, Any]:
@@ -59,7 +60,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         output_dir=str(out), beta=options.beta, epsilon=options.epsilon, learning_rate=options.learning_rate,
         per_device_train_batch_size=options.batch_size, max_steps=options.max_steps, layout=options.layout,
         lr_scheduler_type="cosine", warmup_ratio=0.1, max_length=512, max_prompt_length=384, seed=0,
-        save_steps=None, logging_steps=1,
+        save_steps=None, logging_steps=1, bf16=options.bf16, overwrite_output_dir=True,
     )
     trainer = Trainer(policy, config, demo_dataset("train"), tokenizer=tokenizer)
     trainer.train()
@@ -76,6 +77,8 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         "gold_score_after": statistics.mean(after),
         "win_rate_after_vs_before": win_rate(after, before),
         "eval_prompts": len(prompts),
+        "learning_rate": options.learning_rate,
+        "precision": "bf16 autocast, fp32 master weights" if options.bf16 else "fp32",
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,116 @@
+"""What stops a run before it goes wrong: a used output_dir, weights made non-finite by a step, data
+with nothing to train on or tokens the model cannot embed, and config values of the wrong type or
+range (each error names the field)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import epsdpo
+from epsdpo.config import TrainConfig
+from epsdpo.trainer import NonFiniteError, Trainer
+from tiny import VOCAB, tiny_llama, toy_store
+
+
+def config(out, **overrides) -> TrainConfig:
+    base = dict(output_dir=str(out), beta=0.1, epsilon=0.1, learning_rate=3e-3, per_device_train_batch_size=8,
+                max_steps=3, warmup_ratio=0.0, lr_scheduler_type="constant", max_length=32, max_prompt_length=16,
+                progress=False, plots=False, seed=3)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def steps_logged(out):
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_fresh_run_refuses_another_runs_output_dir(tmp_path):
+    out = tmp_path / "run"
+    Trainer(tiny_llama(0), config(out, max_steps=6, save_steps=2, save_total_limit=1), toy_store()).train()
+    with pytest.raises(FileExistsError, match=r"holds another run's outputs \(.*checkpoint-6.*overwrite_output_dir"):
+        Trainer(tiny_llama(0), config(out), toy_store()).train()
+    # Overwriting clears the old run: pruning keeps this run's newest checkpoint and metrics restart
+    Trainer(tiny_llama(0), config(out, save_steps=1, save_total_limit=1, overwrite_output_dir=True), toy_store()).train()
+    assert [p.name for p in epsdpo.trainer.list_checkpoints(out)] == ["checkpoint-3"]
+    assert steps_logged(out) == [1, 2, 3]
+
+
+def test_metrics_left_by_a_crash_before_the_first_checkpoint_are_not_mixed_in(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 0.7}\n{"step": 2, "loss": 0.6}\n')
+    with pytest.raises(FileExistsError, match="metrics.jsonl"):
+        Trainer(tiny_llama(0), config(out), toy_store()).train()
+
+
+def test_resuming_earlier_keeps_the_checkpoint_just_written(tmp_path):
+    out = tmp_path / "run"
+    Trainer(tiny_llama(0), config(out, max_steps=6, save_steps=1), toy_store()).train()
+    resumed = Trainer(tiny_llama(0), config(out, max_steps=4, save_steps=1, save_total_limit=1), toy_store())
+    resumed.train(resume_from_checkpoint=out / "checkpoint-2")
+    # checkpoint-5/6 belonged to the abandoned future; the newest of this run survives pruning
+    assert [p.name for p in epsdpo.trainer.list_checkpoints(out)] == ["checkpoint-4"]
+    assert steps_logged(out) == [1, 2, 3, 4]
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_weights_made_non_finite_stop_the_run_before_saving(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_llama(0), config(tmp_path / "run", max_steps=4, save_steps=1), toy_store())
+    real_step = trainer.optimizer.step
+    calls = {"n": 0}
+
+    def poisoned_step(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            with torch.no_grad():
+                next(trainer.model.parameters()).view(-1)[0] = math.inf
+        return result
+
+    monkeypatch.setattr(trainer.optimizer, "step", poisoned_step)
+    with pytest.raises(NonFiniteError, match=r"step 2: the optimizer step made weights non-finite \(learning rate"):
+        trainer.train()
+    assert [p.name for p in trainer.checkpoints()] == ["checkpoint-1"]
+
+
+def test_a_dataset_emptied_by_truncation_is_an_error(tmp_path):
+    store = epsdpo.PreferenceStore(vocab_size=VOCAB)
+    for _ in range(4):
+        store.add_pair(list(range(2, 20)), [3, 4], [5, 6])
+    with pytest.raises(ValueError, match="no pair can be trained on: every completion of all 4 pairs is empty"):
+        Trainer(tiny_llama(0), config(tmp_path / "run", max_length=16, max_prompt_length=None, skip_invalid=True), store)
+
+
+def test_token_ids_beyond_the_embedding_are_refused_before_training(tmp_path):
+    store = epsdpo.PreferenceStore()  # no vocabulary bound of its own
+    store.add_pair([3, 4, 5], [6, 7], [8, 9])
+    store.add_pair([3, 4, 5], [6, VOCAB + 5], [8, 9])
+    with pytest.raises(ValueError, match=rf"pair 1: token id {VOCAB + 5} is beyond the model's embedding \({VOCAB} rows"):
+        Trainer(tiny_llama(0), config(tmp_path / "run"), store)
+
+
+BAD_VALUES = [
+    ("seed", -1), ("seed", 2**70), ("max_length", -1), ("max_prompt_length", -1), ("num_train_epochs", math.inf),
+    ("per_device_train_batch_size", "8"), ("per_device_train_batch_size", 2.0), ("beta_dpo_alpha", -1.0),
+    ("tr_dpo_tau", 1.5), ("weight_decay", math.inf), ("learning_rate", math.inf), ("learning_rate", math.nan),
+    ("bf16", "nope"), ("bf16", 1), ("beta", "abc"), ("layout", "ragged"), ("dtype", "int8"), ("max_steps", 0),
+    ("adam_beta2", 1.0), ("max_grad_norm", math.inf), ("output_dir", ""), ("report_to", "mlflow"),
+    ("save_total_limit", 0), ("epsilon_check", 1.0), ("overwrite_output_dir", "yes"),
+]
+
+
+@pytest.mark.parametrize("field, value", BAD_VALUES)
+def test_every_bad_value_is_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"^{field}=.* is invalid: must be "):
+        TrainConfig(**{field: value})
+
+
+def test_numbers_are_widened_and_kept():
+    config = TrainConfig(learning_rate=1, beta=np.float64(0.2).item(), max_length=None)
+    assert isinstance(config.learning_rate, float) and config.learning_rate == 1.0
+    assert config.beta == 0.2 and config.max_length is None
