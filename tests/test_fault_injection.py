@@ -1,5 +1,5 @@
-"""Crash safety under injected faults: SIGKILL at chosen points inside a checkpoint write, and a disk
-that fills up mid-checkpoint.
+"""Crash safety under injected faults: SIGKILL at chosen points inside a checkpoint write, a disk that
+fills up mid-checkpoint, and SIGKILL during a preference-store save.
 
 The kills are deterministic: tests/fault_worker.py replaces one function the checkpoint writer calls
 (safetensors' save_model, the training-state writer, the manifest writer, os.replace, shutil.rmtree)
@@ -11,6 +11,7 @@ Tampered checkpoint files are tests/test_checkpoint_safety.py's subject.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import select
@@ -18,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import epsdpo
 from epsdpo.checkpoint import MANIFEST, list_checkpoints, resolve_checkpoint, staging_dir, verify_checkpoint
 
 HERE = Path(__file__).resolve().parent
@@ -387,3 +390,70 @@ def test_a_full_disk_fails_the_checkpoint_naming_the_file_and_keeps_the_last_one
 
     if not (isinstance(error, OSError) and str(written) in str(error)):
         raise UnnamedFileError(f"writing {written} on a full disk raised {type(error).__name__}: {error}")
+
+
+def toy_big_store(pairs: int, seed: int, length: int = 100) -> epsdpo.PreferenceStore:
+    rng = np.random.default_rng(seed)
+    store = epsdpo.PreferenceStore(vocab_size=1000)
+    offsets = np.arange(0, pairs * length + 1, length, dtype=np.uint64)
+    spans = [rng.integers(0, 1000, pairs * length, dtype=np.uint32) for _ in range(3)]
+    store.append(spans[0], offsets, spans[1], offsets, spans[2], offsets)
+    return store
+
+
+def test_a_full_disk_never_damages_a_saved_store(small_tmpfs):
+    path = small_tmpfs / "pairs.store"
+    toy_big_store(50, seed=0).save(path)
+    old = path.read_bytes()
+    fill(small_tmpfs, 16)
+    with pytest.raises(OSError) as failed:
+        toy_big_store(5000, seed=1).save(path)  # about 6 MB
+    assert str(path) in str(failed.value)
+    assert path.read_bytes() == old
+    assert len(epsdpo.PreferenceStore.load(path)) == 50
+    assert sorted(p.name for p in small_tmpfs.iterdir()) == ["filler", "pairs.store"]  # no temporary left
+
+
+# ------------------------------------------------------------------------- SIGKILL in a store save
+SAVER = r"""
+import sys
+import epsdpo
+stores = [epsdpo.PreferenceStore.load(p) for p in sys.argv[1:3]]
+print("saving", flush=True)
+i = 0
+while True:
+    stores[i % 2].save(sys.argv[3])
+    i += 1
+"""
+
+
+def test_sigkill_during_store_save_leaves_the_old_or_the_new_store(tmp_path):
+    """A process saves two stores over one path in a loop and is killed at staggered times: the path
+    always holds one of the two complete files, never a mix or a torn one."""
+    sources = [tmp_path / "a.store", tmp_path / "b.store"]
+    toy_big_store(20000, seed=0).save(sources[0])  # about 24 MB each, tens of ms per save
+    toy_big_store(16000, seed=1).save(sources[1])
+    digests = {hashlib.sha256(p.read_bytes()).hexdigest(): len(epsdpo.PreferenceStore.load(p)) for p in sources}
+    target_dir = tmp_path / "target"
+    target_dir.mkdir()
+    target = target_dir / "pairs.store"
+    shutil.copyfile(sources[0], target)
+    torn = 0
+    for delay in (0.0, 0.01, 0.03, 0.06, 0.1, 0.15, 0.2, 0.3):
+        saver = subprocess.Popen([sys.executable, "-c", SAVER, *map(str, sources), str(target)], env=ENV,
+                                 stdout=subprocess.PIPE, text=True)
+        assert saver.stdout.readline().strip() == "saving"
+        time.sleep(delay)
+        os.kill(saver.pid, signal.SIGKILL)
+        assert saver.wait(timeout=30) == -signal.SIGKILL
+        saver.stdout.close()
+        digest = hashlib.sha256(target.read_bytes()).hexdigest()
+        assert digest in digests, f"killed after {delay} s, the store file is neither the old nor the new one"
+        assert len(epsdpo.PreferenceStore.load(target)) == digests[digest]
+        leftovers = [p for p in target_dir.iterdir() if p != target]
+        assert [p.name for p in leftovers] in ([], [f"pairs.store.epsdpo-tmp{saver.pid}"])
+        torn += len(leftovers)
+        for p in leftovers:
+            p.unlink()
+    # the kills did land inside saves (a temporary file was being written), so the check saw them
+    assert torn >= 1
