@@ -82,7 +82,7 @@ def install_fault(point: str, k: int) -> None:
 
         ckpt.save_model = save_model
     elif point == "training_state":
-        real_write = ckpt._write
+        real_write = ckpt.write_file
 
         def write(path, writer):
             real_write(path, writer)
@@ -90,7 +90,7 @@ def install_fault(point: str, k: int) -> None:
                 _truncate_half(Path(path))
                 _die()
 
-        ckpt._write = write
+        ckpt.write_file = write
     elif point == "manifest":
         real_write_manifest = ckpt._write_manifest
 
@@ -118,7 +118,8 @@ def install_fault(point: str, k: int) -> None:
 
         def rmtree(path, *args, **kwargs):
             path = Path(path)
-            if armed() and re.fullmatch(r"checkpoint-\d+", path.name) and path.is_dir():
+            # a live checkpoint, or one already renamed out of the way for removal
+            if armed() and re.fullmatch(r"\.?checkpoint-\d+(\.trash)?", path.name) and path.is_dir():
                 # an interrupted rmtree: some files are gone, the others (manifest.json here) remain
                 victim = sorted(p for p in path.rglob("*") if p.is_file() and p.name != ckpt.MANIFEST)[0]
                 victim.unlink()

@@ -254,16 +254,7 @@ def test_sigkill_in_the_first_checkpoint_leaves_nothing_to_resume(worker, refere
     assert_same_run(restarted, restarted.succeeded(worker), reference)
 
 
-RMTREE_REASON = (
-    "removing a checkpoint is not atomic: save_checkpoint removes an existing checkpoint-N it is about "
-    "to replace, and prunes old ones, with shutil.rmtree on the live directory, so a kill mid-removal "
-    "leaves a checkpoint-N whose manifest.json remains while data files are gone; list_checkpoints "
-    "counts it as complete (and resume_from_checkpoint=True picks it when it is the newest)"
-)
-
-
 @pytest.mark.slow
-@pytest.mark.xfail(raises=ListedButIncomplete, strict=True, reason=RMTREE_REASON)
 def test_sigkill_while_replacing_an_existing_checkpoint(worker, reference, tmp_path):
     """Resuming from an older checkpoint rewrites the newer ones; a kill while checkpoint-6 is being
     replaced must leave checkpoint-6 whole or absent."""
@@ -278,7 +269,6 @@ def test_sigkill_while_replacing_an_existing_checkpoint(worker, reference, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(raises=ListedButIncomplete, strict=True, reason=RMTREE_REASON)
 def test_sigkill_while_pruning_an_old_checkpoint(worker, reference, tmp_path):
     out = tmp_path / "run"
     Job(tmp_path, "killed", out, fault={"point": "rmtree", "k": 3}, save_total_limit=2).killed(worker)
@@ -339,19 +329,7 @@ def tiny_config(out: Path, max_steps: int):
                           "warmup_ratio": 0.0, "lr_scheduler_type": "constant", "report_to": "none"})
 
 
-UNNAMED = ("the write is not wrapped like training_state.pt's (checkpoint._write): {what}, so a full disk "
-           "surfaces as {error} without the file's path")
-_NOT_NAMED = {
-    "model.safetensors": UNNAMED.format(what="safetensors' save_model raises its own SafetensorError, not an "
-                                            "OSError", error="'SafetensorError: Error while serializing: I/O "
-                                                             "error: No space left on device (os error 28)'"),
-    **{name: UNNAMED.format(what="Path.write_bytes / write_text fail on flush or close",
-                            error="'OSError: [Errno 28] No space left on device'")
-       for name in WRITE_ORDER[2:]},
-}
-FULL_DISK = [pytest.param(name, id=name, marks=pytest.mark.xfail(raises=UnnamedFileError, strict=True,
-                                                                 reason=_NOT_NAMED[name]))
-             if name in _NOT_NAMED else pytest.param(name, id=name) for name in WRITE_ORDER]
+FULL_DISK = [pytest.param(name, id=name) for name in WRITE_ORDER]
 
 
 @pytest.mark.parametrize("target", FULL_DISK)

@@ -68,6 +68,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _save_weights(weights: nn.Module | dict[str, torch.Tensor], path: Path) -> None:
+    write_file(path, lambda target: _save_weights_unchecked(weights, target))
+
+
+def _save_weights_unchecked(weights: nn.Module | dict[str, torch.Tensor], path: Path) -> None:
     if isinstance(weights, dict):
         # safetensors refuses tensors that share storage (tied embeddings): copy all but the first
         seen: set[int] = set()
@@ -144,22 +148,21 @@ def save_checkpoint(
         if not (tmp / SHARDED).is_dir():
             raise CheckpointError(f"{tmp}: no sharded weights were written before finishing the checkpoint")
     else:
-        if not tmp.is_dir():
-            begin_checkpoint(output_dir, step)
+        begin_checkpoint(output_dir, step)  # never finish a staging dir a crashed run left behind
         _save_weights(model, tmp / "model.safetensors")
         if reference is not None:
             _save_weights(reference, tmp / "reference.safetensors")
     training = {"scheduler": scheduler.state_dict(), "rng": rng_state(), "extra": extra_state or {}}
     if optimizer_state is not None:
         training["optimizer"] = optimizer_state
-    _write(tmp / "training_state.pt", lambda path: torch.save(training, path))
-    (tmp / "kl_controller.bin").write_bytes(kl_state)
-    (tmp / "sampler.bin").write_bytes(sampler_state)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+    write_file(tmp / "training_state.pt", lambda path: torch.save(training, path))
+    for name, data in (("kl_controller.bin", kl_state), ("sampler.bin", sampler_state),
+                       ("config.json", json.dumps(config, indent=2).encode()),
+                       (TRAINER_STATE, json.dumps(trainer_state, indent=2).encode())):
+        write_file(tmp / name, lambda path, data=data: path.write_bytes(data))
     _write_manifest(tmp)
-    if final.exists():
-        shutil.rmtree(final)
+    if final.exists():  # resumed from an earlier step: this step's old checkpoint is replaced
+        _discard(final)
     os.replace(tmp, final)
     if save_total_limit:
         prune_checkpoints(output_dir, keep=final, limit=save_total_limit)
@@ -174,7 +177,16 @@ def prune_checkpoints(output_dir: Path, keep: Path, limit: int) -> None:
     abandoned = [p for p in others if int(p.name.removeprefix(PREFIX)) > step]
     older = [p for p in others if int(p.name.removeprefix(PREFIX)) < step]
     for old in (abandoned + older)[: max(len(others) + 1 - limit, 0)]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
+
+
+def _discard(checkpoint: Path) -> None:
+    """Remove a checkpoint so that a crash midway never leaves a listed, half-deleted one: it stops
+    being a checkpoint (renamed) before any of its files goes."""
+    trash = checkpoint.with_name(f".{checkpoint.name}.trash")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(checkpoint, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def previous_run_outputs(output_dir: Path) -> list[Path]:
@@ -183,16 +195,19 @@ def previous_run_outputs(output_dir: Path) -> list[Path]:
         return []
     names = ("metrics.jsonl", "final", "beta_ledger.npz", "plots")
     return sorted(p for p in output_dir.iterdir()
-                  if p.name in names or re.fullmatch(rf"\.?{PREFIX}\d+(\.tmp)?", p.name))
+                  if p.name in names or re.fullmatch(rf"\.?{PREFIX}\d+(\.tmp|\.trash)?", p.name))
 
 
-def _write(path: Path, writer: Any) -> None:
-    """Run a library writer, naming the file when it fails (torch.save on a full disk says only
-    'iostream error')."""
+def write_file(path: Path, writer: Any) -> None:
+    """Run a writer, naming the file when it fails: on a full disk torch.save says only 'iostream
+    error', safetensors raises its own SafetensorError, and Path.write_bytes an OSError without the
+    file's name."""
     try:
         writer(path)
-    except (OSError, RuntimeError) as error:
-        raise OSError(f"could not write {path}: {error}") from error
+    except Exception as error:  # noqa: BLE001 - each library fails in its own type; all mean "not written"
+        failure = OSError(f"could not write {path}: {error}")
+        failure.errno, failure.filename = getattr(error, "errno", None), str(path)
+        raise failure from error
 
 
 def _files(root: Path) -> list[Path]:
@@ -214,7 +229,7 @@ def _write_manifest(root: Path) -> None:
             os.fsync(handle.fileno())
         entries[path.relative_to(root).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
     manifest = root / MANIFEST
-    manifest.write_text(json.dumps({"format": 1, "files": entries}, indent=1))
+    write_file(manifest, lambda path: path.write_text(json.dumps({"format": 1, "files": entries}, indent=1)))
     with open(manifest, "rb") as handle:
         os.fsync(handle.fileno())
 
