@@ -1,0 +1,106 @@
+"""How β is chosen for each pair: one interface, one small class per rule.
+
+A rule answers two questions of the training loop: which β_i does each pair of a micro-batch train
+with (and, for β-DPO's filter, which pairs train at all), and what happens to β once the optimizer
+has stepped. The loop reads the same for every method; `epsdpo.methods` pairs a rule with the
+method's other post-step work (TR-DPO's reference update).
+
+- `KlControlledBeta`: ε-DPO's per-pair β_i = β / (1 + ε·s_i) from the Rust `KlController`, which
+  books every step s_i and moves β once per optimizer step over all ranks (docs/algorithm.md, 'The β
+  update'). DPO, and TR-DPO, are the same rule at ε = 0: every s_i is 0 and β never moves.
+- `BatchAdaptiveBeta`: β-DPO's one β per batch from the batch's mean implicit-reward gap.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from epsdpo._core import KlController
+from epsdpo.baselines import BetaDPO
+from epsdpo.distributed import DistInfo, all_reduce_sum
+
+
+class PairLogps(NamedTuple):
+    """Per-pair sequence log-probs of one micro-batch ([pairs] each) and the pairs' ε-DPO steps."""
+
+    policy_chosen: Tensor
+    policy_rejected: Tensor
+    reference_chosen: Tensor
+    reference_rejected: Tensor
+    steps: Tensor
+    """s_i ∈ {−1, 0, +1} (long); all 0 when no perturbation is checked."""
+
+    def implicit_gaps(self, beta: float) -> Tensor:
+        """β·((π_c − ref_c) − (π_r − ref_r)) per pair, detached, in float64."""
+        gaps = (self.policy_chosen - self.reference_chosen) - (self.policy_rejected - self.reference_rejected)
+        return (beta * gaps).detach().to(torch.float64)
+
+
+class PairBetas(NamedTuple):
+    betas: Tensor
+    """β_i per pair, on the loss's device."""
+    keep: Tensor | None
+    """The pairs that train (β-DPO's data filter), or None when all do."""
+    kept_fraction: float
+    """The fraction of pairs `keep` keeps (1.0 without a filter); the loss is a mean over these."""
+
+
+class KlControlledBeta:
+    """β_i from the KlController; training books the steps, evaluation only reads β."""
+
+    def __init__(self, kl: KlController, dist: DistInfo, device: torch.device) -> None:
+        self.kl, self.dist, self.device = kl, dist, device
+
+    @property
+    def beta(self) -> float:
+        """The base β of the current step (what `kl/beta` logs)."""
+        return self.kl.beta
+
+    def pair_betas(self, pair_ids: np.ndarray, logps: PairLogps, *, train: bool) -> PairBetas:
+        codes = logps.steps.to(torch.int8).cpu().numpy()
+        betas = self.kl.record(pair_ids, codes) if train else self.kl.betas_for(codes)
+        return PairBetas(torch.from_numpy(betas).to(self.device), None, 1.0)
+
+    def end_step(self) -> None:
+        """β ← β / (1 + ε·s̄) with s̄ the mean step over every pair of the cycle on every rank."""
+        local_sum, local_count = self.kl.local_sums()
+        totals = all_reduce_sum(torch.tensor([float(local_sum), float(local_count)], dtype=torch.float64), self.dist)
+        self.kl.apply_update(int(totals[0].item()), int(totals[1].item()))
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the rule holds beyond the KlController (saved with it in every checkpoint)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class BatchAdaptiveBeta(KlControlledBeta):
+    """β-DPO: every pair of a batch trains with the batch's β, from the batch's mean gap over all
+    ranks; its optional filter keeps the pairs whose gaps lie closest to the running mean.
+    Evaluation scores at β₀ and leaves the running mean alone."""
+
+    def __init__(self, kl: KlController, dist: DistInfo, device: torch.device, rule: BetaDPO) -> None:
+        super().__init__(kl, dist, device)
+        self.rule = rule
+
+    def pair_betas(self, pair_ids: np.ndarray, logps: PairLogps, *, train: bool) -> PairBetas:
+        gaps = logps.implicit_gaps(self.rule.beta0)
+        if not train:
+            return PairBetas(torch.full_like(gaps, self.rule.beta0), None, 1.0)
+        super().pair_betas(pair_ids, logps, train=True)  # the ledger still books every pair
+        total = all_reduce_sum(torch.tensor([gaps.sum().item(), float(gaps.numel())], dtype=torch.float64), self.dist)
+        beta = self.rule.batch_beta(float(total[0] / total[1]))
+        if self.rule.filter_fraction is None:
+            return PairBetas(torch.full_like(gaps, beta), None, 1.0)
+        return PairBetas(torch.full_like(gaps, beta), self.rule.keep(gaps), self.rule.filter_fraction)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"running_gap": self.rule.running_gap}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rule.running_gap = state.get("running_gap")

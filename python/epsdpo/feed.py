@@ -1,0 +1,145 @@
+"""What the training loop eats: preference data as Rust stores, truncated and checked once, sampled
+into accumulation cycles and collated one cycle ahead in a background thread.
+
+The Rust collator and sampler do the work (and release the GIL), so collating the next cycle while
+the current one trains hides the data path behind the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from torch import nn
+
+from epsdpo._core import BatchSampler, Collator, PreferenceStore, TruncationError
+from epsdpo.config import TrainConfig
+from epsdpo.distributed import DistInfo
+
+if TYPE_CHECKING:
+    from epsdpo._core import Batch
+
+
+def make_collator(config: TrainConfig, tokenizer: Any) -> Collator:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return Collator(
+        config.layout, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
+        truncation_mode=config.truncation_mode, pad_token_id=pad if pad is not None else 0,
+        pad_to_multiple_of=config.pad_to_multiple_of, skip_empty=config.skip_invalid,
+    )
+
+
+def as_store(dataset: Any, config: TrainConfig, tokenizer: Any, collator: Collator, *,
+             progress: bool) -> tuple[PreferenceStore, dict[str, Any]]:
+    """The dataset as a store, and its truncated lengths (checked: no emptied completion unless
+    `skip_invalid`, and at least one pair to train on)."""
+    if isinstance(dataset, (str, Path)) and str(dataset).endswith(".store"):
+        dataset = PreferenceStore.load(dataset)  # a store saved by `epsdpo prepare --output`
+    if isinstance(dataset, PreferenceStore):
+        store = dataset
+    else:
+        if tokenizer is None:
+            raise ValueError("raw preference data needs a tokenizer: pass `tokenizer=` or a PreferenceStore")
+        from epsdpo.data import load_preferences
+
+        store, _ = load_preferences(
+            dataset, tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
+            truncation_mode=config.truncation_mode, cache_dir=config.dataset_cache_dir,
+            skip_invalid=config.skip_invalid, progress=progress,
+        )
+    if len(store) == 0:
+        raise ValueError("the preference dataset is empty")
+    lengths = collator.truncated_lengths(store)
+    empty = lengths["empty"]
+    limits = f"max_length={config.max_length}, max_prompt_length={config.max_prompt_length}"
+    if len(empty) == len(store):
+        raise ValueError(f"no pair can be trained on: every completion of all {len(store)} pairs is empty after "
+                         f"truncation to {limits}")
+    if len(empty) and not config.skip_invalid:
+        error = TruncationError(
+            f"pair {int(empty[0])}: a completion is empty after truncation to {limits} ({len(empty)} pairs like it); "
+            "raise the limits or set skip_invalid=True to skip and count them"
+        )
+        error.pair_index = int(empty[0])
+        raise error
+    return store, lengths
+
+
+def check_vocabulary(store: PreferenceStore, model: nn.Module) -> None:
+    """Every token id must index the model's embedding; a store tokenized for another vocabulary would
+    otherwise fail deep inside the forward pass with a bare IndexError. The store's own bound settles
+    it at once when it is small enough; otherwise its tokens are scanned."""
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None or (store.vocab_size is not None and store.vocab_size <= rows):
+        return
+    for index in range(len(store)):
+        largest = max(int(part.max()) for part in store[index] if len(part))
+        if largest >= rows:
+            raise ValueError(
+                f"pair {index}: token id {largest} is beyond the model's embedding ({rows} rows; the data's "
+                f"vocab_size is {store.vocab_size}): was it tokenized with another tokenizer?"
+            )
+
+
+def make_sampler(config: TrainConfig, lengths: dict[str, Any], dist: DistInfo) -> BatchSampler:
+    chosen = lengths["prompt"] + lengths["chosen"]
+    rejected = lengths["prompt"] + lengths["rejected"]
+    if config.max_tokens_per_batch:
+        mode = dict(mode="token_budget", max_tokens=config.max_tokens_per_batch, padded=config.layout != "packed")
+    else:
+        mode = dict(mode="length_grouped" if config.group_by_length else "shuffle")
+    return BatchSampler(chosen, rejected, config.per_device_train_batch_size, seed=config.seed,
+                        world_size=dist.world_size, rank=dist.rank, **mode)
+
+
+class CycleFeed:
+    """Accumulation cycles of collated micro-batches, each with the sampler state after it (what a
+    checkpoint taken after that cycle must resume from)."""
+
+    def __init__(self, store: PreferenceStore, collator: Collator, sampler: BatchSampler, accumulation: int) -> None:
+        self.store, self.collator, self.sampler, self.accumulation = store, collator, sampler, accumulation
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epsdpo-collate")
+
+    def _take_cycle(self) -> list[np.ndarray]:
+        """The next cycle's pair indices; a cycle never spans two epochs."""
+        cycle: list[np.ndarray] = []
+        while len(cycle) < self.accumulation:
+            batch = next(self.sampler, None)
+            if batch is None:
+                self.sampler.set_epoch(self.sampler.epoch + 1)
+                if cycle:
+                    break
+                continue
+            cycle.append(batch)
+        return cycle
+
+    def _collate(self, cycle: list[np.ndarray]) -> list[Batch]:
+        return [self.collator(self.store, indices) for indices in cycle]
+
+    def cycles(self, count: int) -> Iterator[tuple[list[Batch], bytes]]:
+        """`count` cycles; the next one is collated in the background while the caller trains on this one."""
+        def submit() -> tuple[Any, bytes]:
+            cycle = self._take_cycle()
+            return self._pool.submit(self._collate, cycle), self.sampler.state_dict()["state"]
+
+        if count <= 0:
+            return
+        pending, state = submit()
+        for index in range(count):
+            batches, state_after = pending.result(), state
+            if index + 1 < count:
+                pending, state = submit()
+            yield batches, state_after
+
+
+def filler_batch(collator: Collator, store: PreferenceStore) -> Batch:
+    """A batch that only keeps a rank in step with the others' collectives; its results are discarded."""
+    for index in range(len(store)):
+        batch = collator(store, np.array([index], dtype=np.uint32))
+        if len(batch["pair_ids"]):
+            return batch
+    raise ValueError("no pair of the dataset survives truncation")
