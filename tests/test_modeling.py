@@ -274,3 +274,29 @@ def test_flex_block_mask_path_equals_the_4d_mask_for_shared_prompt_batches():
                            attention_mask=segment_block_mask(segment_ids, branch_ids)).last_hidden_state
     real = segment_ids >= 0
     torch.testing.assert_close(flex[real], masked[real], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared_prompt"])
+def test_rust_batches_carry_their_layout_so_no_forward_works_it_out(layout, monkeypatch):
+    """The collator's cu_seqlens are the segment boundaries, and a forward pass reads them and the
+    layout instead of recomputing both (which costs device syncs)."""
+    import epsdpo
+    import epsdpo.modeling as modeling
+
+    store = epsdpo.PreferenceStore(vocab_size=VOCAB)
+    for pair in PAIRS:
+        store.add_pair(*pair)
+    batch = epsdpo.Collator(layout, capacity=16)(store, np.arange(len(PAIRS)))
+    segment_ids = torch.as_tensor(batch["segment_ids"])
+    torch.testing.assert_close(torch.as_tensor(batch["cu_seqlens"]), segment_boundaries(segment_ids))
+    policy, reference = tiny(LlamaConfig(**SMALL), 0, attn=SEGMENT_SDPA), tiny(LlamaConfig(**SMALL), 1)
+    want = batch_logps(policy, reference, {k: v for k, v in batch.items() if k not in ("layout", "cu_seqlens")}, EPSILON)
+
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("the batch's layout was worked out again")
+
+    monkeypatch.setattr(modeling, "_is_right_padded", forbidden)
+    monkeypatch.setattr("epsdpo.attention.segment_boundaries", forbidden)
+    got = batch_logps(policy, reference, batch, EPSILON)
+    for field in ("policy", "reference", "relaxed", "tightened"):
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=1e-6, atol=1e-6)

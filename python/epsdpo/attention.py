@@ -22,6 +22,8 @@ own, so every token belongs to one segment (its outputs are never scored).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -44,10 +46,15 @@ def segment_boundaries(segment_ids: Tensor) -> Tensor:
     return torch.cat([offsets, end]).to(torch.int32)
 
 
-def varlen_kwargs(segment_ids: Tensor, implementation: str) -> dict[str, Tensor | int]:
-    """The keyword arguments a varlen attention implementation reads, for a batch's segment ids."""
-    cu = segment_boundaries(segment_ids.cpu())
-    longest = int((cu[1:] - cu[:-1]).max())
+def varlen_kwargs(segment_ids: Tensor, implementation: str, cu_seqlens: Any = None,
+                  max_seqlen: int | None = None) -> dict[str, Tensor | int]:
+    """The keyword arguments a varlen attention implementation reads: the collator's `cu_seqlens` /
+    `max_seqlen` where the batch carries them (no device sync), else worked out from the segment ids."""
+    if cu_seqlens is not None and max_seqlen is not None:
+        cu, longest = torch.as_tensor(cu_seqlens, dtype=torch.int32), int(max_seqlen)
+    else:
+        cu = segment_boundaries(segment_ids.cpu())
+        longest = int((cu[1:] - cu[:-1]).max())
     if implementation in _FLASH:
         cu = cu.to(segment_ids.device)
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}

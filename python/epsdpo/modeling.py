@@ -84,9 +84,12 @@ _BATCH_KEYS = (
 )
 
 
-def _to_tensors(batch: Batch, device: torch.device) -> dict[str, Tensor]:
-    """The batch arrays this module reads, as tensors on `device` (numpy arrays are not copied on CPU)."""
-    return {key: torch.as_tensor(batch[key], device=device) for key in _BATCH_KEYS}
+def _to_tensors(batch: Batch, device: torch.device) -> dict[str, Any]:
+    """The batch arrays this module reads, as tensors on `device` (numpy arrays are not copied on CPU),
+    with the collator's facts about the batch as they are (the boundaries stay on the host)."""
+    tensors: dict[str, Any] = {key: torch.as_tensor(batch[key], device=device) for key in _BATCH_KEYS}
+    tensors.update({key: batch[key] for key in _BATCH_FACTS if key in batch})
+    return tensors
 
 
 def _sliding_window(config: Any) -> int | None:
@@ -100,21 +103,35 @@ def _sliding_window(config: Any) -> int | None:
     return int(window)
 
 
-def _backbone_inputs(model: nn.Module, tensors: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Any]:
+# What the Rust collator states about a batch beside its arrays: the layout and the varlen boundaries.
+# Reading them spares each forward pass the device-to-host syncs of working them out from the ids.
+_BATCH_FACTS = ("layout", "cu_seqlens", "max_seqlen")
+
+
+def _layout_facts(tensors: Mapping[str, Any]) -> tuple[bool, bool]:
+    """(branched, right-padded): from the collator's stated layout, or, for a batch built elsewhere,
+    from its ids (two host syncs)."""
+    layout = tensors.get("layout")
+    if layout is not None:
+        return layout == "shared_prompt", layout == "padded"
+    branched = bool((tensors["branch_ids"] != 0).any())
+    return branched, not branched and _is_right_padded(tensors["segment_ids"])
+
+
+def _backbone_inputs(model: nn.Module, tensors: Mapping[str, Any], dtype: torch.dtype) -> dict[str, Any]:
     segment_ids, branch_ids = tensors["segment_ids"], tensors["branch_ids"]
     implementation = getattr(model.config, "_attn_implementation", None)
     inputs: dict[str, Any] = {
         "input_ids": tensors["input_ids"].long(),
         "position_ids": tensors["position_ids"].long(),
     }
-    branched = bool((branch_ids != 0).any())
-    right_padded = not branched and _is_right_padded(segment_ids)
+    branched, right_padded = _layout_facts(tensors)
     if implementation == SEGMENT_SDPA and right_padded:
         # Causal attention over whole rows is exact for the real tokens of right-padded rows, and one
         # batched unmasked call beats both a mask and a loop over segments.
         inputs["attention_mask"] = torch.ones_like(segment_ids)
     elif implementation in VARLEN_IMPLEMENTATIONS and not branched:
-        inputs.update(varlen_kwargs(segment_ids, implementation))
+        inputs.update(varlen_kwargs(segment_ids, implementation, tensors.get("cu_seqlens"), tensors.get("max_seqlen")))
         # All-ones tells sdpa's mask builder there is nothing to mask (it then builds none); flash
         # attention takes the varlen path only without a mask.
         inputs["attention_mask"] = None if implementation != SEGMENT_SDPA else torch.ones_like(segment_ids)
