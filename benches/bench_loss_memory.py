@@ -27,7 +27,7 @@ One step = reference forward (no grad) + policy forward + loss + backward, on a 
 hidden size 256 (where the LM head dominates), 2 pairs × 1,024 tokens (256 prompt + 768 completion
 tokens per sequence), at two vocabulary sizes:
 
-    (a) epsdpo, ε-DPO        epsdpo.modeling.batch_logps (token-chunked head) + epsdpo.loss
+    (a) epsdpo, ε-DPO        epsdpo.scoring.batch_logps (token-chunked head) + epsdpo.loss
     (b) epsdpo, DPO          the same with ε = 0 (no perturbation work)
     (c) naive ε-DPO          official-code style: full [B, T, V] logits, log-softmax of policy,
                              reference and both perturbed logits with autograd on
@@ -91,7 +91,7 @@ def _pairs(vocab: int):
 
 def _step_epsdpo(policy, reference, batch, epsilon: float):
     from epsdpo.loss import epsilon_dpo_loss, kl_steps, pair_betas, pair_log_ratio
-    from epsdpo.modeling import batch_logps
+    from epsdpo.scoring import batch_logps
 
     out = batch_logps(policy, reference, batch, epsilon)
     if epsilon:

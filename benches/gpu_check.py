@@ -44,7 +44,7 @@ import train_compare  # noqa: E402  (benches/ is not a package)
 import epsdpo  # noqa: E402
 import epsdpo.attention as attention  # noqa: E402
 from epsdpo.attention import use_segment_attention  # noqa: E402
-from epsdpo.modeling import batch_logps  # noqa: E402
+from epsdpo.scoring import batch_logps  # noqa: E402
 from epsdpo.ops import perturbed_logps  # noqa: E402
 
 EPSILON = 0.01
@@ -149,14 +149,14 @@ def _without_varlen_kernel():
 
 @contextmanager
 def _without_flex():
-    import epsdpo.modeling as modeling
+    import epsdpo.scoring as scoring
 
-    saved = modeling.flex_attention_available
-    modeling.flex_attention_available = lambda device: False
+    saved = scoring.flex_attention_available
+    scoring.flex_attention_available = lambda device: False
     try:
         yield
     finally:
-        modeling.flex_attention_available = saved
+        scoring.flex_attention_available = saved
 
 
 def _layout_model(spec: dict[str, Any], device: torch.device, attn: str):

@@ -167,7 +167,7 @@ def train_one(method: str, beta: float, scale: Scale, data: Path, evaluator: Eva
 def reference_margins(trainer: Any, cache: Path) -> dict[int, float]:
     """log π_ref(y_w|x) − log π_ref(y_l|x) of every training pair, by pair id (the reference is the
     untrained model in every run, so they are computed once)."""
-    from epsdpo.modeling import batch_logps
+    from epsdpo.scoring import batch_logps
 
     if cache.is_file():
         return {int(k): v for k, v in json.loads(cache.read_text()).items()}

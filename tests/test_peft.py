@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from epsdpo.models import AdapterFreeReference
-from epsdpo.modeling import batch_logps
+from epsdpo.scoring import batch_logps
 from epsdpo.trainer import Trainer
 from test_trainer import config
 from tiny import tiny_llama, toy_store

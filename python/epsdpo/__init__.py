@@ -13,6 +13,7 @@ from epsdpo._core import (
     Collator,
     ConfigError,
     EpsdpoError,
+    InternalError,
     InvalidPairError,
     KlController,
     PreferenceStore,
@@ -25,9 +26,10 @@ from epsdpo._core import (
 if TYPE_CHECKING:
     from epsdpo.config import TrainConfig
     from epsdpo.data import load_preferences
+    from epsdpo.heads import split_causal_lm
     from epsdpo.loss import epsilon_dpo_loss, kl_steps, pair_betas, pair_log_ratio
-    from epsdpo.modeling import batch_logps
-    from epsdpo.ops import perturbed_logps, sequence_logps, split_causal_lm
+    from epsdpo.ops import perturbed_logps, sequence_logps
+    from epsdpo.scoring import batch_logps
     from epsdpo.trainer import Trainer
 
 _LAZY = {
@@ -36,12 +38,12 @@ _LAZY = {
     "load_preferences": "epsdpo.data",
     "perturbed_logps": "epsdpo.ops",
     "sequence_logps": "epsdpo.ops",
-    "split_causal_lm": "epsdpo.ops",
+    "split_causal_lm": "epsdpo.heads",
     "epsilon_dpo_loss": "epsdpo.loss",
     "kl_steps": "epsdpo.loss",
     "pair_betas": "epsdpo.loss",
     "pair_log_ratio": "epsdpo.loss",
-    "batch_logps": "epsdpo.modeling",
+    "batch_logps": "epsdpo.scoring",
 }
 
 
@@ -58,6 +60,7 @@ __all__ = [
     "Collator",
     "ConfigError",
     "EpsdpoError",
+    "InternalError",
     "InvalidPairError",
     "KlController",
     "PreferenceStore",

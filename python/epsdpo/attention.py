@@ -82,7 +82,7 @@ def flex_attention_available(device: torch.device) -> bool:
 
 
 def segment_block_mask(segment_ids: Tensor, branch_ids: Tensor) -> object:
-    """A flex_attention `BlockMask` of the batch attention rule (epsdpo.modeling): same segment,
+    """A flex_attention `BlockMask` of the batch attention rule (epsdpo.scoring): same segment,
     causal, and a branch sees the shared part and itself; padding attends only to itself."""
     from torch.nn.attention.flex_attention import create_block_mask
 

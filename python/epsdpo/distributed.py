@@ -71,7 +71,7 @@ def replicate(model: nn.Module, device: torch.device) -> nn.Module:
     buckets while backward still runs."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from epsdpo.modeling import Scorer
+    from epsdpo.scoring import Scorer
 
     # device_ids=None: the batch is already on the device, and DDP then passes arguments untouched
     return DistributedDataParallel(Scorer(model), device_ids=None, broadcast_buffers=False)

@@ -92,7 +92,7 @@ def sequence_log_ratios(
     """log π(y|x) − log π_ref(y|x) for each (prompt ids, answer ids); averaged over samples y ~ π it
     estimates the sequence-level KL(π‖π_ref). Scored by the training path (store, collator, kernel)."""
     from epsdpo._core import Collator, PreferenceStore
-    from epsdpo.modeling import batch_logps
+    from epsdpo.scoring import batch_logps
 
     vocab = policy.get_output_embeddings().weight.shape[0]
     store = PreferenceStore(vocab_size=vocab)

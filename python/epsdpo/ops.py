@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 # Default (token rows per chunk, vocabulary columns per tile), measured for a 128k vocabulary.
 # CPU: one fp32 tile is 16 MiB (ε-DPO keeps four), large enough for full-speed GEMMs and small enough
@@ -168,57 +168,6 @@ def sequence_logps(values: Tensor, target_sequence: Tensor, num_sequences: int) 
     so this one reduction turns any layout into the same per-sequence log-probs."""
     out = torch.zeros(num_sequences, dtype=values.dtype, device=values.device)
     return out.index_add(0, target_sequence.to(device=values.device, dtype=torch.long), values)
-
-
-# --------------------------------------------------------------------------------------------------
-# Splitting a Hugging Face causal LM into backbone and head
-
-
-@dataclass(frozen=True)
-class LMHeadSpec:
-    """A causal LM seen as `backbone(...).last_hidden_state` followed by a linear head."""
-
-    backbone: nn.Module
-    weight: Tensor
-    bias: Tensor | None
-    logit_scale: float
-    softcap: float | None
-
-
-# Config attributes that rescale logits in ways `split_causal_lm` does not model; a model that sets
-# any of them is left to the full-logits fallback rather than scored wrongly.
-_UNMODELLED_LOGIT_ATTRS = ("output_multiplier", "lm_head_multiplier", "softcap")
-
-
-def split_causal_lm(model: nn.Module) -> LMHeadSpec | None:
-    """Split a Hugging Face causal LM into (backbone, head weight, bias, logit_scale, softcap).
-
-    Returns None when the model cannot be split faithfully: no separate base model, an output
-    embedding that is not an `nn.Linear`, or a logit transform this module does not model. Callers
-    then compute full logits with `model(...).logits` and use `perturbed_logps_from_logits`; that
-    fallback is exact but materialises [N, V] logits. Split again after wrapping a model (PEFT, FSDP),
-    since wrappers replace the modules this captures.
-    """
-    if callable(getattr(model, "get_base_model", None)):
-        # PEFT: the wrapped transformers model, with its adapter layers in place
-        model = model.get_base_model()
-    backbone = getattr(model, "base_model", None)
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if get_head is not None else None
-    if backbone is None or backbone is model or not isinstance(head, nn.Linear):
-        return None
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if any(getattr(config, name, None) is not None for name in _UNMODELLED_LOGIT_ATTRS):
-        return None
-    logit_scale = 1.0
-    if getattr(config, "logit_scale", None) is not None:  # Cohere multiplies
-        logit_scale = float(config.logit_scale)
-    if getattr(config, "logits_scaling", None) is not None:  # Granite divides
-        if getattr(config, "model_type", "") == "hyperclovax":  # ...but HyperCLOVA X multiplies
-            return None
-        logit_scale /= float(config.logits_scaling)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    return LMHeadSpec(backbone, head.weight, head.bias, logit_scale, float(softcap) if softcap else None)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from epsdpo.modeling import Scorer
+from epsdpo.scoring import Scorer
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:

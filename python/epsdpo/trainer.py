@@ -52,7 +52,7 @@ from epsdpo.distributed import DistInfo, all_reduce_sum, barrier, gradient_sync,
 from epsdpo.feed import CycleFeed, as_store, check_vocabulary, filler_batch, make_collator, make_sampler
 from epsdpo.loss import epsilon_dpo_loss, kl_steps, pair_log_ratio
 from epsdpo.methods import build_method
-from epsdpo.modeling import batch_logps
+from epsdpo.scoring import batch_logps
 from epsdpo.models import AdapterFreeReference, default_reference, load_causal_lm, load_tokenizer
 from epsdpo.precision import Precision, check_trainable_precision, fsdp_mixed_precision, torch_dtype
 from epsdpo.reporting import MetricsLog

@@ -33,12 +33,12 @@ from epsdpo.attention import (
     varlen_kwargs,
 )
 from epsdpo.models import AdapterFreeReference
+from epsdpo.heads import split_causal_lm
 from epsdpo.ops import (
     TokenLogps,
     perturbed_logps,
     perturbed_logps_from_logits,
     sequence_logps,
-    split_causal_lm,
 )
 
 Batch = Mapping[str, Any]

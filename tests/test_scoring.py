@@ -1,4 +1,4 @@
-"""epsdpo.modeling on tiny random Hugging Face models: masks, layouts, head variants, fallback."""
+"""epsdpo.scoring on tiny random Hugging Face models: masks, layouts, head variants, fallback."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from transformers import (
 )
 
 from epsdpo.attention import SEGMENT_SDPA, segment_boundaries, use_segment_attention
-from epsdpo.modeling import batch_logps, build_attention_mask, forward_hidden
-from epsdpo.ops import split_causal_lm
+from epsdpo.scoring import batch_logps, build_attention_mask, forward_hidden
+from epsdpo.heads import split_causal_lm
 
 VOCAB = 61
 EPSILON = 0.2
@@ -234,7 +234,7 @@ def test_flash_attention_models_get_varlen_arguments_instead_of_a_mask():
     """flash-attention is not installed here; check the arguments its varlen path reads."""
     from types import SimpleNamespace
 
-    from epsdpo.modeling import _backbone_inputs
+    from epsdpo.scoring import _backbone_inputs
 
     batch = build_batch(PAIRS, "packed")
     tensors = {k: torch.as_tensor(v) for k, v in batch.items() if k != "num_sequences"}
@@ -281,7 +281,7 @@ def test_rust_batches_carry_their_layout_so_no_forward_works_it_out(layout, monk
     """The collator's cu_seqlens are the segment boundaries, and a forward pass reads them and the
     layout instead of recomputing both (which costs device syncs)."""
     import epsdpo
-    import epsdpo.modeling as modeling
+    import epsdpo.scoring as scoring
 
     store = epsdpo.PreferenceStore(vocab_size=VOCAB)
     for pair in PAIRS:
@@ -295,7 +295,7 @@ def test_rust_batches_carry_their_layout_so_no_forward_works_it_out(layout, monk
     def forbidden(*_args, **_kwargs):
         raise AssertionError("the batch's layout was worked out again")
 
-    monkeypatch.setattr(modeling, "_is_right_padded", forbidden)
+    monkeypatch.setattr(scoring, "_is_right_padded", forbidden)
     monkeypatch.setattr("epsdpo.attention.segment_boundaries", forbidden)
     got = batch_logps(policy, reference, batch, EPSILON)
     for field in ("policy", "reference", "relaxed", "tightened"):
