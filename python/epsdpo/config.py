@@ -10,7 +10,7 @@ import dataclasses
 import math
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,70 +20,147 @@ LAYOUTS: tuple[str, ...] = typing.get_args(Layout)  # the batch layouts of the R
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "outputs/epsdpo"
+    """Every knob of a training run. A field named like one of TRL's `DPOConfig` / `TrainingArguments`
+    means the same there; `epsdpo train --help` lists them all with their help."""
+
+    output_dir: str = field(default="outputs/epsdpo", metadata={"help": (
+        "Directory for checkpoints, final/ (the trained model), metrics.jsonl, beta_ledger.npz and plots/ "
+        "(TRL's meaning).")})
     # ε-DPO (docs/algorithm.md, 'The step rule')
-    method: Literal["epsilon_dpo", "dpo", "tr_dpo", "beta_dpo"] = "epsilon_dpo"
-    beta: float = 0.1
-    epsilon: float = 0.01
-    # ε of the perturbation check when it should differ from the step size ε (the paper's ε_c/ε_s
-    # ablation); None uses `epsilon` for both.
-    epsilon_check: float | None = None
-    label_smoothing: float = 0.0
+    method: Literal["epsilon_dpo", "dpo", "tr_dpo", "beta_dpo"] = field(default="epsilon_dpo", metadata={"help": (
+        "Training rule: epsilon_dpo (β adapts per pair and per step), dpo (fixed β), tr_dpo (fixed β; the "
+        "reference moves toward the policy) or beta_dpo (one β per batch). See docs/algorithm.md.")})
+    beta: float = field(default=0.1, metadata={"help": (
+        "KL penalty β of the DPO loss, > 0 (TRL's beta). For epsilon_dpo the initial base β, which then "
+        "adapts; for beta_dpo the base β₀.")})
+    epsilon: float = field(default=0.01, metadata={"help": (
+        "ε-DPO step size ε_s in [0, 1): a pair trains with β/(1 + ε·s), s in {-1, 0, +1}, and after each "
+        "optimizer step the base β becomes β/(1 + ε·mean s). 0 trains exactly as DPO. Used only by "
+        "method=epsilon_dpo.")})
+    epsilon_check: float | None = field(default=None, metadata={"help": (
+        "ε_c, the size of the perturbation that decides each pair's step s, when it should differ from the "
+        "step size epsilon (the paper's ε_c/ε_s ablation); in [0, 1). None: use epsilon for both.")})
+    label_smoothing: float = field(default=0.0, metadata={"help": (
+        "Conservative DPO label smoothing in [0, 0.5): the assumed probability that a pair's preference is "
+        "flipped (TRL's label_smoothing with loss_type=sigmoid). 0: none.")})
     # baselines (epsdpo.baselines): TR-DPO soft reference update, β-DPO batch β and data filter
-    tr_dpo_tau: int = 128
-    tr_dpo_alpha: float = 0.6
-    beta_dpo_alpha: float = 0.6
-    beta_dpo_momentum: float = 0.9
-    beta_dpo_filter: float | None = None
+    tr_dpo_tau: int = field(default=128, metadata={"help": (
+        "TR-DPO: optimizer steps between soft updates of the reference, >= 1 (like TRL's "
+        "ref_model_sync_steps). Used only by method=tr_dpo.")})
+    tr_dpo_alpha: float = field(default=0.6, metadata={"help": (
+        "TR-DPO: weight α of the policy in the soft update θ_ref ← α·θ + (1 − α)·θ_ref, in (0, 1] (like "
+        "TRL's ref_model_mixup_alpha). Used only by method=tr_dpo.")})
+    beta_dpo_alpha: float = field(default=0.6, metadata={"help": (
+        "β-DPO: scale a >= 0 of the batch β = β₀·(1 + a·(M − M₀)), M the batch's mean implicit reward gap "
+        "and M₀ its running mean. Used only by method=beta_dpo.")})
+    beta_dpo_momentum: float = field(default=0.9, metadata={"help": (
+        "β-DPO: momentum m in [0, 1) of the running mean gap, M₀ ← m·M₀ + (1 − m)·M. Used only by "
+        "method=beta_dpo.")})
+    beta_dpo_filter: float | None = field(default=None, metadata={"help": (
+        "β-DPO data filter: train only on this fraction ρ in (0, 1] of each batch, the pairs whose gaps lie "
+        "closest to M₀. None: no filter. Used only by method=beta_dpo.")})
     # optimisation
-    learning_rate: float = 5e-7
-    per_device_train_batch_size: int = 4
-    per_device_eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    num_train_epochs: float = 1.0
-    max_steps: int = -1
-    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    max_grad_norm: float = 1.0
+    learning_rate: float = field(default=5e-7, metadata={"help": (
+        "Peak learning rate of AdamW, >= 0 (TRL's meaning).")})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": (
+        "Preference pairs per micro-batch on each process, >= 1 (TRL's meaning). With max_tokens_per_batch it "
+        "only sizes the length-grouping windows.")})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": (
+        "Preference pairs per evaluation batch on each process, >= 1 (TRL's meaning).")})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": (
+        "Micro-batches per optimizer step on each process, >= 1 (TRL's meaning). The β update happens once "
+        "per optimizer step.")})
+    num_train_epochs: float = field(default=1.0, metadata={"help": (
+        "Passes over the training data, > 0; fractions allowed. Ignored when max_steps is set (TRL's "
+        "meaning).")})
+    max_steps: int = field(default=-1, metadata={"help": (
+        "Optimizer steps to train for, >= 1; -1: as many as num_train_epochs needs (TRL's meaning).")})
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = field(
+        default="cosine", metadata={"help": "Learning-rate schedule after warm-up (transformers' names and meaning)."})
+    warmup_ratio: float = field(default=0.1, metadata={"help": (
+        "Fraction in [0, 1] of the total optimizer steps spent warming the learning rate up linearly from 0 "
+        "(TRL's meaning).")})
+    weight_decay: float = field(default=0.0, metadata={"help": (
+        "AdamW weight decay, >= 0, applied to weight matrices only (not to biases or norms).")})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW β1 in [0, 1) (TRL's meaning)."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW β2 in [0, 1) (TRL's meaning)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": (
+        "Clip the global gradient norm to this, >= 0; 0 disables clipping (TRL's meaning).")})
     # data
-    max_length: int | None = 1024
-    max_prompt_length: int | None = 512
-    truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
-    layout: Layout = "padded"
-    group_by_length: bool = False
-    max_tokens_per_batch: int | None = None
-    pad_to_multiple_of: int = 1
-    skip_invalid: bool = False
-    dataset_cache_dir: str | None = None
+    max_length: int | None = field(default=1024, metadata={"help": (
+        "Longest sequence, prompt plus one completion, in tokens, >= 1 (TRL's name); a completion loses its "
+        "end to fit, as under TRL's default truncation_mode=keep_start. None: no limit.")})
+    max_prompt_length: int | None = field(default=512, metadata={"help": (
+        "Longest prompt in tokens, >= 1 and below max_length; a longer prompt is cut as truncation_mode says "
+        "(the name of older TRL releases). None: no limit.")})
+    truncation_mode: Literal["keep_end", "keep_start"] = field(default="keep_end", metadata={"help": (
+        "Which end of a prompt longer than max_prompt_length survives: keep_end (its last tokens, nearest "
+        "the answer) or keep_start. Unlike TRL's truncation_mode it applies to the prompt only.")})
+    layout: Layout = field(default="padded", metadata={"help": (
+        "Batch layout of the Rust collator: padded (one padded row per sequence, as TRL), packed (several "
+        "sequences per row, little padding) or shared_prompt (a pair's prompt once, both completions after "
+        "it). All give the same loss.")})
+    group_by_length: bool = field(default=False, metadata={"help": (
+        "Batch pairs of similar length together (shuffled in windows, then sorted) to cut padding (TRL's "
+        "meaning).")})
+    max_tokens_per_batch: int | None = field(default=None, metadata={"help": (
+        "Token budget per micro-batch, >= 1: each takes as many pairs as fit (padding counted unless "
+        "layout=packed), so the pair count varies. None: per_device_train_batch_size pairs per micro-batch.")})
+    pad_to_multiple_of: int = field(default=1, metadata={"help": (
+        "Pad each batch's sequence length up to a multiple of this, >= 1 (e.g. 8 for tensor cores); 1: no "
+        "extra padding (TRL's meaning).")})
+    skip_invalid: bool = field(default=False, metadata={"help": (
+        "Skip and count rows that cannot become a pair, and pairs that truncation leaves with an empty "
+        "completion, instead of stopping with an error naming the first.")})
+    dataset_cache_dir: str | None = field(default=None, metadata={"help": (
+        "Directory to cache tokenized raw datasets in (keyed by the data, tokenizer and truncation settings). "
+        "None: no caching.")})
     # runtime
-    seed: int = 42
-    device: str | None = None  # None: this rank's CUDA device when one is visible, else the CPU
-    # Precision (docs/precision.md). `dtype` is how the weights are stored: a model loaded from a path
-    # is loaded in it (None: float32), a model object is cast to it (None: kept as given). Trained
-    # weights must be float32, because an AdamW update at DPO's learning rates is smaller than half a
-    # bf16 ulp of the weight and rounds away; a frozen reference may be stored in any precision.
-    # `bf16` / `fp16` choose the compute precision: autocast over the float32 weights (TRL's meaning),
-    # with a gradient scaler for fp16.
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None
-    bf16: bool = False
-    fp16: bool = False
-    gradient_checkpointing: bool = False
-    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of replicating
-    chunk_size: int | None = None  # scored positions per kernel chunk; None: the device default (epsdpo.ops)
+    seed: int = field(default=42, metadata={"help": (
+        "Random seed in [0, 2**32) for torch and the batch sampler (TRL's meaning).")})
+    device: str | None = field(default=None, metadata={"help": (
+        "torch device to train on, e.g. cpu, cuda:1. None: this rank's CUDA device when one is visible, "
+        "else the CPU.")})
+    # Precision (docs/precision.md).
+    dtype: Literal["float32", "bfloat16", "float16"] | None = field(default=None, metadata={"help": (
+        "How the weights are stored: a model loaded from a path is loaded in it (None: float32), a model "
+        "object is cast to it (None: kept as given). Trained weights must be float32, because an AdamW "
+        "update at DPO's learning rates is smaller than half a bf16 ulp of the weight and rounds away; a "
+        "frozen reference may be stored in any precision. See docs/precision.md.")})
+    bf16: bool = field(default=False, metadata={"help": (
+        "Compute in bfloat16: autocast over the float32 weights (TRL's meaning). Not with fp16.")})
+    fp16: bool = field(default=False, metadata={"help": (
+        "Compute in float16: autocast over the float32 weights, with a gradient scaler (TRL's meaning). Not "
+        "with bf16.")})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": (
+        "Recompute activations in backward instead of storing them: less memory, more compute (TRL's "
+        "meaning).")})
+    fsdp: bool = field(default=False, metadata={"help": (
+        "Under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of replicating "
+        "them. A plain switch, unlike TrainingArguments.fsdp.")})
+    chunk_size: int | None = field(default=None, metadata={"help": (
+        "Scored token positions per chunk of the fused log-prob kernel, >= 1 (smaller: less memory). None: "
+        "the device's default (epsdpo.ops).")})
     # logging, evaluation, checkpoints
-    logging_steps: int = 1
-    eval_steps: int | None = None
-    save_steps: int | None = None
-    save_total_limit: int | None = None
-    # A fresh run refuses an output_dir holding another run's checkpoints or metrics; True clears them
-    # first (TRL/transformers' meaning). Resuming never needs it.
-    overwrite_output_dir: bool = False
-    report_to: Literal["none", "jsonl", "tensorboard", "wandb"] = "jsonl"
-    plots: bool = True
-    progress: bool = True
+    logging_steps: int = field(default=1, metadata={"help": (
+        "Log metrics every this many optimizer steps, >= 1, and at the last step (TRL's meaning).")})
+    eval_steps: int | None = field(default=None, metadata={"help": (
+        "Evaluate on the eval data every this many optimizer steps, >= 1. None: never during training.")})
+    save_steps: int | None = field(default=None, metadata={"help": (
+        "Save a resumable checkpoint (output_dir/checkpoint-STEP) every this many optimizer steps, >= 1. "
+        "None: none; the final model is saved either way.")})
+    save_total_limit: int | None = field(default=None, metadata={"help": (
+        "Keep at most this many checkpoints, >= 1, deleting the oldest (the one just written is always "
+        "kept). None: keep all (TRL's meaning).")})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": (
+        "A fresh run refuses an output_dir holding another run's checkpoints or metrics; true clears them "
+        "first (TRL/transformers' meaning). Resuming never needs it.")})
+    report_to: Literal["none", "jsonl", "tensorboard", "wandb"] = field(default="jsonl", metadata={"help": (
+        "Where metrics go: jsonl (output_dir/metrics.jsonl), tensorboard or wandb (each also writes "
+        "metrics.jsonl), or none. One value, unlike TRL's list.")})
+    plots: bool = field(default=True, metadata={"help": (
+        "Write plots of the run (loss, β, rewards, ...) to output_dir/plots/ at the end of training.")})
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar (main process only)."})
 
     def __post_init__(self) -> None:
         self._check_types()
