@@ -240,21 +240,27 @@ class TrainConfig:
         return self.epsilon if self.epsilon_check is None else self.epsilon_check
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None, *,
+                  extras: dict[str, Any] | None = None) -> TrainConfig:
+        """The config a YAML mapping of field names gives, `overrides` (e.g. from the command line)
+        taking precedence. `extras`: a dict whose keys the YAML and `overrides` may hold besides the
+        fields (the `epsdpo train` run keys: model, train_data, ...); their values are written into it.
+        Any other key is an error naming it."""
         import yaml
 
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
         data.update(overrides or {})
+        extra = {} if extras is None else extras
+        _refuse_unknown(data, [f.name for f in dataclasses.fields(cls)] + list(extra))
+        for key in [k for k in data if k in extra]:
+            extra[key] = data.pop(key)
         return cls.from_dict(data)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+        _refuse_unknown(data, [f.name for f in dataclasses.fields(cls)])
         hints = typing.get_type_hints(cls)
         return cls(**{k: _numeric(v, hints[k]) for k, v in data.items()})
 
@@ -295,6 +301,17 @@ def _numeric(value: Any, hint: Any) -> Any:
         except ValueError:
             return value
     return value
+
+
+def _refuse_unknown(data: dict[Any, Any], known: list[str]) -> None:
+    unknown = sorted((k for k in data if k not in known), key=str)
+    if unknown:
+        import difflib
+
+        close = {k: difflib.get_close_matches(str(k), known, n=1) for k in unknown}
+        hints = ", ".join(f"{m[0]!r}" + (f" for {k!r}" if len(unknown) > 1 else "") for k, m in close.items() if m)
+        raise ValueError(f"unknown config keys {unknown}" + (f" (did you mean {hints}?)" if hints else "")
+                         + f"; known keys: {sorted(known)}")
 
 
 def _allowed_types(hint: Any) -> tuple[Any, ...]:
