@@ -1,14 +1,65 @@
-"""The `epsdpo` command: `train`, `prepare`, `demo`."""
+"""The `epsdpo` command: `train`, `prepare`, `demo`.
+
+`epsdpo train CONFIG.yaml [--key value | --key=value ...]` parses its flags with transformers'
+`HfArgumentParser`, as TRL's scripts do: every `TrainConfig` field and every `RunArguments` field is
+a `--key` flag (underscores; the dashed spelling works too), and a flag overrides the YAML's value.
+The YAML and the flags are merged and validated by `TrainConfig.from_yaml`; every mistake is a
+one-line usage error naming the key (exit code 2).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import difflib
 import sys
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from epsdpo import __version__
+
+
+@dataclass
+class RunArguments:
+    """What `epsdpo train` trains on: the keys of a train YAML (or flags) that are not TrainConfig fields."""
+
+    _argument_group_name = "what to train on (YAML keys or flags)"  # HfArgumentParser's help group; not a field
+
+    model: str | None = field(default=None, metadata={"help": (
+        "Policy to train: a model directory, a .gguf file or a hub id. Required, here or in the YAML.")})
+    tokenizer: str | None = field(default=None, metadata={"help": (
+        "Tokenizer directory, .gguf file or hub id. None: the model's own.")})
+    ref_model: str | None = field(default=None, metadata={"help": (
+        "Frozen reference model, in the same forms as model. None: a frozen copy of the initial policy.")})
+    train_data: str | None = field(default=None, metadata={"help": (
+        "Training pairs: a .jsonl/.json/.parquet file in TRL's preference formats, a .store written by "
+        "`epsdpo prepare --output`, or a hub dataset id (with train_split). Required, here or in the YAML.")})
+    eval_data: str | None = field(default=None, metadata={"help": (
+        "Evaluation pairs, in the same forms as train_data. None: no evaluation.")})
+    train_split: str | None = field(default=None, metadata={"help": (
+        "Split of a hub dataset given as train_data, e.g. train. Ignored for a local file.")})
+    eval_split: str | None = field(default=None, metadata={"help": (
+        "Split of a hub dataset given as eval_data, e.g. test. Ignored for a local file.")})
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{f.name}={value!r} is invalid: must be a path or hub id (a string)")
+
+
 # Keys of a train YAML that say what to train on; everything else is a TrainConfig field.
-RUN_KEYS = ("model", "tokenizer", "ref_model", "train_data", "eval_data", "train_split", "eval_split")
+RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunArguments))
+
+# The words transformers' `string_to_bool` reads as a boolean flag's value.
+BOOL_WORDS = frozenset({"yes", "no", "true", "false", "t", "f", "y", "n", "1", "0"})
+NONE_WORDS = frozenset({"none", "null", "~"})
+
+TRAIN_USAGE = "epsdpo train CONFIG.yaml [--key value | --key=value ...] [--resume | --resume_from_checkpoint PATH]"
 
 
 def _load_data(source: Any, split: str | None) -> Any:
@@ -20,37 +71,171 @@ def _load_data(source: Any, split: str | None) -> Any:
     return datasets.load_dataset(source, split=split)
 
 
+def _train_fields() -> dict[str, Any]:
+    """Every `epsdpo train` key (run keys first) → its type hint."""
+    from epsdpo.config import TrainConfig
+
+    return {**typing.get_type_hints(RunArguments), **{
+        k: v for k, v in typing.get_type_hints(TrainConfig).items() if k in TrainConfig.__dataclass_fields__}}
+
+
+def _bool_flags() -> set[str]:
+    return {flag for name, hint in _train_fields().items() if hint is bool
+            for flag in (f"--{name}", f"--{name.replace('_', '-')}")}
+
+
+def _bare_bool_flags(args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """`--bf16 c.yaml`: a boolean flag takes the next word as its value only when that word is a
+    boolean, so it never swallows the config path. Returns the arguments and, for each word that
+    followed a bare flag, that flag (to explain the word if it turns out to be a mistyped value)."""
+    flags, out, after = _bool_flags(), [], {}
+    for i, arg in enumerate(args):
+        if arg == "--":
+            out += args[i:]
+            break
+        following = args[i + 1] if i + 1 < len(args) else None
+        if arg in flags and following is not None and not following.startswith("-") \
+                and following.lower() not in BOOL_WORDS:
+            out.append(f"{arg}=true")
+            after[following] = arg
+        else:
+            out.append(arg)
+    return out, after
+
+
+def _bool_value_error(flag: str, word: str) -> str:
+    return f"argument {flag}: {_expected_bool(word)}"
+
+
+def _expected_bool(word: str) -> str:
+    return f"expected a boolean (true/false, yes/no, 1/0), got {word!r}"
+
+
+def _to_bool(text: str) -> bool:
+    """A boolean flag's value, as transformers' `string_to_bool` reads it, with a shorter error."""
+    from transformers.hf_argparser import string_to_bool
+
+    try:
+        return string_to_bool(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(_expected_bool(text)) from None
+
+
+def _or_none(convert: Any) -> Any:
+    """A flag's type that also reads none/null/~ as None (for fields typed `X | None`)."""
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() in NONE_WORDS else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names the type in its errors
+    return parse
+
+
+@contextlib.contextmanager
+def _field_types_kept(*classes: type) -> Iterator[None]:
+    """`HfArgumentParser` overwrites each dataclass field's `.type` with the resolved hint (and
+    `X | None` with `X`); put the declared ones back."""
+    saved = [(f, f.type) for cls in classes for f in dataclasses.fields(cls)]
+    try:
+        yield
+    finally:
+        for f, kind in saved:
+            f.type = kind
+
+
+def _add_train_parser(sub: Any) -> argparse.ArgumentParser:
+    from epsdpo.config import TrainConfig
+
+    class TrainConfigArguments(TrainConfig):  # the same fields, under their own heading in --help
+        _argument_group_name = "TrainConfig fields (YAML keys or flags; TRL's names where TRL has the concept)"
+
+    with _field_types_kept(RunArguments, TrainConfig):
+        train = sub.add_parser(
+            "train", dataclass_types=[RunArguments, TrainConfigArguments], allow_abbrev=False,
+            formatter_class=argparse.RawDescriptionHelpFormatter, usage=TRAIN_USAGE,
+            help="train from a YAML config (TRL-style flags override it)",
+            description="Train from CONFIG.yaml, a mapping of the keys below: what to train on (model and\n"
+                        "train_data are required) and TrainConfig fields. Each key is also a flag, --key value or\n"
+                        "--key=value (underscores; the dashed spelling works too), that overrides the YAML. A\n"
+                        "boolean flag alone means true (--bf16) and also takes a value (--bf16 false, --bf16=no);\n"
+                        "--no_KEY sets a key that defaults to true to false. For a key that allows None, none\n"
+                        "(or null) sets it to None.",
+            epilog="examples:\n"
+                   "  epsdpo train run.yaml --learning_rate 1e-6 --layout=packed --bf16\n"
+                   "  epsdpo train run.yaml --resume                      # newest checkpoint in output_dir\n"
+                   "  epsdpo train run.yaml --resume_from_checkpoint out/checkpoint-200\n"
+                   "  torchrun --nproc_per_node 8 -m epsdpo train run.yaml --fsdp",
+        )
+    hints = _train_fields()
+    for action in train._actions:
+        if action.dest not in hints:
+            continue
+        if action.option_strings[0].startswith("--no_"):  # HfArgumentParser's complement of a True default
+            action.help = f"Set {action.dest} to false."
+        else:
+            if action.default is not None:  # the help says what None means
+                action.help = f"{action.help} (default: {action.default})".replace("%", "%%")
+            if hints[action.dest] is bool:
+                action.type = _to_bool
+            elif type(None) in typing.get_args(hints[action.dest]) and action.type is not None:
+                action.type = _or_none(action.type)
+                if action.choices is not None:
+                    action.choices = (*action.choices, None)
+        # Only the flags given reach the namespace, so they and only they override the YAML.
+        action.default = argparse.SUPPRESS
+    train.add_argument("config", metavar="CONFIG.yaml", help="the run's YAML: keys as listed below")
+    resume = train.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true",
+                        help="resume from the newest complete checkpoint in output_dir")
+    resume.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", metavar="PATH", default=None,
+                        help="resume from this checkpoint directory (TRL's name)")
+    train.set_defaults(func=cmd_train, parser=train)
+    return train
+
+
+def _usage_message(error: Exception, config: str, given: dict[str, Any]) -> str:
+    """One line naming the key, and where its value came from (the flag or the YAML)."""
+    text = " ".join(str(error).split())
+    text = text.split("; known keys: ")[0]
+    if text.startswith("unknown config keys"):
+        return f"{config}: {text}; `epsdpo train --help` lists the keys"
+    key = text.split("=", 1)[0]
+    if key in given:
+        return f"argument --{key}: {text}"
+    return text if text.startswith(f"{config}:") else f"{config}: {text}"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import yaml
 
     from epsdpo.config import TrainConfig
+
+    parser: argparse.ArgumentParser = args.parser
+    given = {k: v for k, v in vars(args).items() if k in _train_fields()}
+    if not Path(args.config).is_file():
+        flag = getattr(args, "bool_flag_before", {}).get(args.config)
+        parser.error(_bool_value_error(flag, args.config) if flag else f"{args.config}: no such file")
+    run = dict.fromkeys(RUN_KEYS)
+    try:
+        config = TrainConfig.from_yaml(args.config, given, extras=run)
+        run_args = RunArguments(**run)
+    except (ValueError, OSError) as error:
+        parser.error(_usage_message(error, args.config, given))
+    except yaml.YAMLError as error:
+        parser.error(f"{args.config}: not valid YAML: {' '.join(str(error).split())}")
+    missing = [k for k in ("model", "train_data") if getattr(run_args, k) is None]
+    if missing:
+        parser.error(f"{' and '.join(missing)} required (the model and the training data to use): set "
+                     f"{'them' if len(missing) > 1 else 'it'} in {args.config} or pass "
+                     + " ".join(f"--{k}" for k in missing))
+
     from epsdpo.trainer import Trainer
 
-    data = yaml.safe_load(Path(args.config).read_text()) or {}
-    run = {k: data.pop(k) for k in RUN_KEYS if k in data}
-    for override in args.overrides:
-        key, _, raw = override.removeprefix("--").partition("=")
-        if key.replace("-", "_") in RUN_KEYS:
-            run[key.replace("-", "_")] = raw
-        else:
-            try:
-                key, value = TrainConfig.parse_override(override)
-            except ValueError as error:
-                raise SystemExit(f"epsdpo train: {error}") from None
-            data[key] = value
-    missing = [k for k in ("model", "train_data") if k not in run]
-    if missing:
-        raise SystemExit(f"{args.config}: missing {missing} (the model and the training data to use)")
-    try:
-        config = TrainConfig.from_dict(data)
-    except ValueError as error:  # a usage error names the key; no traceback
-        raise SystemExit(f"epsdpo train: {args.config}: {error}") from None
     trainer = Trainer(
-        run["model"], config, _load_data(run["train_data"], run.get("train_split")),
-        tokenizer=run.get("tokenizer"), ref_model=run.get("ref_model"),
-        eval_dataset=_load_data(run["eval_data"], run.get("eval_split")) if "eval_data" in run else None,
+        run_args.model, config, _load_data(run_args.train_data, run_args.train_split),
+        tokenizer=run_args.tokenizer, ref_model=run_args.ref_model,
+        eval_dataset=None if run_args.eval_data is None else _load_data(run_args.eval_data, run_args.eval_split),
     )
-    trainer.train(resume_from_checkpoint=args.resume if args.resume != "latest" else True)
+    trainer.train(resume_from_checkpoint=True if args.resume else args.resume_from_checkpoint)
     if trainer.dist.is_main:
         print(f"done: {trainer.state.global_step} steps, β {trainer.kl.beta:.6g}; outputs in {config.output_dir}")
     return 0
@@ -80,52 +265,75 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _option(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
+    """`--name_with_underscores`, and its dashed spelling as an alias."""
+    spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    parser.add_argument(*spellings, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="epsdpo", description="ε-DPO preference training with a Rust data core.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from transformers import HfArgumentParser
 
-    train = sub.add_parser("train", help="train from a YAML config",
-                           description="Train from CONFIG.yaml: TrainConfig fields plus model, train_data "
-                                       "(and optionally tokenizer, ref_model, eval_data). --key=value overrides any of them.")
-    train.add_argument("config")
-    train.add_argument("--resume", nargs="?", const="latest", default=None,
-                       help="resume from a checkpoint directory, or the latest one in output_dir")
-    train.set_defaults(func=cmd_train)
+    parser = argparse.ArgumentParser(prog="epsdpo", description="ε-DPO preference training with a Rust data core.",
+                                     allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"epsdpo {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
+    _add_train_parser(sub)
 
-    prepare = sub.add_parser("prepare", help="tokenize and cache a preference dataset; print its report")
+    plain = dict(dataclass_types=(), allow_abbrev=False, formatter_class=argparse.HelpFormatter)
+    prepare = sub.add_parser("prepare", help="tokenize and cache a preference dataset; print its report", **plain)
     prepare.add_argument("data", help="a .jsonl/.json/.parquet file or a hub id")
-    prepare.add_argument("--tokenizer", required=True, help="tokenizer directory, .gguf file or hub id")
-    prepare.add_argument("--split", default=None)
-    prepare.add_argument("--max-length", type=int, default=None)
-    prepare.add_argument("--max-prompt-length", type=int, default=None)
-    prepare.add_argument("--cache-dir", default=None)
-    prepare.add_argument("--skip-invalid", action="store_true")
-    prepare.add_argument("--output", help="also save the store to this file")
-    prepare.set_defaults(func=cmd_prepare)
+    _option(prepare, "tokenizer", required=True, help="tokenizer directory, .gguf file or hub id")
+    _option(prepare, "split", default=None, help="split of a hub dataset")
+    _option(prepare, "max_length", type=int, default=None,
+            help="longest prompt + completion in tokens (default: no limit)")
+    _option(prepare, "max_prompt_length", type=int, default=None, help="longest prompt in tokens (default: no limit)")
+    _option(prepare, "cache_dir", default=None, help="cache the tokenized store here (default: no caching)")
+    _option(prepare, "skip_invalid", action="store_true", help="skip and count rows that cannot become pairs")
+    _option(prepare, "output", help="also save the store to this file (train on it with train_data: FILE.store)")
+    prepare.set_defaults(func=cmd_prepare, parser=prepare)
 
-    demo = sub.add_parser("demo", help="ε-DPO on SmolLM2-135M-Instruct with the bundled demo data (CPU, minutes)")
-    demo.add_argument("--output-dir", default=None)
-    demo.add_argument("--max-steps", type=int, default=None)
-    demo.add_argument("--batch-size", type=int, default=None)
-    demo.add_argument("--learning-rate", type=float, default=None)
-    demo.add_argument("--beta", type=float, default=None)
-    demo.add_argument("--epsilon", type=float, default=None)
-    demo.add_argument("--layout", choices=["padded", "packed", "shared_prompt"], default=None)
-    demo.add_argument("--eval-prompts", type=int, default=None)
-    demo.add_argument("--threads", type=int, default=None)
-    demo.add_argument("--bf16", action="store_true", default=None,
-                      help="compute in bf16 (autocast) over fp32 master weights, as training on a GPU does")
-    demo.set_defaults(func=cmd_demo)
+    demo = sub.add_parser("demo", help="ε-DPO on SmolLM2-135M-Instruct with the bundled demo data (CPU, minutes)",
+                          **plain)
+    _option(demo, "output_dir", default=None, help="where metrics, plots and the model go (default: outputs/demo)")
+    _option(demo, "max_steps", type=int, default=None, help="optimizer steps")
+    _option(demo, "batch_size", type=int, default=None, help="preference pairs per step")
+    _option(demo, "learning_rate", type=float, default=None)
+    _option(demo, "beta", type=float, default=None)
+    _option(demo, "epsilon", type=float, default=None)
+    _option(demo, "layout", choices=["padded", "packed", "shared_prompt"], default=None)
+    _option(demo, "eval_prompts", type=int, default=None, help="held-out prompts scored before and after training")
+    _option(demo, "threads", type=int, default=None, help="torch CPU threads")
+    _option(demo, "bf16", action="store_true", default=None,
+            help="compute in bf16 (autocast) over fp32 master weights, as training on a GPU does")
+    demo.set_defaults(func=cmd_demo, parser=demo)
     return parser
 
 
+def _unrecognized(parser: argparse.ArgumentParser, unknown: list[str], bool_flag_before: dict[str, str]) -> str:
+    """argparse's message, with the likely meant flag for a mistyped one."""
+    for word in unknown:
+        if word in bool_flag_before:
+            return _bool_value_error(bool_flag_before[word], word)
+    flags = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+    hints = []
+    for word in unknown:
+        key = word.split("=", 1)[0]
+        close = difflib.get_close_matches(key, flags, n=1) if key.startswith("--") else []
+        if close:
+            hints.append(f"{close[0]} for {key}" if len(unknown) > 1 else close[0])
+    return f"unrecognized arguments: {' '.join(unknown)}" + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if args.command == "train":
-        args.overrides = unknown
-    elif unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    bool_flag_before: dict[str, str] = {}
+    if argv[:1] == ["train"]:
+        argv[1:], bool_flag_before = _bare_bool_flags(argv[1:])
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.parser.error(_unrecognized(args.parser, unknown, bool_flag_before))
+    args.bool_flag_before = bool_flag_before
     return args.func(args)
 
 

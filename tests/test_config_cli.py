@@ -1,0 +1,260 @@
+"""`epsdpo train`'s flags and YAML (HfArgumentParser over TrainConfig and RunArguments), `prepare`'s
+flags and `--version`, without training: the Trainer is replaced by one that records its arguments."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+import epsdpo
+import epsdpo.data
+import epsdpo.models
+import epsdpo.trainer
+from epsdpo.cli import RUN_KEYS, RunArguments, build_parser, main
+from epsdpo.config import TrainConfig
+
+FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
+
+# A valid value other than the default for every TrainConfig field (but fp16, which bf16=True excludes).
+NON_DEFAULT = dict(
+    output_dir="runs/x", method="tr_dpo", beta=0.2, epsilon=0.05, epsilon_check=0.02, label_smoothing=0.1,
+    tr_dpo_tau=16, tr_dpo_alpha=0.5, beta_dpo_alpha=0.3, beta_dpo_momentum=0.8, beta_dpo_filter=0.5,
+    learning_rate=1e-5, per_device_train_batch_size=2, per_device_eval_batch_size=3, gradient_accumulation_steps=4,
+    num_train_epochs=2.5, max_steps=7, lr_scheduler_type="linear", warmup_ratio=0.0, weight_decay=0.01,
+    adam_beta1=0.8, adam_beta2=0.99, max_grad_norm=0.0, max_length=None, max_prompt_length=None,
+    truncation_mode="keep_start", layout="shared_prompt", group_by_length=True, max_tokens_per_batch=4096,
+    pad_to_multiple_of=8, skip_invalid=True, dataset_cache_dir="cache", seed=7, device="cpu", dtype="bfloat16",
+    bf16=True, fp16=False, gradient_checkpointing=True, fsdp=True, chunk_size=256, logging_steps=5, eval_steps=10,
+    save_steps=20, save_total_limit=2, overwrite_output_dir=True, report_to="none", plots=False, progress=False,
+)
+
+
+class RecordingTrainer:
+    calls: list[dict] = []
+
+    def __init__(self, model, config, train_dataset, tokenizer=None, ref_model=None, eval_dataset=None):
+        RecordingTrainer.calls.append(dict(model=model, config=config, train_dataset=train_dataset,
+                                           tokenizer=tokenizer, ref_model=ref_model, eval_dataset=eval_dataset))
+        self.dist = SimpleNamespace(is_main=True)
+        self.state = SimpleNamespace(global_step=0)
+        self.kl = SimpleNamespace(beta=config.beta)
+
+    def train(self, resume_from_checkpoint=None):
+        RecordingTrainer.calls[-1]["resume"] = resume_from_checkpoint
+
+
+@pytest.fixture
+def trainer(monkeypatch):
+    RecordingTrainer.calls = []
+    monkeypatch.setattr(epsdpo.trainer, "Trainer", RecordingTrainer)
+    return RecordingTrainer
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\ntrain_data: pairs.jsonl\nlearning_rate: 1e-3\nlayout: packed\n")
+    return str(path)
+
+
+def train(*argv):
+    assert main(["train", *argv]) == 0
+    return RecordingTrainer.calls[-1]
+
+
+def usage_error(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main(list(argv))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("usage: ") and len(lines) == 2, err  # usage, then one line of error
+    return lines[-1]
+
+
+def test_non_default_values_cover_every_field():
+    assert sorted(NON_DEFAULT) == sorted(FIELDS)
+    defaults = TrainConfig()
+    assert [k for k, v in NON_DEFAULT.items() if getattr(defaults, k) == v] == ["fp16"]  # not with bf16=True
+
+
+def test_help_lists_every_field_with_its_help(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "10000")  # no wrapping: each help text appears whole
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for f in [*dataclasses.fields(TrainConfig), *dataclasses.fields(RunArguments)]:
+        assert f"--{f.name}" in out, f.name
+        assert f.metadata["help"].strip() and f.metadata["help"] in out, f.name
+    assert "(default: 0.01)" in out  # epsilon's default
+    assert "--resume_from_checkpoint PATH" in out and "--no_plots" in out
+
+
+def test_building_the_parser_leaves_the_dataclass_field_types_alone():
+    before = [f.type for f in dataclasses.fields(TrainConfig)] + [f.type for f in dataclasses.fields(RunArguments)]
+    build_parser()
+    after = [f.type for f in dataclasses.fields(TrainConfig)] + [f.type for f in dataclasses.fields(RunArguments)]
+    assert after == before
+
+
+def test_yaml_values_and_defaults(trainer, cfg):
+    call = train(cfg)
+    assert call["model"] == "m" and call["train_dataset"] == "pairs.jsonl" and call["resume"] is None
+    assert call["tokenizer"] is None and call["ref_model"] is None and call["eval_dataset"] is None
+    config = call["config"]
+    assert (config.learning_rate, config.layout, config.beta, config.bf16) == (1e-3, "packed", 0.1, False)
+
+
+@pytest.mark.parametrize("spelling", [
+    ["--learning_rate", "2e-4", "--layout", "padded", "--max_length", "64", "--max_prompt_length", "32"],
+    ["--learning_rate=2e-4", "--layout=padded", "--max_length=64", "--max_prompt_length=32"],
+    ["--learning-rate", "2e-4", "--layout=padded", "--max-length=64", "--max-prompt-length", "32"],
+])
+def test_flags_override_the_yaml_in_either_spelling(trainer, cfg, spelling):
+    config = train(cfg, *spelling)["config"]
+    assert (config.learning_rate, config.layout, config.max_length, config.max_prompt_length) == (
+        2e-4, "padded", 64, 32)
+
+
+def test_run_keys_are_flags_too(trainer, cfg):
+    call = train(cfg, "--model", "other", "--train-data=t.store", "--eval_data", "e.jsonl", "--tokenizer=tok",
+                 "--ref_model", "ref")
+    assert (call["model"], call["train_dataset"], call["eval_dataset"], call["tokenizer"], call["ref_model"]) == (
+        "other", "t.store", "e.jsonl", "tok", "ref")
+
+
+@pytest.mark.parametrize("argv, bf16", [
+    (["--bf16"], True), (["--bf16", "true"], True), (["--bf16=false"], False), (["--bf16", "no"], False),
+    (["--bf16=1"], True),
+])
+def test_boolean_flags_as_in_trl(trainer, cfg, argv, bf16):
+    assert train(cfg, *argv)["config"].bf16 is bf16
+
+
+def test_a_bare_boolean_flag_does_not_swallow_the_config_path(trainer, cfg):
+    config = train("--bf16", cfg, "--no_plots", "--progress", "false")["config"]
+    assert (config.bf16, config.plots, config.progress) == (True, False, False)
+
+
+def test_none_for_the_fields_that_allow_it(trainer, cfg):
+    config = train(cfg, "--max_length", "none", "--max_prompt_length=None", "--dtype", "None", "--device=null",
+                   "--epsilon_check", "0.2", "--save_steps", "5")["config"]
+    assert (config.max_length, config.max_prompt_length, config.dtype, config.device) == (None, None, None, None)
+    assert (config.epsilon_check, config.save_steps) == (0.2, 5)
+
+
+def test_every_field_round_trips_through_yaml(trainer, tmp_path):
+    path = tmp_path / "all.yaml"
+    path.write_text(yaml.safe_dump({**NON_DEFAULT, "model": "m", "train_data": "d"}))
+    assert train(str(path))["config"].to_dict() == NON_DEFAULT
+    assert TrainConfig.from_dict(TrainConfig(**NON_DEFAULT).to_dict()) == TrainConfig(**NON_DEFAULT)
+
+
+def test_every_field_round_trips_through_flags(trainer, cfg):
+    def flag(key, value):
+        return f"--{key}={'none' if value is None else str(value).lower() if isinstance(value, bool) else value}"
+
+    assert train(cfg, *(flag(k, v) for k, v in NON_DEFAULT.items()))["config"].to_dict() == NON_DEFAULT
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--beta=abc"], "argument --beta: invalid float value: 'abc'"),
+    (["--max_steps", "2.5"], "argument --max_steps/--max-steps: invalid int value: '2.5'"),
+    (["--bf16=nope"], "argument --bf16: expected a boolean (true/false, yes/no, 1/0), got 'nope'"),
+    (["--bf16", "nope"], "argument --bf16: expected a boolean (true/false, yes/no, 1/0), got 'nope'"),
+    (["--layout", "ragged"], "argument --layout: invalid choice: 'ragged'"),
+    (["--epsilon", "2"], "argument --epsilon: epsilon=2.0 is invalid: must be in [0, 1)"),
+    (["--fp16", "--bf16"], "argument --fp16: fp16=True is invalid: must be False when bf16=True"),
+    (["--betta=0.2"], "unrecognized arguments: --betta=0.2 (did you mean --beta?)"),
+    (["--no_such_key", "1"], "unrecognized arguments: --no_such_key 1"),
+    (["--learn=1"], "unrecognized arguments: --learn=1"),  # no abbreviations
+    (["--resume", "--resume_from_checkpoint", "ck"], "not allowed with argument --resume"),
+])
+def test_flag_errors_are_one_line_usage_errors_naming_the_key(capsys, cfg, argv, message):
+    assert message in usage_error(capsys, "train", cfg, *argv)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("betta: 0.2\n", "unknown config keys ['betta'] (did you mean 'beta'?)"),
+    ("max-length: 64\n", "unknown config keys ['max-length'] (did you mean 'max_length'?)"),
+    ("bf16: nope\n", "bf16='nope' is invalid: must be a bool"),
+    ("max_steps: 2.5\n", "max_steps=2.5 is invalid: must be an integer"),
+    ("beta: abc\n", "beta='abc' is invalid: must be a finite number"),
+    ("learning_rate: .inf\n", "learning_rate=inf is invalid"),
+    ("train_data: [a, b]\n", "train_data=['a', 'b'] is invalid: must be a path or hub id"),
+])
+def test_yaml_errors_are_one_line_usage_errors_naming_the_key(capsys, tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\ntrain_data: d\n" + text)
+    line = usage_error(capsys, "train", str(path))
+    assert f"error: {path}: {message}" in line
+
+
+def test_other_config_file_errors(capsys, tmp_path):
+    assert "nope.yaml: no such file" in usage_error(capsys, "train", str(tmp_path / "nope.yaml"))
+    (tmp_path / "list.yaml").write_text("- a\n")
+    assert "expected a mapping of config keys, got list" in usage_error(capsys, "train", str(tmp_path / "list.yaml"))
+    (tmp_path / "broken.yaml").write_text("a: [\n")
+    assert "broken.yaml: not valid YAML" in usage_error(capsys, "train", str(tmp_path / "broken.yaml"))
+    (tmp_path / "empty.yaml").write_text("")
+    line = usage_error(capsys, "train", str(tmp_path / "empty.yaml"))
+    assert "model and train_data required" in line and "--model --train_data" in line
+    assert "the following arguments are required: CONFIG.yaml" in usage_error(capsys, "train")
+
+
+def test_resume_flags_keep_the_config_path(trainer, cfg):
+    assert train("--resume", cfg)["resume"] is True
+    assert train(cfg, "--resume")["resume"] is True
+    assert train("--resume_from_checkpoint", "out/checkpoint-4", cfg)["resume"] == "out/checkpoint-4"
+    assert train(cfg, "--resume-from-checkpoint=ck")["resume"] == "ck"
+    assert train(cfg)["resume"] is None
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"epsdpo {epsdpo.__version__}\n"
+
+
+@pytest.mark.parametrize("flags", [
+    ["--max_length", "64", "--max_prompt_length", "32", "--cache_dir", "c", "--skip_invalid", "--split", "train"],
+    ["--max-length", "64", "--max-prompt-length=32", "--cache-dir", "c", "--skip-invalid", "--split=train"],
+])
+def test_prepare_takes_the_underscore_flags_and_the_dashed_ones(monkeypatch, capsys, tmp_path, flags):
+    seen = {}
+
+    def load_preferences(data, tokenizer, **kwargs):
+        seen.update(kwargs, data=data, tokenizer=tokenizer)
+        return SimpleNamespace(save=lambda path: seen.update(saved=path)), "a report"
+
+    monkeypatch.setattr(epsdpo.models, "load_tokenizer", lambda source: f"tokenizer of {source}")
+    monkeypatch.setattr(epsdpo.data, "load_preferences", load_preferences)
+    (tmp_path / "pairs.jsonl").write_text("")
+    out = str(tmp_path / "pairs.store")
+    assert main(["prepare", str(tmp_path / "pairs.jsonl"), "--tokenizer", "tok", *flags, "--output", out]) == 0
+    assert seen == dict(data=str(tmp_path / "pairs.jsonl"), tokenizer="tokenizer of tok", max_length=64,
+                        max_prompt_length=32, cache_dir="c", skip_invalid=True, saved=out)
+    assert "a report" in capsys.readouterr().out
+
+
+def test_demo_takes_the_underscore_flags_and_the_dashed_ones():
+    args = build_parser().parse_args(["demo", "--max_steps", "3", "--output-dir", "o", "--learning_rate=1e-4",
+                                      "--bf16"])
+    assert (args.max_steps, args.output_dir, args.learning_rate, args.bf16) == (3, "o", 1e-4, True)
+
+
+def test_from_yaml_hands_the_run_keys_to_extras(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\ntrain_data: d\nbeta: 0.3\n")
+    run = dict.fromkeys(RUN_KEYS)
+    config = TrainConfig.from_yaml(path, {"max_steps": 3, "model": "n"}, extras=run)
+    assert (config.beta, config.max_steps) == (0.3, 3)
+    assert (run["model"], run["train_data"], run["eval_data"]) == ("n", "d", None)
+    with pytest.raises(ValueError, match=r"unknown config keys \['model', 'train_data'\]"):
+        TrainConfig.from_yaml(path)
