@@ -258,3 +258,17 @@ def test_from_yaml_hands_the_run_keys_to_extras(tmp_path):
     assert (run["model"], run["train_data"], run["eval_data"]) == ("n", "d", None)
     with pytest.raises(ValueError, match=r"unknown config keys \['model', 'train_data'\]"):
         TrainConfig.from_yaml(path)
+
+
+def test_a_used_output_dir_is_a_one_line_error(tmp_path):
+    from tiny import tiny_llama, toy_store
+
+    tiny_llama().save_pretrained(tmp_path / "model")
+    toy_store(16).save(tmp_path / "train.store")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "metrics.jsonl").write_text('{"step": 1}\n')
+    (tmp_path / "run.yaml").write_text(
+        f"model: {tmp_path / 'model'}\ntrain_data: {tmp_path / 'train.store'}\noutput_dir: {tmp_path / 'out'}\n"
+        "max_steps: 1\nmax_length: 32\nmax_prompt_length: 16\nprogress: false\n")
+    with pytest.raises(SystemExit, match=r"^epsdpo train: output_dir .* holds another run's outputs \(metrics.jsonl"):
+        main(["train", str(tmp_path / "run.yaml")])

@@ -131,8 +131,7 @@ def test_invalid_config_values_fail_at_construction(bad):
 def test_config_from_yaml_with_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("beta: 0.05\nlayout: packed\nmax_steps: 7\n")
-    key, value = TrainConfig.parse_override("--learning_rate=1e-5")
-    cfg = TrainConfig.from_yaml(path, {key: value})
+    cfg = TrainConfig.from_yaml(path, {"learning_rate": 1e-5})
     assert (cfg.beta, cfg.layout, cfg.max_steps, cfg.learning_rate) == (0.05, "packed", 7, 1e-5)
     with pytest.raises(ValueError, match="unknown config keys"):
         TrainConfig.from_dict({"betta": 0.1})

@@ -228,14 +228,19 @@ def cmd_train(args: argparse.Namespace) -> int:
                      f"{'them' if len(missing) > 1 else 'it'} in {args.config} or pass "
                      + " ".join(f"--{k}" for k in missing))
 
+    from epsdpo.checkpoint import CheckpointError
     from epsdpo.trainer import Trainer
 
-    trainer = Trainer(
-        run_args.model, config, _load_data(run_args.train_data, run_args.train_split),
-        tokenizer=run_args.tokenizer, ref_model=run_args.ref_model,
-        eval_dataset=None if run_args.eval_data is None else _load_data(run_args.eval_data, run_args.eval_split),
-    )
-    trainer.train(resume_from_checkpoint=True if args.resume else args.resume_from_checkpoint)
+    try:
+        trainer = Trainer(
+            run_args.model, config, _load_data(run_args.train_data, run_args.train_split),
+            tokenizer=run_args.tokenizer, ref_model=run_args.ref_model,
+            eval_dataset=None if run_args.eval_data is None else _load_data(run_args.eval_data, run_args.eval_split),
+        )
+        trainer.train(resume_from_checkpoint=True if args.resume else args.resume_from_checkpoint)
+    except (FileExistsError, FileNotFoundError, CheckpointError) as error:
+        # What the user fixes by choosing another folder or checkpoint: one line, no traceback
+        raise SystemExit(f"epsdpo train: {error}") from None
     if trainer.dist.is_main:
         print(f"done: {trainer.state.global_step} steps, β {trainer.kl.beta:.6g}; outputs in {config.output_dir}")
     return 0

@@ -267,25 +267,6 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def parse_override(cls, text: str) -> tuple[str, Any]:
-        """`key=value` from the command line, the value coerced to the field's type."""
-        key, sep, raw = text.removeprefix("--").partition("=")
-        key = key.replace("-", "_")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        if not sep or key not in fields:
-            raise ValueError(f"expected --key=value with key one of {sorted(fields)}, got {text!r}")
-        return key, _coerce(raw, typing.get_type_hints(cls)[key])
-
-
-def _coerce(raw: str, hint: Any) -> Any:
-    import yaml
-
-    value = yaml.safe_load(raw)  # numbers, booleans, null as YAML reads them
-    if str in (hint, *typing.get_args(hint)) and value is not None and not isinstance(value, str):
-        return raw
-    return _numeric(value, hint)
-
 
 def _numeric(value: Any, hint: Any) -> Any:
     """YAML 1.1 reads `1e-5` as a string and `3` as an int; numeric fields want numbers."""
