@@ -159,13 +159,16 @@ def _without_flex():
         scoring.flex_attention_available = saved
 
 
-def _layout_model(spec: dict[str, Any], device: torch.device, attn: str):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def _layout_model(spec: dict[str, Any], device: torch.device, attn: str, window: int | None = None):
+    """A random Llama, or with `window` a Mistral attending through a sliding window of that many
+    tokens (shorter than the sequences, so the window's convention matters)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 
     m = spec["layout_model"]
-    config = LlamaConfig(vocab_size=m["vocab"], hidden_size=m["hidden"], intermediate_size=2 * m["hidden"],
-                         num_hidden_layers=m["layers"], num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024)
+    shape = dict(vocab_size=m["vocab"], hidden_size=m["hidden"], intermediate_size=2 * m["hidden"],
+                 num_hidden_layers=m["layers"], num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=1024)
+    config = LlamaConfig(**shape) if window is None else MistralConfig(**shape, sliding_window=window)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn).to(device)
     if attn == "sdpa":
@@ -193,19 +196,22 @@ def _score(model, reference, batch, precision: str):
     return seq.policy.detach().double(), grad.double()
 
 
-def _paths(device: torch.device) -> list[tuple[str, str, list[str], Any]]:
-    """(path name, attn_implementation, layouts compared with padded, context forcing the path)."""
+def _paths(device: torch.device) -> list[tuple[str, str, list[str], Any, int | None]]:
+    """(path name, attn_implementation, layouts compared with padded, context forcing the path,
+    sliding window or None)."""
     from contextlib import nullcontext
 
-    paths = [("segment sdpa (per-segment loop)", "sdpa", ["packed"], _without_varlen_kernel)]
+    paths = [("segment sdpa (per-segment loop)", "sdpa", ["packed"], _without_varlen_kernel, None),
+             ("segment sdpa (per-segment loop), sliding window 6", "sdpa", ["packed"], _without_varlen_kernel, 6)]
     if device.type == "cuda" and attention._varlen_attn() is not None:
-        paths.append(("torch varlen_attn", "sdpa", ["packed"], nullcontext))
+        paths.append(("torch varlen_attn", "sdpa", ["packed"], nullcontext, None))
+        paths.append(("torch varlen_attn, sliding window 6", "sdpa", ["packed"], nullcontext, 6))
     if attention.flex_attention_available(device):
-        paths.append(("flex_attention (shared prompt)", "sdpa", ["shared_prompt"], nullcontext))
+        paths.append(("flex_attention (shared prompt)", "sdpa", ["shared_prompt"], nullcontext, None))
     else:
-        paths.append(("4-D mask (shared prompt)", "sdpa", ["shared_prompt"], _without_flex))
+        paths.append(("4-D mask (shared prompt)", "sdpa", ["shared_prompt"], _without_flex, None))
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        paths.append(("flash_attention_2 varlen", "flash_attention_2", ["packed"], nullcontext))
+        paths.append(("flash_attention_2 varlen", "flash_attention_2", ["packed"], nullcontext, None))
     return paths
 
 
@@ -216,12 +222,12 @@ def check_layouts(device: torch.device, spec: dict[str, Any]) -> list[dict[str, 
     index = np.arange(len(store), dtype=np.uint32)
     rows = []
     precisions = ["float32", "bfloat16"] if device.type == "cuda" else ["float32"]
-    for name, attn, layouts, forcing in _paths(device):
+    for name, attn, layouts, forcing, window in _paths(device):
         for precision in precisions:
             if "varlen" in name and precision == "float32":
                 continue  # the varlen kernels run in half precision only
-            model = _layout_model(spec, device, attn)
-            reference = _layout_model(spec, device, attn).requires_grad_(False).eval()
+            model = _layout_model(spec, device, attn, window)
+            reference = _layout_model(spec, device, attn, window).requires_grad_(False).eval()
             with forcing():
                 want, want_grad = _score(model, reference, epsdpo.Collator("padded")(store, index), precision)
                 for layout in layouts:
