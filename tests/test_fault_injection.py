@@ -281,8 +281,8 @@ def test_sigkill_while_pruning_an_old_checkpoint(worker, reference, tmp_path):
 
 # ------------------------------------------------------------------------------- a full disk
 PAGE = 4096
-WRITE_ORDER = ("model.safetensors", "training_state.pt", "kl_controller.bin", "sampler.bin", "config.json",
-               "trainer_state.json", MANIFEST)
+WRITE_ORDER = ("model.safetensors", "config.json", "generation_config.json", "training_state.pt", "kl_controller.bin",
+               "sampler.bin", "training_config.json", "trainer_state.json", MANIFEST)
 
 
 @pytest.fixture

@@ -10,6 +10,14 @@ whole checkpoint or none.
   one process or DDP. FSDP runs write `sharded/` with `torch.distributed.checkpoint` instead: every
   rank writes its own shards, and no rank ever holds the whole model. Either kind resumes into either
   kind of run.
+- A checkpoint is also a model folder, as a TRL checkpoint is: next to `model.safetensors` lie the
+  policy's `config.json` and `generation_config.json` (a PEFT policy: `adapter_config.json` and
+  `adapter_model.safetensors`, as PEFT writes them) and the tokenizer's files, so that
+  `AutoModelForCausalLM.from_pretrained("checkpoint-N")` loads the policy of step N. The run's own
+  settings are in `training_config.json`. A sharded (FSDP) checkpoint has `config.json` but no
+  `model.safetensors`, so `from_pretrained` cannot read it: its weights are DCP shards, for resuming
+  (or for `torch.distributed.checkpoint.format_utils.dcp_to_torch_save`); `final/` holds the
+  gathered model.
 - Nothing is unpickled with arbitrary classes: `training_state.pt` is read with
   `torch.load(weights_only=True)`, which accepts tensors and plain containers only.
 - `manifest.json`, written last, lists every file's size and SHA-256. Its presence marks a finished
@@ -18,6 +26,7 @@ whole checkpoint or none.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -35,7 +44,11 @@ from torch import nn
 PREFIX = "checkpoint-"
 MANIFEST = "manifest.json"  # written last: its presence marks a finished checkpoint
 TRAINER_STATE = "trainer_state.json"
+TRAINING_CONFIG = "training_config.json"  # the TrainConfig; config.json is the model's, as from_pretrained expects
 SHARDED = "sharded"
+# what save_pretrained writes in a safetensors header; transformers 4.x's from_pretrained refuses a file
+# whose metadata lacks it (safetensors' save_model writes metadata of its own for tied weights)
+SAFETENSORS_METADATA = {"format": "pt"}
 
 
 class CheckpointError(ValueError):
@@ -80,9 +93,46 @@ def _save_weights_unchecked(weights: nn.Module | dict[str, torch.Tensor], path: 
             tensor = tensor.contiguous()
             state[name] = tensor.clone() if tensor.data_ptr() in seen else tensor
             seen.add(tensor.data_ptr())
-        save_file(state, str(path))
+        save_file(state, str(path), metadata=dict(SAFETENSORS_METADATA))
     else:
-        save_model(weights, str(path))
+        save_model(weights, str(path), metadata=dict(SAFETENSORS_METADATA))
+
+
+def save_pretrained_files(folder: Path, model: nn.Module, tokenizer: Any = None) -> None:
+    """What `from_pretrained` reads next to `model.safetensors`: the model's `config.json` and
+    `generation_config.json`, or a PEFT policy's adapter files; and the tokenizer's files (a few MB,
+    so that a checkpoint is a complete model folder, as TRL's are).
+
+    The weights file itself holds the module's own state dict, which is what a transformers model
+    loads; a PEFT policy's holds the wrapped names instead, so its `config.json` would load a base
+    model with every weight missing: it gets the adapter files, which load the base model named in
+    them and apply the adapter of this step."""
+    from epsdpo.models import is_peft_model
+
+    if is_peft_model(model):
+        _save_adapter(folder, model)
+    elif hasattr(model, "config") and hasattr(model.config, "save_pretrained"):
+        config = copy.deepcopy(model.config)
+        # as save_pretrained does: the class (FSDP2 renames it) and the dtype of the weights written
+        config.architectures = [type(model).__name__.removeprefix("FSDP")]
+        if isinstance(getattr(model, "dtype", None), torch.dtype):
+            config.dtype = str(model.dtype).removeprefix("torch.")
+        write_file(folder / "config.json", lambda _: config.save_pretrained(folder))
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and callable(getattr(model, "can_generate", None)) and model.can_generate():
+            write_file(folder / "generation_config.json", lambda _: generation.save_pretrained(folder))
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        write_file(folder, lambda _: tokenizer.save_pretrained(folder))
+
+
+def _save_adapter(folder: Path, model: nn.Module) -> None:
+    from peft import get_peft_model_state_dict
+
+    name = model.active_adapter
+    state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+    write_file(folder / "adapter_model.safetensors",
+               lambda path: save_file(state, str(path), metadata=dict(SAFETENSORS_METADATA)))
+    write_file(folder / "adapter_config.json", lambda _: model.peft_config[name].save_pretrained(folder))
 
 
 def staging_dir(output_dir: Path, step: int) -> Path:
@@ -135,13 +185,17 @@ def save_checkpoint(
     save_total_limit: int | None = None,
     reference: nn.Module | dict[str, torch.Tensor] | None = None,
     extra_state: dict[str, Any] | None = None,
+    pretrained: nn.Module | None = None,
+    tokenizer: Any = None,
 ) -> Path:
     """Finish checkpoint `step` and rename it into place (rank 0).
 
     `model` (and `reference`, saved when it changes during training: TR-DPO) come as modules or full
     state dicts; pass `model=None` and `optimizer_state=None` when `save_sharded` has already written
-    them into the staging directory. `extra_state`: more tensors and plain values to restore (the fp16
-    loss scale)."""
+    them into the staging directory. `config`: the run's settings (`training_config.json`).
+    `extra_state`: more tensors and plain values to restore (the fp16 loss scale). `pretrained`: the
+    policy whose Hugging Face config (and `tokenizer`, whose files) make the checkpoint a folder
+    `from_pretrained` loads (`save_pretrained_files`); by default `model` when it is a module."""
     final = output_dir / f"{PREFIX}{step}"
     tmp = staging_dir(output_dir, step)
     if model is None:
@@ -152,12 +206,16 @@ def save_checkpoint(
         _save_weights(model, tmp / "model.safetensors")
         if reference is not None:
             _save_weights(reference, tmp / "reference.safetensors")
+    if pretrained is None and isinstance(model, nn.Module):
+        pretrained = model
+    if pretrained is not None:
+        save_pretrained_files(tmp, pretrained, tokenizer)
     training = {"scheduler": scheduler.state_dict(), "rng": rng_state(), "extra": extra_state or {}}
     if optimizer_state is not None:
         training["optimizer"] = optimizer_state
     write_file(tmp / "training_state.pt", lambda path: torch.save(training, path))
     for name, data in (("kl_controller.bin", kl_state), ("sampler.bin", sampler_state),
-                       ("config.json", json.dumps(config, indent=2).encode()),
+                       (TRAINING_CONFIG, json.dumps(config, indent=2).encode()),
                        (TRAINER_STATE, json.dumps(trainer_state, indent=2).encode())):
         write_file(tmp / name, lambda path, data=data: path.write_bytes(data))
     _write_manifest(tmp)

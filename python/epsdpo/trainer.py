@@ -107,7 +107,9 @@ class Trainer:
     policy's own base model, adapters off). Datasets are a `PreferenceStore`, a saved `.store`, a
     `datasets.Dataset` or a local `.jsonl` / `.json` / `.parquet` file in TRL's preference formats;
     raw text needs a `tokenizer` (by default the model's own). Outputs go under `config.output_dir`:
-    `metrics.jsonl`, checkpoints, `final/`, `beta_ledger.npz` and plots.
+    `metrics.jsonl`, checkpoints, `final/`, `beta_ledger.npz` and plots. Every `checkpoint-N/` and
+    `final/` loads with `AutoModelForCausalLM.from_pretrained` (a sharded FSDP checkpoint excepted: see
+    epsdpo.checkpoint).
     """
 
     def __init__(
@@ -428,7 +430,8 @@ class Trainer:
                                "world_size": self.dist.world_size, "log_history": self.metrics.history,
                                "beta_rule": self.method.beta_rule.state_dict()},
                 reference=reference, config=self.config.to_dict(), save_total_limit=self.config.save_total_limit,
-                extra_state={"loss_scaler": self.precision.state_dict()},
+                extra_state={"loss_scaler": self.precision.state_dict()}, pretrained=self.model,
+                tokenizer=self.tokenizer,
             )
         barrier(self.dist)  # no rank moves on (or prunes, or resumes) before the checkpoint is in place
 

@@ -1,0 +1,98 @@
+"""A run's outputs as a TRL user uses them: every checkpoint is a folder `from_pretrained` loads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_model
+
+from epsdpo.checkpoint import MANIFEST, TRAINING_CONFIG
+from epsdpo.trainer import Trainer
+from test_trainer import config
+from tiny import VOCAB, tiny_llama, toy_store
+
+IDS = torch.tensor([[3, 4, 5, 6, 7, 8]])
+
+
+def logits(model):
+    with torch.no_grad():
+        return model.eval()(IDS).logits
+
+
+def word_tokenizer():
+    """A fast tokenizer over the tiny models' vocabulary (pad 0, EOS 1), to see it saved and reloaded."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, VOCAB - 1)}, "<unk>": VOCAB - 1}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+# ------------------------------------------------------------------ checkpoints are model folders
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied_embeddings"])
+def test_every_checkpoint_loads_with_from_pretrained(tmp_path, tie):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trainer = Trainer(tiny_llama(0, tie=tie), config(tmp_path, max_steps=2, save_steps=1), toy_store(),
+                      tokenizer=word_tokenizer())
+    trainer.train()
+    out = tmp_path / "run"
+    for step in (1, 2):
+        checkpoint = out / f"checkpoint-{step}"
+        loaded, info = AutoModelForCausalLM.from_pretrained(checkpoint, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        # from_pretrained reads the weights resuming restores (epsdpo.checkpoint.load_checkpoint)
+        resumed = tiny_llama(1, tie=tie)
+        load_model(resumed, checkpoint / "model.safetensors")
+        torch.testing.assert_close(logits(loaded), logits(resumed), rtol=0, atol=0)
+        if tie:
+            assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+        assert AutoTokenizer.from_pretrained(checkpoint)("w5 w7")["input_ids"] == [5, 7]
+        # the run's own settings moved out of config.json, which is now the model's
+        assert json.loads((checkpoint / TRAINING_CONFIG).read_text()) == trainer.config.to_dict()
+        model_config = json.loads((checkpoint / "config.json").read_text())
+        assert (model_config["model_type"], model_config["architectures"]) == ("llama", ["LlamaForCausalLM"])
+        listed = set(json.loads((checkpoint / MANIFEST).read_text())["files"])
+        on_disk = {p.relative_to(checkpoint).as_posix() for p in checkpoint.rglob("*") if p.is_file()} - {MANIFEST}
+        assert listed == on_disk and {"config.json", "generation_config.json", TRAINING_CONFIG} <= listed
+    # the last checkpoint is the final model
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out / "checkpoint-2")),
+                               logits(trainer.model), rtol=0, atol=0)
+    assert not torch.equal(logits(AutoModelForCausalLM.from_pretrained(out / "checkpoint-1")), logits(trainer.model))
+
+
+def test_a_peft_checkpoint_loads_its_adapter_with_from_pretrained(tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama(0).save_pretrained(tmp_path / "base")  # the adapter names its base model by this path
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    policy = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    trainer = Trainer(policy, config(tmp_path, max_steps=2, save_steps=2, learning_rate=1e-2), toy_store())
+    trainer.train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert (checkpoint / "adapter_config.json").is_file() and not (checkpoint / "config.json").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(checkpoint)
+    torch.testing.assert_close(logits(loaded), logits(trainer.model), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits(loaded), logits(tiny_llama(0)), atol=1e-4)  # the adapter was applied
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_has_the_model_config(tmp_path):
+    from test_distributed import launch
+    from transformers import AutoConfig
+
+    if not Path(sys.executable).with_name("torchrun").exists() and shutil.which("torchrun") is None:
+        pytest.skip("torchrun is not installed")
+    launch(tmp_path / "fsdp", 2, 2, "fsdp")
+    checkpoint = tmp_path / "fsdp" / "checkpoint-2"
+    model_config = AutoConfig.from_pretrained(checkpoint)
+    assert model_config.model_type == "llama" and model_config.architectures == ["LlamaForCausalLM"]
+    assert (checkpoint / TRAINING_CONFIG).is_file() and (checkpoint / "sharded" / ".metadata").is_file()
