@@ -1,4 +1,5 @@
-"""A run's outputs as a TRL user uses them: every checkpoint is a folder `from_pretrained` loads."""
+"""A run's outputs as a TRL user uses them: every checkpoint is a folder `from_pretrained` loads, and
+evaluation ends the run and reaches the console."""
 
 from __future__ import annotations
 
@@ -96,3 +97,41 @@ def test_a_sharded_checkpoint_has_the_model_config(tmp_path):
     model_config = AutoConfig.from_pretrained(checkpoint)
     assert model_config.model_type == "llama" and model_config.architectures == ["LlamaForCausalLM"]
     assert (checkpoint / TRAINING_CONFIG).is_file() and (checkpoint / "sharded" / ".metadata").is_file()
+
+
+# ------------------------------------------------------------------------- evaluation at the end
+def evals(trainer):
+    return [r["step"] for r in trainer.state.log_history if "eval_loss" in r]
+
+
+@pytest.mark.parametrize("eval_steps,max_steps,expected", [(None, 3, [3]), (2, 3, [2, 3]), (2, 4, [2, 4])])
+def test_eval_data_is_evaluated_at_the_end_once(tmp_path, capsys, eval_steps, max_steps, expected):
+    trainer = Trainer(tiny_llama(0), config(tmp_path, max_steps=max_steps, eval_steps=eval_steps), toy_store(),
+                      eval_dataset=toy_store(16, seed=5))
+    trainer.train()
+    assert evals(trainer) == expected
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "eval_loss" in r] == expected
+    printed = [line for line in capsys.readouterr().out.splitlines() if " eval: " in line]
+    last = trainer.state.log_history[-1]
+    assert len(printed) == len(expected)
+    assert printed[-1] == (f"step {max_steps} eval: loss {last['eval_loss']:.4g} | rewards/accuracies "
+                           f"{last['eval_rewards/accuracies']:.4g} | rewards/margins {last['eval_rewards/margins']:.4g}"
+                           f" | kl/pair_beta_mean {last['eval_kl/pair_beta_mean']:.4g}")
+
+
+def test_no_eval_data_no_evaluation(tmp_path, capsys):
+    trainer = Trainer(tiny_llama(0), config(tmp_path, max_steps=2), toy_store())
+    trainer.train()
+    assert evals(trainer) == [] and " eval: " not in capsys.readouterr().out
+
+
+def test_the_final_evaluation_keeps_resume_exact(tmp_path):
+    eval_data = toy_store(16, seed=5)
+    full = Trainer(tiny_llama(0), config(tmp_path, max_steps=4, save_steps=2), toy_store(), eval_dataset=eval_data)
+    full.train()
+    resumed = Trainer(tiny_llama(0), config(tmp_path / "resumed", max_steps=4), toy_store(), eval_dataset=eval_data)
+    resumed.train(resume_from_checkpoint=tmp_path / "run" / "checkpoint-2")
+    strip = lambda history: [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in history]  # noqa: E731
+    assert strip(resumed.state.log_history) == strip(full.state.log_history)
+    assert evals(full) == [4]

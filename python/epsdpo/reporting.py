@@ -1,5 +1,6 @@
 """Where logged metrics go: the in-memory history, `metrics.jsonl`, and optionally TensorBoard or
-Weights & Biases. Only rank 0 writes."""
+Weights & Biases; an evaluation's main metrics also go to the console (`eval_summary`). Only rank 0
+writes."""
 
 from __future__ import annotations
 
@@ -51,3 +52,13 @@ class MetricsLog:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+EVAL_SUMMARY = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_kl/pair_beta_mean")
+
+
+def eval_summary(step: int, metrics: dict[str, float]) -> str:
+    """One console line with an evaluation's main metrics, e.g.
+    `step 40 eval: loss 0.6712 | rewards/accuracies 0.625 | rewards/margins 0.0413 | kl/pair_beta_mean 0.0987`."""
+    shown = [f"{key.removeprefix('eval_')} {metrics[key]:.4g}" for key in EVAL_SUMMARY if key in metrics]
+    return f"step {step} eval: " + " | ".join(shown)

@@ -55,7 +55,7 @@ from epsdpo.methods import build_method
 from epsdpo.scoring import batch_logps
 from epsdpo.models import AdapterFreeReference, default_reference, load_causal_lm, load_tokenizer
 from epsdpo.precision import Precision, check_trainable_precision, fsdp_mixed_precision, torch_dtype
-from epsdpo.reporting import MetricsLog
+from epsdpo.reporting import MetricsLog, eval_summary
 from epsdpo.sharding import full_model_state, grad_norm_value, shard
 from epsdpo.step_metrics import StepSums
 
@@ -312,8 +312,9 @@ class Trainer:
     # ---------------------------------------------------------------------------- public API
     def train(self, resume_from_checkpoint: str | Path | bool | None = None) -> TrainerState:
         """Train to `max_steps` (or `num_train_epochs`), logging, evaluating and saving on the way,
-        then write `final/`, `beta_ledger.npz` and plots. `resume_from_checkpoint`: a checkpoint
-        folder, or True for the newest in `output_dir`; the run then continues exactly."""
+        evaluate once more at the end when there is eval data (unless the last step just was), then
+        write `final/`, `beta_ledger.npz` and plots. `resume_from_checkpoint`: a checkpoint folder,
+        or True for the newest in `output_dir`; the run then continues exactly."""
         c = self.config
         if resume_from_checkpoint:
             self._resume(resolve_checkpoint(self.output_dir, resume_from_checkpoint))
@@ -332,8 +333,8 @@ class Trainer:
                 metrics["tokens_per_second"] = metrics.pop("real_tokens") / (now - last)
                 if step % c.logging_steps == 0 or step == self.state.max_steps:
                     self.metrics.log({"step": step, **metrics})
-                if c.eval_steps and self.eval_store is not None and step % c.eval_steps == 0:
-                    self.metrics.log({"step": step, **self.evaluate()})
+                if self._eval_due(step):
+                    self._evaluate_and_log(step)
                 if c.save_steps and step % c.save_steps == 0:
                     self._save_checkpoint(sampler_state)
                 if progress is not None:
@@ -343,12 +344,28 @@ class Trainer:
         finally:
             if progress is not None:
                 progress.close()
+        if self.eval_store is not None and not self._eval_due(self.state.global_step):
+            self._evaluate_and_log(self.state.global_step)
         self.state.log_history = self.metrics.history
         self.save_model(self.output_dir / "final")
         if self.dist.is_main:
             self._write_outputs()
         barrier(self.dist)  # no rank leaves (and tears down its process group) while rank 0 writes
         return self.state
+
+    def _eval_due(self, step: int) -> bool:
+        """Whether eval_steps evaluates at `step` (so the end of training need not again)."""
+        return bool(self.config.eval_steps and self.eval_store is not None and step % self.config.eval_steps == 0)
+
+    def _evaluate_and_log(self, step: int) -> None:
+        """Evaluate (every rank), log the metrics, and print their main ones as one console line (rank
+        0): metrics.jsonl alone leaves an interactive run blind to its held-out numbers."""
+        metrics = self.evaluate()
+        self.metrics.log({"step": step, **metrics})
+        if self.dist.is_main:
+            from tqdm.auto import tqdm
+
+            tqdm.write(eval_summary(step, metrics))  # above a progress bar, not through it
 
     def _progress_bar(self) -> Any:
         if not (self.config.progress and self.dist.is_main):
