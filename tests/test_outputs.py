@@ -1,9 +1,10 @@
-"""A run's outputs as a TRL user uses them: every checkpoint is a folder `from_pretrained` loads, and
-evaluation ends the run and reaches the console."""
+"""A run's outputs as a TRL user uses them: checkpoints and final/ load with `from_pretrained`, final/
+has a model card, and evaluation ends the run and reaches the console."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ import torch
 from safetensors.torch import load_model
 
 from epsdpo.checkpoint import MANIFEST, TRAINING_CONFIG
+from epsdpo.config import TrainConfig
+from epsdpo.model_card import RunFacts, model_card
 from epsdpo.trainer import Trainer
 from test_trainer import config
 from tiny import VOCAB, tiny_llama, toy_store
@@ -97,6 +100,51 @@ def test_a_sharded_checkpoint_has_the_model_config(tmp_path):
     model_config = AutoConfig.from_pretrained(checkpoint)
     assert model_config.model_type == "llama" and model_config.architectures == ["LlamaForCausalLM"]
     assert (checkpoint / TRAINING_CONFIG).is_file() and (checkpoint / "sharded" / ".metadata").is_file()
+
+
+# ------------------------------------------------------------------------------- the model card
+def test_final_has_a_model_card_with_the_beta_plot(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    toy_store().save(tmp_path / "pairs.store")
+    trainer = Trainer(tiny_llama(0), config(tmp_path, max_steps=3, plots=True), str(tmp_path / "pairs.store"),
+                      eval_dataset=toy_store(16, seed=5))
+    trainer.train()
+    final = tmp_path / "run" / "final"
+    card = (final / "README.md").read_text()
+    history = trainer.state.log_history
+    last_train = [r for r in history if "loss" in r][-1]
+    last_eval = [r for r in history if "eval_loss" in r][-1]
+    for expected in ("library_name: transformers", "ε-DPO (`epsilon_dpo`)",
+                     f"| β | 0.1 at the start, {trainer.kl.beta:.6g} at the end |",
+                     "| ε | 0.1 (ε_c", "| training data | 64 preference pairs (`" + str(tmp_path / "pairs.store") + "`) |",
+                     "| evaluation data | 16 preference pairs |", "| optimizer steps | 3 |",
+                     f"| loss | {last_train['loss']:.4g} | 3 |",
+                     f"| rewards/accuracies | {last_train['rewards/accuracies']:.4g} | 3 |",
+                     f"| rewards/margins | {last_train['rewards/margins']:.4g} | 3 |",
+                     f"| eval_loss | {last_eval['eval_loss']:.4g} | 3 |",
+                     f"| eval_rewards/accuracies | {last_eval['eval_rewards/accuracies']:.4g} | 3 |"):
+        assert expected in card, expected
+    assert trainer.kl.beta != 0.1  # so the card's two β are two values
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", card)
+    assert images == ["beta.png"]
+    assert (final / images[0]).read_bytes() == (tmp_path / "run" / "plots" / "beta.png").read_bytes()
+    AutoModelForCausalLM.from_pretrained(final)  # the card does not get in the model's way
+
+
+def test_model_card_without_plot_names_only_hub_ids_in_its_metadata(tmp_path):
+    cfg = TrainConfig(output_dir=str(tmp_path / "mine"), method="dpo", beta=0.2)
+    (tmp_path / "local").mkdir()
+    run = RunFacts(steps=5, beta_initial=0.2, beta_final=0.2, train_pairs=10, base_model=str(tmp_path / "local"),
+                   train_data="someone/pairs", history=[{"step": 5, "loss": 0.5}])
+    card = model_card(cfg, run)
+    assert card.startswith("---\nlibrary_name: transformers\ndatasets:\n- someone/pairs\ntags:")
+    assert "base_model:" not in card  # a local folder is no hub id
+    assert f"fine-tuned from `{tmp_path / 'local'}` with DPO" in card
+    assert "| ε | not used by DPO |" in card and "| evaluation data | none |" in card
+    assert "| loss | 0.5 | 5 |" in card and "![" not in card
+    assert model_card(cfg, RunFacts(steps=1, beta_initial=0.2, beta_final=0.2, train_pairs=1,
+                                    base_model="org/model")).count("base_model: org/model") == 1
 
 
 # ------------------------------------------------------------------------- evaluation at the end

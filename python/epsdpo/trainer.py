@@ -52,6 +52,7 @@ from epsdpo.distributed import DistInfo, all_reduce_sum, barrier, gradient_sync,
 from epsdpo.feed import CycleFeed, as_store, check_vocabulary, filler_batch, make_collator, make_sampler
 from epsdpo.loss import epsilon_dpo_loss, kl_steps, pair_log_ratio
 from epsdpo.methods import build_method
+from epsdpo.model_card import RunFacts, describe_source, write_model_card
 from epsdpo.scoring import batch_logps
 from epsdpo.models import AdapterFreeReference, default_reference, load_causal_lm, load_tokenizer
 from epsdpo.precision import Precision, check_trainable_precision, fsdp_mixed_precision, torch_dtype
@@ -107,9 +108,9 @@ class Trainer:
     policy's own base model, adapters off). Datasets are a `PreferenceStore`, a saved `.store`, a
     `datasets.Dataset` or a local `.jsonl` / `.json` / `.parquet` file in TRL's preference formats;
     raw text needs a `tokenizer` (by default the model's own). Outputs go under `config.output_dir`:
-    `metrics.jsonl`, checkpoints, `final/`, `beta_ledger.npz` and plots. Every `checkpoint-N/` and
-    `final/` loads with `AutoModelForCausalLM.from_pretrained` (a sharded FSDP checkpoint excepted: see
-    epsdpo.checkpoint).
+    `metrics.jsonl`, checkpoints, `final/` (with its model card, README.md), `beta_ledger.npz` and
+    plots. Every `checkpoint-N/` and `final/` loads with `AutoModelForCausalLM.from_pretrained`
+    (a sharded FSDP checkpoint excepted: see epsdpo.checkpoint).
     """
 
     def __init__(
@@ -127,6 +128,9 @@ class Trainer:
         auto = f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(config.device or auto)
         self.output_dir = Path(config.output_dir)
+        # named on the model card: paths and hub ids as given, before loading turns them into objects
+        self.sources = {"model": describe_source(model), "train": describe_source(train_dataset),
+                        "eval": describe_source(eval_dataset)}
         self.tokenizer = self._setup_tokenizer(tokenizer, model)
         self._setup_models(model, ref_model)
         self._setup_distribution()
@@ -313,8 +317,8 @@ class Trainer:
     def train(self, resume_from_checkpoint: str | Path | bool | None = None) -> TrainerState:
         """Train to `max_steps` (or `num_train_epochs`), logging, evaluating and saving on the way,
         evaluate once more at the end when there is eval data (unless the last step just was), then
-        write `final/`, `beta_ledger.npz` and plots. `resume_from_checkpoint`: a checkpoint folder,
-        or True for the newest in `output_dir`; the run then continues exactly."""
+        write `final/` with its model card, `beta_ledger.npz` and plots. `resume_from_checkpoint`: a
+        checkpoint folder, or True for the newest in `output_dir`; the run then continues exactly."""
         c = self.config
         if resume_from_checkpoint:
             self._resume(resolve_checkpoint(self.output_dir, resume_from_checkpoint))
@@ -510,6 +514,7 @@ class Trainer:
         self.metrics.restore(trainer_state["log_history"])
 
     def _write_outputs(self) -> None:
+        """Rank 0, after `final/` is written: the β ledger, the plots and final/'s model card."""
         ledger = self.kl.ledger()
         write_file(self.output_dir / "beta_ledger.npz",
                    lambda path: np.savez(path, beta_history=self.kl.beta_history(), **ledger))
@@ -517,4 +522,15 @@ class Trainer:
             from epsdpo.plots import plot_run
 
             plot_run(self.metrics.history, self.output_dir / "plots")
+        self._write_model_card(self.output_dir / "final")
         self.metrics.close()
+
+    def _write_model_card(self, final: Path) -> None:
+        run = RunFacts(
+            steps=self.state.global_step, beta_initial=float(self.kl.beta_history()[0]), beta_final=self.kl.beta,
+            train_pairs=len(self.train_store), world_size=self.dist.world_size, history=self.metrics.history,
+            base_model=self.sources["model"], train_data=self.sources["train"],
+            eval_pairs=None if self.eval_store is None else len(self.eval_store), eval_data=self.sources["eval"],
+        )
+        plot = self.output_dir / "plots" / "beta.png" if self.config.plots else None
+        write_file(final / "README.md", lambda _: write_model_card(final, self.config, run, plot))
