@@ -1,5 +1,6 @@
 """A run's outputs as a TRL user uses them: checkpoints and final/ load with `from_pretrained`, final/
-has a model card, and evaluation ends the run and reaches the console."""
+has a model card, evaluation ends the run and reaches the console, and the logged learning rate
+means what TRL's does."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_model
@@ -17,7 +19,7 @@ from epsdpo.checkpoint import MANIFEST, TRAINING_CONFIG
 from epsdpo.config import TrainConfig
 from epsdpo.model_card import RunFacts, model_card
 from epsdpo.trainer import Trainer
-from test_trainer import config
+from test_trainer import config, series
 from tiny import VOCAB, tiny_llama, toy_store
 
 IDS = torch.tensor([[3, 4, 5, 6, 7, 8]])
@@ -183,3 +185,41 @@ def test_the_final_evaluation_keeps_resume_exact(tmp_path):
     strip = lambda history: [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in history]  # noqa: E731
     assert strip(resumed.state.log_history) == strip(full.state.log_history)
     assert evals(full) == [4]
+
+
+# ------------------------------------------------------------------------------ the learning rate
+PEAK = 1e-3
+
+
+def test_logged_learning_rate_is_the_one_each_step_used(tmp_path):
+    """Two of four steps warm up (ceil(0.5 · 4)), then cosine decay: the log shows the rate each step
+    applied, so the first step logs 0.0, not the rate of the step after it."""
+    trainer = Trainer(tiny_llama(0), config(tmp_path, max_steps=4, warmup_ratio=0.5, lr_scheduler_type="cosine",
+                                            learning_rate=PEAK), toy_store())
+    trainer.train()
+    np.testing.assert_allclose(series(trainer, "learning_rate"), [0.0, PEAK / 2, PEAK, PEAK / 2], rtol=1e-12)
+
+
+def test_logged_learning_rate_matches_transformers_trainer(tmp_path):
+    """TRL's DPOTrainer logs what transformers' Trainer logs; run that on the same schedule."""
+    import dataclasses
+
+    import transformers
+    from transformers import TrainingArguments
+    from transformers import Trainer as HFTrainer
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("pinned to the transformers TRL 1.16 runs on (5.x)")
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    warmup = {"warmup_ratio": 0.5} if "warmup_ratio" in names else {"warmup_steps": 0.5}
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=4, learning_rate=PEAK, lr_scheduler_type="cosine",
+                             logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
+                             per_device_train_batch_size=2, **warmup)
+    rows = [{"input_ids": torch.arange(2, 10), "labels": torch.arange(2, 10)} for _ in range(8)]
+    hf = HFTrainer(model=tiny_llama(0), args=args, train_dataset=rows)
+    hf.train()
+    theirs = [r["learning_rate"] for r in hf.state.log_history if "learning_rate" in r]
+    ours = Trainer(tiny_llama(0), config(tmp_path, max_steps=4, warmup_ratio=0.5, lr_scheduler_type="cosine",
+                                         learning_rate=PEAK), toy_store())
+    ours.train()
+    np.testing.assert_allclose(series(ours, "learning_rate"), theirs, rtol=1e-12)

@@ -274,6 +274,11 @@ class Trainer:
             pairs = [i for b in batches for i in b["pair_ids"].tolist()]
             raise NonFiniteError(f"step {step}: non-finite gradient norm for pair ids {pairs}; nothing of this step "
                                  "was saved")
+        # The learning rate logged for step k is the one step k used, read before the scheduler moves on.
+        # This is TRL's meaning: transformers' Trainer (which TRL 1.16's DPOTrainer runs, transformers 5)
+        # reads get_last_lr() after optimizer.step() and before lr_scheduler.step() ("get learning rate
+        # before update"), and counts ceil(warmup ratio · total) warm-up steps as _setup_optimization
+        # does; so with warm-up the first step logs 0.0, under TRL too (tests/test_outputs.py runs both).
         lr = self.scheduler.get_last_lr()[0]
         applied = self.precision.step(self.optimizer)
         if applied:
