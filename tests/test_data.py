@@ -400,6 +400,33 @@ def test_hub_id_offline_says_so(tok: Any, monkeypatch: pytest.MonkeyPatch) -> No
     assert "unreachable" in str(err.value) and "local path" in str(err.value)
 
 
+def test_hub_dataset_with_a_split_fails_at_once_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`epsdpo train`/`prepare` with a split load a hub dataset themselves: the same quick check comes first."""
+    import datasets.config
+
+    from epsdpo import hub
+    from epsdpo.cli import _load_data
+
+    def no_download(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("datasets.load_dataset reached with the hub unreachable")
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "offline_mode", lambda: False)
+    monkeypatch.setattr(hub, "reachable", lambda timeout=hub.PROBE_TIMEOUT: False)
+    monkeypatch.setattr(datasets, "load_dataset", no_download)
+    with pytest.raises(DataSourceError, match=r"'someone/some-prefs' is not a local file, and the Hugging Face Hub is unreachable"):
+        _load_data("someone/some-prefs", "train")
+
+    def not_cached(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionError("offline mode is enabled")
+
+    monkeypatch.setattr(hub, "offline_mode", lambda: True)  # offline: only the local cache is asked
+    monkeypatch.setattr(datasets, "load_dataset", not_cached)
+    with pytest.raises(DataSourceError, match=r"could not load 'someone/some-prefs'.*HF_HUB_OFFLINE=1"):
+        _load_data("someone/some-prefs", "train")
+    assert _load_data("someone/some-prefs", None) == "someone/some-prefs"  # load_preferences reads it
+
+
 # --- cache -----------------------------------------------------------------------------------
 
 

@@ -63,12 +63,13 @@ TRAIN_USAGE = "epsdpo train CONFIG.yaml [--key value | --key=value ...] [--resum
 
 
 def _load_data(source: Any, split: str | None) -> Any:
-    """A local file as given; `split` picks a split of a hub dataset."""
+    """A local file as given; `split` picks a split of a hub dataset, loaded as `load_preferences`
+    loads one (offline, at once with the hint instead of after a minute of retries)."""
     if split is None or Path(source).exists():
         return source
-    import datasets
+    from epsdpo.data.sources import load_hub_dataset
 
-    return datasets.load_dataset(source, split=split)
+    return load_hub_dataset(source, split)[0]
 
 
 def _train_fields() -> dict[str, Any]:

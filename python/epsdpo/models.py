@@ -1,7 +1,9 @@
 """Loading policies, tokenizers and reference models from whatever the user has.
 
-A model may be an `nn.Module`, a local directory, a `.gguf` file, or a hub id (only where a hub is
-reachable). The reference model defaults to a frozen copy of the initial policy.
+A model may be an `nn.Module`, a local directory, a `.gguf` file, or a hub id: downloaded where the hub
+answers; offline (`HF_HUB_OFFLINE`, or no answer to one quick request) only one already in the local
+Hugging Face cache, and any other fails at once. The reference model defaults to a frozen copy of the
+initial policy.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from epsdpo.hub import unavailable_reason
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -47,11 +51,35 @@ def _pretrained_args(source: str | Path) -> tuple[str, dict[str, Any]]:
     return str(source), {}
 
 
-def _offline_hint(source: str | Path, error: Exception) -> OSError:
+def _offline_hint(source: str | Path, error: Exception, why: str | None = None) -> OSError:
+    asked = f"the hub was not asked ({why}) and the local Hugging Face cache lacks it" if why else "the hub did not answer"
     return OSError(
-        f"could not load {str(source)!r}: it is not a local directory or .gguf file, and the hub did "
-        f"not answer ({type(error).__name__}: {error}). Offline, pass a local path."
+        f"could not load {str(source)!r}: it is not a local directory or .gguf file, and {asked} "
+        f"({type(error).__name__}: {error}). Offline, pass a local path."
     )
+
+
+# What keeps `from_pretrained` to the local Hugging Face cache. AutoModel's check for a PEFT adapter
+# ignores `local_files_only` (transformers 5) and reads its own `adapter_kwargs`: without them that one
+# request is still retried, for 23 s with no network.
+_LOCAL_ONLY = {"local_files_only": True}
+_MODEL_LOCAL_ONLY = {**_LOCAL_ONLY, "adapter_kwargs": {"local_files_only": True}}
+
+
+def _from_pretrained(load: Any, source: str | Path, name: str, local_only: dict[str, Any], **kwargs: Any) -> Any:
+    """`load(name, **kwargs)` (a transformers `from_pretrained`). A hub id on a machine without the hub
+    (offline mode, or no answer to one quick request) is looked up in the local Hugging Face cache only,
+    with `local_only` added: transformers would otherwise retry for a minute and more before failing."""
+    local = Path(name).exists()
+    why = None if local else unavailable_reason()
+    if why is not None:
+        kwargs.update(local_only)
+    try:
+        return load(name, **kwargs)
+    except OSError as error:
+        if local:
+            raise
+        raise _offline_hint(source, error, why) from error
 
 
 def load_causal_lm(source: str | Path | nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
@@ -62,12 +90,8 @@ def load_causal_lm(source: str | Path | nn.Module, dtype: torch.dtype | None = N
     from transformers import AutoModelForCausalLM
 
     name, kwargs = _pretrained_args(source)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32, **kwargs)
-    except OSError as error:
-        if Path(name).exists():
-            raise
-        raise _offline_hint(source, error) from error
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, source, name, _MODEL_LOCAL_ONLY,
+                             dtype=dtype or torch.float32, **kwargs)
     if "gguf_file" in kwargs:
         _forget_gguf_quantization(model)
     return model
@@ -93,12 +117,7 @@ def load_tokenizer(source: str | Path | nn.Module) -> Any:
             raise ValueError("pass `tokenizer=`: the model object does not say where it came from")
         source = name
     name, kwargs = _pretrained_args(source)
-    try:
-        return AutoTokenizer.from_pretrained(name, **kwargs)
-    except OSError as error:
-        if Path(name).exists():
-            raise
-        raise _offline_hint(source, error) from error
+    return _from_pretrained(AutoTokenizer.from_pretrained, source, name, _LOCAL_ONLY, **kwargs)
 
 
 def is_peft_model(model: Any) -> bool:

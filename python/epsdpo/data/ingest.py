@@ -596,9 +596,9 @@ def _tokenize_batch(rows: _Rows, fmt: Format, enc: BatchEncoder, templater: _Tem
 
 def _resolve_tokenizer(tokenizer: Any) -> Any:
     if isinstance(tokenizer, (str, os.PathLike)):
-        from transformers import AutoTokenizer
+        from epsdpo.models import load_tokenizer  # a hub id offline fails at once, with the hint
 
-        return AutoTokenizer.from_pretrained(os.fspath(tokenizer))
+        return load_tokenizer(os.fspath(tokenizer))
     return tokenizer
 
 

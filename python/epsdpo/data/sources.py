@@ -13,8 +13,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import socket
-import urllib.parse
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -22,7 +20,10 @@ from typing import Any
 
 from epsdpo.data import cache as _cache
 
-__all__ = ["COLUMNS", "FILE_SUFFIXES", "DataSourceError", "RowSource", "UnreadableRow", "check_columns", "open_source"]
+__all__ = [
+    "COLUMNS", "FILE_SUFFIXES", "DataSourceError", "RowSource", "UnreadableRow", "check_columns", "load_hub_dataset",
+    "open_source",
+]
 
 COLUMNS = ("prompt", "chosen", "rejected")
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
@@ -245,25 +246,12 @@ def _pick_split(dataset_dict: Mapping[str, Any], split: str | None, what: str) -
     return dataset_dict[split], split
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick connect to the hub endpoint, so offline machines fail in seconds, not after the
-    minute of retries ``datasets`` would spend."""
-    from huggingface_hub import constants
-
-    url = urllib.parse.urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname or "", port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _hub_offline_mode() -> bool:
     import datasets.config
-    from huggingface_hub import constants
 
-    return bool(datasets.config.HF_HUB_OFFLINE or constants.HF_HUB_OFFLINE)
+    from epsdpo import hub
+
+    return bool(datasets.config.HF_HUB_OFFLINE) or hub.offline_mode()
 
 
 def open_source(source: Any, split: str | None) -> RowSource:
@@ -302,7 +290,7 @@ def open_source(source: Any, split: str | None) -> RowSource:
         return _FileSource(path)
     if looks_like_file and not _looks_like_hub_id(text):
         raise DataSourceError(f"{text}: no such file")
-    return _DatasetSource(*_load_hub(text, split))
+    return _DatasetSource(*load_hub_dataset(text, split))
 
 
 def _looks_like_hub_id(text: str) -> bool:
@@ -310,14 +298,19 @@ def _looks_like_hub_id(text: str) -> bool:
     return 1 <= len(parts) <= 2 and all(p and not p.startswith(".") for p in parts) and not text.endswith(FILE_SUFFIXES)
 
 
-def _load_hub(name: str, split: str | None) -> tuple[Any, str]:
+def load_hub_dataset(name: str, split: str | None) -> tuple[Any, str]:
+    """A hub dataset (the split's ``Dataset``) and its description. Offline mode loads only from the
+    local Hugging Face cache; otherwise one quick request (:func:`epsdpo.hub.reachable`) comes first, so
+    an offline machine fails in seconds, not after the minute of retries ``datasets`` would spend."""
     import datasets
+
+    from epsdpo import hub
 
     hint = (
         "Pass a local path (.jsonl, .json, .parquet, or a save_to_disk folder) or a datasets.Dataset instead; "
         "a dataset already in the local Hugging Face cache loads with HF_HUB_OFFLINE=1."
     )
-    if not _hub_offline_mode() and not _hub_reachable():
+    if not _hub_offline_mode() and not hub.reachable():
         raise DataSourceError(f"{name!r} is not a local file, and the Hugging Face Hub is unreachable. {hint}")
     try:
         loaded = datasets.load_dataset(name, split=split)
