@@ -56,20 +56,20 @@ def install_fault(point: str, k: int) -> None:
     import shutil
 
     import epsdpo.checkpoint as ckpt
-    import epsdpo.trainer as trainer_module
+    import epsdpo.run_checkpoints as run_checkpoints
 
     if point not in POINTS:
         raise ValueError(f"unknown fault point {point!r}")
     writes = {"n": 0}
     armed = lambda: writes["n"] == k  # noqa: E731
 
-    real_save_checkpoint = trainer_module.save_checkpoint
+    real_save_checkpoint = run_checkpoints.save_checkpoint
 
     def counting_save_checkpoint(*args, **kwargs):
         writes["n"] += 1
         return real_save_checkpoint(*args, **kwargs)
 
-    trainer_module.save_checkpoint = counting_save_checkpoint
+    run_checkpoints.save_checkpoint = counting_save_checkpoint
 
     if point == "weights":
         real_save_model = ckpt.save_model

@@ -248,15 +248,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from epsdpo.data import load_preferences
+    from epsdpo.data import DataSourceError, InvalidRowError, load_preferences
+    from epsdpo.data.cache import DEFAULT, resolve_cache_dir
     from epsdpo.models import load_tokenizer
 
-    tokenizer = load_tokenizer(args.tokenizer)
-    store, report = load_preferences(
-        _load_data(args.data, args.split), tokenizer, max_length=args.max_length,
-        max_prompt_length=args.max_prompt_length, cache_dir=args.cache_dir, skip_invalid=args.skip_invalid,
-    )
-    print(report)
+    cache_dir = DEFAULT if args.cache_dir is None else args.cache_dir
+    try:
+        resolve_cache_dir(cache_dir)  # a word like "none" is refused before any work
+    except ValueError as error:
+        args.parser.error(f"argument --cache_dir: {error}")
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+        store, report = load_preferences(
+            _load_data(args.data, args.split), tokenizer, max_length=args.max_length,
+            max_prompt_length=args.max_prompt_length, cache_dir=cache_dir, skip_invalid=args.skip_invalid,
+        )
+    except (DataSourceError, InvalidRowError, OSError) as error:
+        # What the user fixes in the data, the path or the network: one line, no traceback
+        raise SystemExit(f"epsdpo prepare: {error}") from None
+    print(report)  # it names the cache file, which train_data may name too
     if args.output:
         store.save(args.output)
         print(f"store written to {args.output}")
@@ -294,7 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     _option(prepare, "max_length", type=int, default=None,
             help="longest prompt + completion in tokens (default: no limit)")
     _option(prepare, "max_prompt_length", type=int, default=None, help="longest prompt in tokens (default: no limit)")
-    _option(prepare, "cache_dir", default=None, help="cache the tokenized store here (default: no caching)")
+    _option(prepare, "cache_dir", default=None,
+            help="cache the tokenized store here; 'disabled': no caching (default: $EPSDPO_CACHE, else "
+                 "$XDG_CACHE_HOME/epsdpo, else ~/.cache/epsdpo)")
     _option(prepare, "skip_invalid", action="store_true", help="skip and count rows that cannot become pairs")
     _option(prepare, "output", help="also save the store to this file (train on it with train_data: FILE.store)")
     prepare.set_defaults(func=cmd_prepare, parser=prepare)

@@ -35,7 +35,11 @@ def make_collator(config: TrainConfig, tokenizer: Any) -> Collator:
 def as_store(dataset: Any, config: TrainConfig, tokenizer: Any, collator: Collator, *,
              progress: bool) -> tuple[PreferenceStore, dict[str, Any]]:
     """The dataset as a store, and its truncated lengths (checked: no emptied completion unless
-    `skip_invalid`, and at least one pair to train on)."""
+    `skip_invalid`, and at least one pair to train on).
+
+    Raw rows go through `load_preferences`, which caches the tokenized store in
+    `config.dataset_cache_dir`: None there means the default cache directory (`$EPSDPO_CACHE`, else
+    `$XDG_CACHE_HOME/epsdpo`, else `~/.cache/epsdpo`), "disabled" no caching."""
     if isinstance(dataset, (str, Path)) and str(dataset).endswith(".store"):
         dataset = PreferenceStore.load(dataset)  # a store saved by `epsdpo prepare --output`
     if isinstance(dataset, PreferenceStore):
@@ -44,10 +48,12 @@ def as_store(dataset: Any, config: TrainConfig, tokenizer: Any, collator: Collat
         if tokenizer is None:
             raise ValueError("raw preference data needs a tokenizer: pass `tokenizer=` or a PreferenceStore")
         from epsdpo.data import load_preferences
+        from epsdpo.data.cache import DEFAULT
 
         store, _ = load_preferences(
             dataset, tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-            truncation_mode=config.truncation_mode, cache_dir=config.dataset_cache_dir,
+            truncation_mode=config.truncation_mode,
+            cache_dir=DEFAULT if config.dataset_cache_dir is None else config.dataset_cache_dir,
             skip_invalid=config.skip_invalid, progress=progress,
         )
     if len(store) == 0:

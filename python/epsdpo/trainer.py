@@ -18,9 +18,7 @@ Every micro-batch of a cycle uses the same base β, and the `kl/beta` logged for
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,30 +31,18 @@ from torch import Tensor, nn
 from epsdpo._core import KlController
 from epsdpo.attention import use_segment_attention
 from epsdpo.beta_rules import PairBetas, PairLogps
-from epsdpo.checkpoint import (
-    TRAINER_STATE,
-    CheckpointError,
-    begin_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    previous_run_outputs,
-    resolve_checkpoint,
-    save_checkpoint,
-    save_sharded,
-    staging_dir,
-    verify_checkpoint,
-    write_file,
-)
+from epsdpo.checkpoint import list_checkpoints, resolve_checkpoint, write_file
 from epsdpo.config import TrainConfig
 from epsdpo.distributed import DistInfo, all_reduce_sum, barrier, gradient_sync, init_from_env, replicate
 from epsdpo.feed import CycleFeed, as_store, check_vocabulary, filler_batch, make_collator, make_sampler
 from epsdpo.loss import epsilon_dpo_loss, kl_steps, pair_log_ratio
 from epsdpo.methods import build_method
 from epsdpo.model_card import RunFacts, describe_source, write_model_card
-from epsdpo.scoring import batch_logps
 from epsdpo.models import AdapterFreeReference, default_reference, load_causal_lm, load_tokenizer
 from epsdpo.precision import Precision, check_trainable_precision, fsdp_mixed_precision, torch_dtype
 from epsdpo.reporting import MetricsLog, eval_summary
+from epsdpo.run_checkpoints import claim_output_dir, resume_run, save_run
+from epsdpo.scoring import batch_logps
 from epsdpo.sharding import full_model_state, grad_norm_value, shard
 from epsdpo.step_metrics import StepSums
 
@@ -326,9 +312,9 @@ class Trainer:
         checkpoint folder, or True for the newest in `output_dir`; the run then continues exactly."""
         c = self.config
         if resume_from_checkpoint:
-            self._resume(resolve_checkpoint(self.output_dir, resume_from_checkpoint))
+            resume_run(self, resolve_checkpoint(self.output_dir, resume_from_checkpoint))
         else:
-            self._claim_output_dir()
+            claim_output_dir(self.output_dir, self.config.overwrite_output_dir, self.dist)
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         progress = self._progress_bar()
@@ -345,7 +331,7 @@ class Trainer:
                 if self._eval_due(step):
                     self._evaluate_and_log(step)
                 if c.save_steps and step % c.save_steps == 0:
-                    self._save_checkpoint(sampler_state)
+                    save_run(self, sampler_state)
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", beta=f"{self.kl.beta:.5f}")
@@ -433,91 +419,7 @@ class Trainer:
         """This output_dir's complete checkpoints, oldest first."""
         return list_checkpoints(self.output_dir)
 
-    # ------------------------------------------------------------------ checkpoints, outputs
-    def _save_checkpoint(self, sampler_state: bytes) -> None:
-        """Every rank calls this. FSDP ranks each write their own shards; rank 0 writes the rest and
-        renames the finished checkpoint into place."""
-        step = self.state.global_step
-        reference = self.ref_model if self.method.moves_reference else None
-        model, optimizer_state = self.model, None
-        if self.sharded:
-            if self.dist.is_main:
-                begin_checkpoint(self.output_dir, step)
-            barrier(self.dist)
-            save_sharded(staging_dir(self.output_dir, step), self.model, self.optimizer, reference)
-            model = reference = None
-        elif self.dist.is_main:
-            optimizer_state = self.optimizer.state_dict()
-        if self.dist.is_main:
-            save_checkpoint(
-                self.output_dir, step, model=model, optimizer_state=optimizer_state, scheduler=self.scheduler,
-                kl_state=self.kl.state_dict()["state"], sampler_state=sampler_state,
-                trainer_state={"global_step": step, "max_steps": self.state.max_steps, "beta": self.kl.beta,
-                               "world_size": self.dist.world_size, "log_history": self.metrics.history,
-                               "beta_rule": self.method.beta_rule.state_dict()},
-                reference=reference, config=self.config.to_dict(), save_total_limit=self.config.save_total_limit,
-                extra_state={"loss_scaler": self.precision.state_dict()}, pretrained=self.model,
-                tokenizer=self.tokenizer,
-            )
-        barrier(self.dist)  # no rank moves on (or prunes, or resumes) before the checkpoint is in place
-
-    def _claim_output_dir(self) -> None:
-        """A fresh run starts in an output_dir without another run's outputs, so that neither its
-        checkpoints nor its metrics mix with this run's (pruning, `resume=True` and metrics.jsonl
-        would otherwise act on the old run)."""
-        found = previous_run_outputs(self.output_dir)
-        if found and not self.config.overwrite_output_dir:
-            raise FileExistsError(
-                f"output_dir {self.output_dir} holds another run's outputs ({', '.join(p.name for p in found[:5])}"
-                f"{', ...' if len(found) > 5 else ''}): resume it (resume_from_checkpoint=True, `--resume`), choose "
-                "another output_dir, or set overwrite_output_dir=True to delete them"
-            )
-        if found and self.dist.is_main:
-            for path in found:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-        barrier(self.dist)
-
-    def _verify_checkpoint(self, path: Path) -> None:
-        """Rank 0 checks the manifest (hashing a large checkpoint once, not once per rank); every rank
-        learns the verdict."""
-        error = None
-        if self.dist.is_main:
-            try:
-                verify_checkpoint(path)
-            except CheckpointError as caught:
-                error = caught
-        failed = all_reduce_sum(torch.tensor([float(error is not None)], dtype=torch.float64), self.dist).item()
-        if error is not None:
-            raise error
-        if failed:
-            raise CheckpointError(f"{path}: rank 0 found the checkpoint incomplete or altered")
-
-    def _resume(self, path: Path) -> None:
-        self._verify_checkpoint(path)
-        saved_world = json.loads((path / TRAINER_STATE).read_text()).get("world_size", 1)
-        if saved_world != self.dist.world_size:
-            raise CheckpointError(
-                f"{path} was written by a run of {saved_world} rank(s), this run has {self.dist.world_size}: the "
-                "data order and β bookkeeping are per world size, so resume with the same number of ranks (the "
-                "weights alone are in final/ or load into any world size)"
-            )
-        restored = load_checkpoint(path, self.model, self.optimizer, self.scheduler,
-                                   reference=self.ref_model if self.method.moves_reference else None,
-                                   sharded=self.sharded, verify=False)
-        self.kl.load_state_dict({"state": restored["kl_state"]})
-        self.sampler.load_state_dict({"state": restored["sampler_state"]})
-        self.precision.load_state_dict(restored["extra_state"].get("loss_scaler", {}))
-        trainer_state = restored["trainer_state"]
-        self.state.global_step = trainer_state["global_step"]
-        if len(self.kl.beta_history()) != self.state.global_step + 1 or trainer_state.get("beta") != self.kl.beta:
-            raise CheckpointError(
-                f"{path / TRAINER_STATE} says step {self.state.global_step} and β {trainer_state.get('beta')}, but the "
-                f"KL controller state holds {len(self.kl.beta_history()) - 1} steps and β {self.kl.beta}"
-            )
-        self.method.beta_rule.load_state_dict(trainer_state.get("beta_rule", {}))
-        self.state.beta = self.kl.beta
-        self.metrics.restore(trainer_state["log_history"])
-
+    # ------------------------------------------------------------------------------ outputs
     def _write_outputs(self) -> None:
         """Rank 0, after `final/` is written: the β ledger, the plots and final/'s model card."""
         ledger = self.kl.ledger()

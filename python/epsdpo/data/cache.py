@@ -9,6 +9,11 @@ memory-mapped on load) and ``<cache dir>/<fingerprint>.json`` (the :class:`DataR
 written atomically (temporary file + rename), the report last, so a reader that finds the report
 finds a complete store; concurrent writers (several ranks) just overwrite one another.
 
+Where: ``$EPSDPO_CACHE``, else ``$XDG_CACHE_HOME/epsdpo``, else ``~/.cache/epsdpo``
+(:func:`default_cache_dir`); a ``cache_dir`` given to the loader (``prepare --cache_dir``,
+``TrainConfig.dataset_cache_dir``) overrides it, and the word ``disabled`` (:data:`NO_CACHE`) in any
+of those places turns caching off.
+
 The cache never fails a load: a damaged entry is rebuilt, and a directory that cannot be written
 (or read) means no caching, each with a warning. A writer killed mid-write (``kill -9``, OOM)
 leaves its temporary file (``*.epsdpo-tmp<pid>*``); the next load or write removes such files once
@@ -31,13 +36,22 @@ from typing import Any
 from epsdpo._core import PreferenceStore, StoreFileError, __version__
 from epsdpo.data.stats import DataReport
 
-__all__ = ["DEFAULT", "clean_stale_temp_files", "fingerprint", "resolve_cache_dir", "store_path", "tokenizer_hash"]
+__all__ = [
+    "DEFAULT", "NO_CACHE", "clean_stale_temp_files", "default_cache_dir", "fingerprint", "resolve_cache_dir",
+    "store_path", "tokenizer_hash",
+]
 
 # Bump when the ingestion rules change what a given input produces, so old entries stop matching.
 INGEST_VERSION = 1
 ENV_VAR = "EPSDPO_CACHE"
-# Sentinel for "the default cache dir": None already means "no cache".
+# Sentinel for "the default cache dir" (what `load_preferences` does when not told otherwise).
 DEFAULT: Any = object()
+# The one word that turns caching off wherever a cache directory is named by a string: `prepare
+# --cache_dir`, `TrainConfig.dataset_cache_dir` (YAML or flag), `$EPSDPO_CACHE`. Not "none": the train
+# flags read none/null as None, which there means the default directory.
+NO_CACHE = "disabled"
+# Words that read as "no cache" but would silently become a directory of that name: refused.
+_LOOKS_LIKE_NO_CACHE = frozenset({"", "none", "null", "off", "false", "no"})
 _CHUNK = 1 << 20
 # Temporary files of both writers: the store's (Rust, `<name>.epsdpo-tmp<pid>`) and the report's
 # (`.<key>.json.epsdpo-tmp<pid>.<random>`). The pid says whose it is.
@@ -49,14 +63,38 @@ STALE_DEAD_WRITER_SECONDS = 60.0
 STALE_ANY_SECONDS = 24 * 3600.0
 
 
+def default_cache_dir() -> Path | None:
+    """``$EPSDPO_CACHE``, else ``$XDG_CACHE_HOME/epsdpo``, else ``~/.cache/epsdpo``; None when
+    ``$EPSDPO_CACHE`` is ``disabled``. An empty variable counts as unset."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return _named_dir(env, f"${ENV_VAR}")
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    # The XDG spec says to ignore a relative XDG_CACHE_HOME.
+    base = Path(xdg).expanduser() if xdg and Path(xdg).expanduser().is_absolute() else Path.home() / ".cache"
+    return base / "epsdpo"
+
+
 def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None | Any) -> Path | None:
-    """``DEFAULT`` → ``$EPSDPO_CACHE`` or ``~/.cache/epsdpo``; ``None`` → no caching."""
+    """``DEFAULT`` → :func:`default_cache_dir`; ``None`` or ``"disabled"`` → no caching; any other
+    path → that directory."""
     if cache_dir is None:
         return None
     if cache_dir is DEFAULT:
-        env = os.environ.get(ENV_VAR)
-        return Path(env).expanduser() if env else Path.home() / ".cache" / "epsdpo"
-    return Path(cache_dir).expanduser()
+        return default_cache_dir()
+    return _named_dir(cache_dir, "cache_dir")
+
+
+def _named_dir(value: str | os.PathLike[str], what: str) -> Path | None:
+    """The directory a string or path names; None for ``disabled``."""
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word == NO_CACHE:
+            return None
+        if word in _LOOKS_LIKE_NO_CACHE:
+            other = f" (./{value.strip()} for a directory of that name)" if word else ""
+            raise ValueError(f"{what}={value!r} is not a directory: write {NO_CACHE!r} to turn caching off{other}")
+    return Path(value).expanduser()
 
 
 def _hasher() -> Any:

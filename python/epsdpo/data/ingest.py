@@ -611,9 +611,6 @@ def _chat_template_of(tokenizer: Any, chat_template: str | None) -> str | None:
     return template
 
 
-_DEFAULT = object()
-
-
 def load_preferences(
     source: Any,
     tokenizer: Any,
@@ -624,7 +621,7 @@ def load_preferences(
     truncation_mode: TruncationMode = "keep_end",
     chat_template: str | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
-    cache_dir: str | os.PathLike[str] | None | Any = _DEFAULT,
+    cache_dir: str | os.PathLike[str] | None | Any = _cache.DEFAULT,
     skip_invalid: bool = False,
     batch_size: int = 1000,
     progress: bool = True,
@@ -641,8 +638,10 @@ def load_preferences(
             Rust collator truncates; the store keeps full sequences). They drive the report's
             truncation and padding figures and are part of the cache key.
         chat_template_kwargs: extra variables for the template (e.g. ``enable_thinking``).
-        cache_dir: where the tokenized store and its report are cached; default
-            ``$EPSDPO_CACHE`` or ``~/.cache/epsdpo``; ``None`` disables caching.
+        cache_dir: where the tokenized store and its report are cached. Default:
+            ``$EPSDPO_CACHE``, else ``$XDG_CACHE_HOME/epsdpo``, else ``~/.cache/epsdpo``.
+            ``None`` or ``"disabled"`` turns caching off (``TrainConfig.dataset_cache_dir=None``
+            instead means the default; see :func:`epsdpo.feed.as_store`).
         skip_invalid: skip bad rows and count them in the report instead of raising
             :class:`InvalidRowError`.
         batch_size: rows rendered and tokenized per batch.
@@ -656,6 +655,7 @@ def load_preferences(
         raise ValueError("batch_size must be at least 1")
     # The collator owns the truncation rules: let it reject bad settings before any work is done.
     Collator(max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode)
+    root = _cache.resolve_cache_dir(cache_dir)  # likewise a cache_dir that is no directory
     tokenizer = _resolve_tokenizer(tokenizer)
     src = open_source(source, split)
     implicit = check_columns(src)
@@ -667,7 +667,6 @@ def load_preferences(
         "truncation_mode": truncation_mode,
         "skip_invalid": skip_invalid,
     }
-    root = _cache.resolve_cache_dir(cache_dir if cache_dir is not _DEFAULT else _cache.DEFAULT)
     key = None
     if root is not None:
         used = [c for c in COLUMNS if c in src.column_names]

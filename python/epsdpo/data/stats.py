@@ -88,6 +88,8 @@ class DataReport:
         if self.padding:
             pads = ", ".join(f"{k} {v:.1%}" for k, v in self.padding.items())
             lines.append(f"padding at {self.padding_batch_pairs} pairs/batch: {pads}")
+        if self.cache_path:  # the same store file training accepts as its data
+            lines.append(f"cached store: {self.cache_path}")
         return "\n".join(lines)
 
 
