@@ -1,8 +1,10 @@
-"""Where tokenized preference data is cached: `load_preferences`, `epsdpo prepare` and training all
-cache by default in one place, and one word turns caching off."""
+"""Where tokenized preference data is cached, and training on a store file: `load_preferences`,
+`epsdpo prepare` and training all cache by default in one place, one word turns caching off, and a
+cache file or a `prepare --output` file is training data."""
 
 from __future__ import annotations
 
+import filecmp
 import json
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,9 @@ from epsdpo.config import TrainConfig  # noqa: E402
 from epsdpo.data import DataSourceError, load_preferences  # noqa: E402
 from epsdpo.data.cache import default_cache_dir, resolve_cache_dir  # noqa: E402
 from epsdpo.feed import as_store, make_collator  # noqa: E402
+from epsdpo.trainer import Trainer  # noqa: E402
 from test_data import build_tokenizer, std_rows, store_rows  # noqa: E402
+from tiny import tiny_llama  # noqa: E402
 
 
 @pytest.fixture
@@ -151,3 +155,46 @@ def test_prepare_says_in_one_line_what_is_wrong_with_the_data(home: Path, tok_di
     with pytest.raises(SystemExit) as exit_:
         main(["prepare", str(bad), "--tokenizer", str(tok_dir)])
     assert str(exit_.value.code).startswith(f"epsdpo prepare: {bad}: unsupported file type")
+
+
+# --- store files as training data ------------------------------------------------------------
+
+
+def test_a_cache_file_and_a_prepared_store_are_one_format_and_both_train(home: Path, pairs: Path, tok: Any,
+                                                                        tok_dir: Path, tmp_path: Path) -> None:
+    prepared = tmp_path / "pairs.store"
+    assert main(["prepare", str(pairs), "--tokenizer", str(tok_dir), "--output", str(prepared)]) == 0
+    (cached,) = entries(home / ".cache" / "epsdpo")
+    assert filecmp.cmp(cached, prepared, shallow=False), "the cache entry and the --output file differ"
+    expected = store_rows(load_preferences(pairs, tok, cache_dir=None, progress=False)[0])
+    config = train_config(tmp_path)
+    for path in (cached, prepared, str(cached)):
+        store, _ = as_store(path, config, None, make_collator(config, tok), progress=False)
+        assert store.is_memory_mapped and store_rows(store) == expected, path
+    trainer = Trainer(tiny_llama(0, vocab=len(tok)), config, str(cached))
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
+def test_a_file_that_is_neither_data_nor_a_store_is_named(tmp_path: Path, tok: Any) -> None:
+    config = train_config(tmp_path)
+    collator = make_collator(config, tok)
+    other = tmp_path / "pairs.bin"
+    other.write_bytes(b"\0" * 16)
+    with pytest.raises(DataSourceError) as err:
+        as_store(str(other), config, tok, collator, progress=False)
+    assert str(other) in str(err.value)
+    assert all(suffix in str(err.value) for suffix in (".jsonl", ".parquet", ".store", ".epsdpo"))
+    missing = tmp_path / "gone.epsdpo"
+    with pytest.raises(FileNotFoundError, match="gone.epsdpo"):
+        as_store(str(missing), config, tok, collator, progress=False)
+
+
+def test_load_preferences_points_a_store_file_to_its_readers(tmp_path: Path, tok: Any) -> None:
+    store, _ = load_preferences(datasets.Dataset.from_list(std_rows(3)), tok, cache_dir=None, progress=False)
+    path = tmp_path / "pairs.store"
+    store.save(path)
+    with pytest.raises(DataSourceError, match=r"pairs\.store is a PreferenceStore file.*PreferenceStore\.load"):
+        load_preferences(path, tok, cache_dir=None, progress=False)
+    with pytest.raises(DataSourceError, match=r"missing\.epsdpo: no such file"):  # not a hub id
+        load_preferences(tmp_path / "missing.epsdpo", tok, cache_dir=None, progress=False)

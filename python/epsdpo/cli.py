@@ -63,12 +63,12 @@ TRAIN_USAGE = "epsdpo train CONFIG.yaml [--key value | --key=value ...] [--resum
 
 
 def _load_data(source: Any, split: str | None) -> Any:
-    """A local file as given; `split` picks a split of a hub dataset, loaded as `load_preferences`
-    loads one (offline, at once with the hint instead of after a minute of retries)."""
-    if split is None or Path(source).exists():
-        return source
-    from epsdpo.data.sources import load_hub_dataset
+    """A local file or store as given; `split` picks a split of a hub dataset, loaded as
+    `load_preferences` loads one (offline, at once with the hint instead of after a minute of retries)."""
+    from epsdpo.data.sources import is_store_path, load_hub_dataset
 
+    if split is None or Path(source).exists() or is_store_path(source):
+        return source
     return load_hub_dataset(source, split)[0]
 
 

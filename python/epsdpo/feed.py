@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,11 +36,14 @@ def as_store(dataset: Any, config: TrainConfig, tokenizer: Any, collator: Collat
     """The dataset as a store, and its truncated lengths (checked: no emptied completion unless
     `skip_invalid`, and at least one pair to train on).
 
-    Raw rows go through `load_preferences`, which caches the tokenized store in
-    `config.dataset_cache_dir`: None there means the default cache directory (`$EPSDPO_CACHE`, else
+    A path ending in .store or .epsdpo is a store file (`epsdpo prepare --output`, or a cache entry) and
+    is mapped as it is; anything else goes through `load_preferences`, which caches the tokenized store
+    in `config.dataset_cache_dir`: None there means the default cache directory (`$EPSDPO_CACHE`, else
     `$XDG_CACHE_HOME/epsdpo`, else `~/.cache/epsdpo`), "disabled" no caching."""
-    if isinstance(dataset, (str, Path)) and str(dataset).endswith(".store"):
-        dataset = PreferenceStore.load(dataset)  # a store saved by `epsdpo prepare --output`
+    from epsdpo.data.sources import is_store_path
+
+    if is_store_path(dataset):
+        dataset = PreferenceStore.load(dataset)
     if isinstance(dataset, PreferenceStore):
         store = dataset
     else:

@@ -21,12 +21,15 @@ from typing import Any
 from epsdpo.data import cache as _cache
 
 __all__ = [
-    "COLUMNS", "FILE_SUFFIXES", "DataSourceError", "RowSource", "UnreadableRow", "check_columns", "load_hub_dataset",
-    "open_source",
+    "COLUMNS", "FILE_SUFFIXES", "DataSourceError", "RowSource", "UnreadableRow", "STORE_SUFFIXES", "check_columns",
+    "is_store_path", "load_hub_dataset", "open_source",
 ]
 
 COLUMNS = ("prompt", "chosen", "rejected")
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
+# Files that are already a tokenized PreferenceStore: `epsdpo prepare --output` (.store by convention)
+# and cache entries (.epsdpo) are the same format, written by `PreferenceStore.save`.
+STORE_SUFFIXES = (".store", ".epsdpo")
 
 
 class DataSourceError(ValueError):
@@ -283,8 +286,16 @@ def open_source(source: Any, split: str | None) -> RowSource:
         return _DatasetSource(loaded, path.name)
     looks_like_file = path.name.endswith(FILE_SUFFIXES) or path.suffix != "" or os.sep in text or text.startswith(".")
     if path.is_file():
+        if is_store_path(path):
+            raise DataSourceError(
+                f"{text} is a PreferenceStore file, already tokenized: open it with PreferenceStore.load, or train on "
+                "it as it is (Trainer's dataset, or train_data:)"
+            )
         if not path.name.endswith(FILE_SUFFIXES):
-            raise DataSourceError(f"{text}: unsupported file type; use one of {', '.join(FILE_SUFFIXES)}")
+            raise DataSourceError(
+                f"{text}: unsupported file type; preference rows come in {', '.join(FILE_SUFFIXES)} files, "
+                f"tokenized stores in {' or '.join(STORE_SUFFIXES)} files (written by `epsdpo prepare` and its cache)"
+            )
         if split is not None:
             raise DataSourceError("split= applies to a DatasetDict or a hub id, not to a file")
         return _FileSource(path)
@@ -293,9 +304,15 @@ def open_source(source: Any, split: str | None) -> RowSource:
     return _DatasetSource(*load_hub_dataset(text, split))
 
 
+def is_store_path(source: Any) -> bool:
+    """Whether ``source`` names a PreferenceStore file by its suffix (the file need not exist)."""
+    return isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(STORE_SUFFIXES)
+
+
 def _looks_like_hub_id(text: str) -> bool:
     parts = text.split("/")
-    return 1 <= len(parts) <= 2 and all(p and not p.startswith(".") for p in parts) and not text.endswith(FILE_SUFFIXES)
+    return 1 <= len(parts) <= 2 and all(p and not p.startswith(".") for p in parts) \
+        and not text.endswith(FILE_SUFFIXES + STORE_SUFFIXES)
 
 
 def load_hub_dataset(name: str, split: str | None) -> tuple[Any, str]:
