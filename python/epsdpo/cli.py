@@ -37,7 +37,7 @@ class RunArguments:
         "Frozen reference model, in the same forms as model. None: a frozen copy of the initial policy.")})
     train_data: str | None = field(default=None, metadata={"help": (
         "Training pairs: a .jsonl/.json/.parquet file in TRL's preference formats, a .store written by "
-        "`epsdpo prepare --output`, or a hub dataset id (with train_split). Required, here or in the YAML.")})
+        "`epsdpo prepare --output` or an .epsdpo cache file, or a hub dataset id (with train_split). Required, here or in the YAML.")})
     eval_data: str | None = field(default=None, metadata={"help": (
         "Evaluation pairs, in the same forms as train_data. None: no evaluation.")})
     train_split: str | None = field(default=None, metadata={"help": (
@@ -230,6 +230,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                      + " ".join(f"--{k}" for k in missing))
 
     from epsdpo.checkpoint import CheckpointError
+    from epsdpo.data.sources import DataSourceError
     from epsdpo.trainer import Trainer
 
     try:
@@ -239,7 +240,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             eval_dataset=None if run_args.eval_data is None else _load_data(run_args.eval_data, run_args.eval_split),
         )
         trainer.train(resume_from_checkpoint=True if args.resume else args.resume_from_checkpoint)
-    except (FileExistsError, FileNotFoundError, CheckpointError) as error:
+    except (FileExistsError, FileNotFoundError, CheckpointError, DataSourceError) as error:
         # What the user fixes by choosing another folder or checkpoint: one line, no traceback
         raise SystemExit(f"epsdpo train: {error}") from None
     if trainer.dist.is_main:

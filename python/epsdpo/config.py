@@ -114,7 +114,8 @@ class TrainConfig:
         "completion, instead of stopping with an error naming the first.")})
     dataset_cache_dir: str | None = field(default=None, metadata={"help": (
         "Directory to cache tokenized raw datasets in (keyed by the data, tokenizer and truncation settings). "
-        "None: no caching.")})
+        "None: the default cache ($EPSDPO_CACHE, else $XDG_CACHE_HOME/epsdpo, else ~/.cache/epsdpo); "
+        "'disabled': no caching.")})
     # runtime
     seed: int = field(default=42, metadata={"help": (
         "Random seed in [0, 2**32) for torch and the batch sampler (TRL's meaning).")})
