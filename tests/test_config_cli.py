@@ -23,12 +23,13 @@ NON_DEFAULT = dict(
     output_dir="runs/x", method="tr_dpo", beta=0.2, epsilon=0.05, epsilon_check=0.02, label_smoothing=0.1,
     tr_dpo_tau=16, tr_dpo_alpha=0.5, beta_dpo_alpha=0.3, beta_dpo_momentum=0.8, beta_dpo_filter=0.5,
     learning_rate=1e-5, per_device_train_batch_size=2, per_device_eval_batch_size=3, gradient_accumulation_steps=4,
-    num_train_epochs=2.5, max_steps=7, lr_scheduler_type="linear", warmup_ratio=0.0, weight_decay=0.01,
+    num_train_epochs=2.5, max_steps=7, lr_scheduler_type="linear", warmup_steps=3.0, warmup_ratio=0.0,
+    weight_decay=0.01,
     adam_beta1=0.8, adam_beta2=0.99, max_grad_norm=0.0, max_length=None, max_prompt_length=None,
     truncation_mode="keep_start", layout="shared_prompt", group_by_length=True, max_tokens_per_batch=4096,
     pad_to_multiple_of=8, skip_invalid=True, dataset_cache_dir="cache", seed=7, device="cpu", dtype="bfloat16",
-    bf16=True, fp16=False, gradient_checkpointing=True, fsdp=True, chunk_size=256, logging_steps=5, eval_steps=10,
-    save_steps=20, save_total_limit=2, overwrite_output_dir=True, report_to="none", plots=False, progress=False,
+    bf16=True, fp16=False, disable_dropout=False, gradient_checkpointing=True, fsdp=True, chunk_size=256, logging_steps=5, eval_steps=10,
+    save_steps=20, save_total_limit=2, overwrite_output_dir=True, run_name="r1", report_to="none", plots=False, progress=False,
 )
 
 
@@ -79,7 +80,8 @@ def usage_error(capsys, *argv) -> str:
 def test_non_default_values_cover_every_field():
     assert sorted(NON_DEFAULT) == sorted(FIELDS)
     defaults = TrainConfig()
-    assert [k for k, v in NON_DEFAULT.items() if getattr(defaults, k) == v] == ["fp16"]  # not with bf16=True
+    # fp16 cannot be on with bf16=True, nor warmup_ratio with warmup_steps
+    assert [k for k, v in NON_DEFAULT.items() if getattr(defaults, k) == v] == ["warmup_ratio", "fp16"]
 
 
 def test_help_lists_every_field_with_its_help(capsys, monkeypatch):

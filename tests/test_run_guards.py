@@ -114,3 +114,31 @@ def test_numbers_are_widened_and_kept():
     config = TrainConfig(learning_rate=1, beta=np.float64(0.2).item(), max_length=None)
     assert isinstance(config.learning_rate, float) and config.learning_rate == 1.0
     assert config.beta == 0.2 and config.max_length is None
+
+
+def test_warmup_steps_take_transformers_meaning():
+    assert TrainConfig().warmup_steps_for(10) == 0  # TRL's default: no warm-up
+    assert TrainConfig(warmup_steps=3).warmup_steps_for(10) == 3
+    assert TrainConfig(warmup_steps=0.25).warmup_steps_for(10) == 3  # ceil(2.5), as transformers counts
+    assert TrainConfig(warmup_ratio=0.1).warmup_steps_for(10) == 1
+    with pytest.raises(ValueError, match="warmup_ratio=0.1 is invalid: must be 0 when warmup_steps is set"):
+        TrainConfig(warmup_steps=2, warmup_ratio=0.1)
+
+
+def test_dropout_is_off_by_default_and_on_when_asked(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def dropout_model():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             attention_dropout=0.5))
+        model.model.layers[0].mlp.add_module("drop", torch.nn.Dropout(0.5))  # an nn.Dropout to switch off too
+        return model
+
+    off = Trainer(dropout_model(), config(tmp_path / "a"), toy_store())
+    on = Trainer(dropout_model(), config(tmp_path / "b", disable_dropout=False), toy_store())
+    for trainer, rate in ((off, 0.0), (on, 0.5)):
+        for model in (trainer.model, trainer.ref_model):
+            assert model.model.layers[0].self_attn.attention_dropout == rate
+            assert model.model.layers[0].mlp.drop.p == rate

@@ -77,9 +77,12 @@ class TrainConfig:
         "Optimizer steps to train for, >= 1; -1: as many as num_train_epochs needs (TRL's meaning).")})
     lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = field(
         default="cosine", metadata={"help": "Learning-rate schedule after warm-up (transformers' names and meaning)."})
-    warmup_ratio: float = field(default=0.1, metadata={"help": (
-        "Fraction in [0, 1] of the total optimizer steps spent warming the learning rate up linearly from 0 "
-        "(TRL's meaning).")})
+    warmup_steps: float = field(default=0.0, metadata={"help": (
+        "Linear learning-rate warm-up from 0: a number of optimizer steps when >= 1, a fraction of the total "
+        "steps when below 1, none at 0 (the default). The meaning of transformers 5 / TRL 1.16.")})
+    warmup_ratio: float = field(default=0.0, metadata={"help": (
+        "The older spelling of a fractional warm-up: a fraction in [0, 1] of the total optimizer steps. Set "
+        "warmup_steps or warmup_ratio, not both.")})
     weight_decay: float = field(default=0.0, metadata={"help": (
         "AdamW weight decay, >= 0, applied to weight matrices only (not to biases or norms).")})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW β1 in [0, 1) (TRL's meaning)."})
@@ -133,6 +136,9 @@ class TrainConfig:
     fp16: bool = field(default=False, metadata={"help": (
         "Compute in float16: autocast over the float32 weights, with a gradient scaler (TRL's meaning). Not "
         "with bf16.")})
+    disable_dropout: bool = field(default=True, metadata={"help": (
+        "Turn every dropout of the policy and the reference off, so that both score a sequence the same way "
+        "and the implicit rewards are not noise (TRL's meaning and default).")})
     gradient_checkpointing: bool = field(default=False, metadata={"help": (
         "Recompute activations in backward instead of storing them: less memory, more compute (TRL's "
         "meaning).")})
@@ -156,6 +162,8 @@ class TrainConfig:
     overwrite_output_dir: bool = field(default=False, metadata={"help": (
         "A fresh run refuses an output_dir holding another run's checkpoints or metrics; true clears them "
         "first (TRL/transformers' meaning). Resuming never needs it.")})
+    run_name: str | None = field(default=None, metadata={"help": (
+        "A name for the run in the logging backends (the wandb run name). None: the backend's own choice.")})
     report_to: Literal["none", "jsonl", "tensorboard", "wandb"] = field(default="jsonl", metadata={"help": (
         "Where metrics go: jsonl (output_dir/metrics.jsonl), tensorboard or wandb (each also writes "
         "metrics.jsonl), or none. One value, unlike TRL's list.")})
@@ -185,6 +193,9 @@ class TrainConfig:
         _check(self.num_train_epochs > 0 or self.max_steps > 0, "num_train_epochs", self.num_train_epochs,
                "a finite number > 0 (or set max_steps >= 1)")
         _check(0 <= self.warmup_ratio <= 1, "warmup_ratio", self.warmup_ratio, "in [0, 1]")
+        _check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "a finite number >= 0")
+        _check(not (self.warmup_steps and self.warmup_ratio), "warmup_ratio", self.warmup_ratio,
+               f"0 when warmup_steps is set ({self.warmup_steps:g}): they are two spellings of one warm-up")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a finite number >= 0")
         for name in ("adam_beta1", "adam_beta2"):
             _check(0 <= getattr(self, name) < 1, name, getattr(self, name), "in [0, 1)")
@@ -222,6 +233,12 @@ class TrainConfig:
                 ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
                 _check(ok, f.name, value, f"{'an integer' if kind is int else 'a ' + kind.__name__}"
                        + (" or None" if type(None) in allowed else ""))
+
+    def warmup_steps_for(self, total_steps: int) -> int:
+        """Warm-up steps of a run of `total_steps` (transformers' `get_warmup_steps`)."""
+        if self.warmup_steps >= 1:
+            return int(self.warmup_steps)
+        return math.ceil(total_steps * (self.warmup_steps or self.warmup_ratio))
 
     @property
     def compute_dtype(self) -> str | None:

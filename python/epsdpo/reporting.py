@@ -25,7 +25,7 @@ class MetricsLog:
         elif report_to == "wandb":
             import wandb
 
-            self._wandb = wandb.init(config=config, dir=str(output_dir))
+            self._wandb = wandb.init(config=config, dir=str(output_dir), name=config.get("run_name"))
 
     def restore(self, history: list[dict[str, Any]]) -> None:
         """After a resume: keep the history and rewrite metrics.jsonl to match it exactly."""

@@ -50,6 +50,16 @@ if TYPE_CHECKING:
     from epsdpo._core import Batch
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """Every dropout of `model` off: its `nn.Dropout` layers and the attention-probability dropout
+    rates transformers' attention modules read from an `attention_dropout` attribute."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
 class NonFiniteError(FloatingPointError):
     """A loss, gradient or weight became NaN/inf; raised before anything of that step is saved."""
 
@@ -150,6 +160,10 @@ class Trainer:
             self.ref_model = load_causal_lm(ref_model, dtype).to(self.device).requires_grad_(False).eval()
         else:
             self.ref_model = default_reference(self.model)
+        if c.disable_dropout:
+            for module in (self.model, self.ref_model):
+                if isinstance(module, nn.Module):
+                    disable_dropout(module)
         # Padded and packed batches then attend within each sequence instead of through an L×L mask
         use_segment_attention(self.model)
         if isinstance(self.ref_model, nn.Module):
@@ -205,7 +219,7 @@ class Trainer:
         from transformers import get_scheduler
 
         self.scheduler = get_scheduler(c.lr_scheduler_type, self.optimizer,
-                                       num_warmup_steps=math.ceil(c.warmup_ratio * total), num_training_steps=total)
+                                       num_warmup_steps=c.warmup_steps_for(total), num_training_steps=total)
         self.state = TrainerState(max_steps=total, beta=self.kl.beta)
 
     # ---------------------------------------------------------------------------- one step
