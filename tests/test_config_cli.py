@@ -274,3 +274,10 @@ def test_a_used_output_dir_is_a_one_line_error(tmp_path):
         "max_steps: 1\nmax_length: 32\nmax_prompt_length: 16\nprogress: false\n")
     with pytest.raises(SystemExit, match=r"^epsdpo train: output_dir .* holds another run's outputs \(metrics.jsonl"):
         main(["train", str(tmp_path / "run.yaml")])
+
+
+def test_trl_names_for_the_model_and_the_data():
+    run = RunArguments(model_name_or_path="m", dataset_name="d.jsonl")
+    assert (run.model, run.train_data) == ("m", "d.jsonl")
+    with pytest.raises(ValueError, match="model_name_or_path='m' is invalid: must be unset when model is set"):
+        RunArguments(model="other", model_name_or_path="m")

@@ -44,12 +44,24 @@ class RunArguments:
         "Split of a hub dataset given as train_data, e.g. train. Ignored for a local file.")})
     eval_split: str | None = field(default=None, metadata={"help": (
         "Split of a hub dataset given as eval_data, e.g. test. Ignored for a local file.")})
+    model_name_or_path: str | None = field(default=None, metadata={"help": (
+        "TRL's name for model (a local path here, or a hub id where a hub is reachable). Give one of the two.")})
+    dataset_name: str | None = field(default=None, metadata={"help": (
+        "TRL's name for train_data (a local file here, or a hub dataset id). Give one of the two.")})
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{f.name}={value!r} is invalid: must be a path or hub id (a string)")
+        # TRL's spellings fill ours; both at once would leave it unclear which one trains
+        for trl_name, name in (("model_name_or_path", "model"), ("dataset_name", "train_data")):
+            given = getattr(self, trl_name)
+            if given is not None and getattr(self, name) is not None and given != getattr(self, name):
+                raise ValueError(f"{trl_name}={given!r} is invalid: must be unset when {name} is set "
+                                 f"({getattr(self, name)!r}); they are two names for one thing")
+            if given is not None:
+                setattr(self, name, given)
 
 
 # Keys of a train YAML that say what to train on; everything else is a TrainConfig field.
