@@ -21,7 +21,7 @@ FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 # A valid value other than the default for every TrainConfig field (but fp16, which bf16=True excludes).
 NON_DEFAULT = dict(
     output_dir="runs/x", method="tr_dpo", beta=0.2, epsilon=0.05, epsilon_check=0.02, label_smoothing=0.1,
-    tr_dpo_tau=16, tr_dpo_alpha=0.5, beta_dpo_alpha=0.3, beta_dpo_momentum=0.8, beta_dpo_filter=0.5,
+    sync_ref_model=True, ref_model_sync_steps=16, ref_model_mixup_alpha=0.5, beta_dpo_alpha=0.3, beta_dpo_momentum=0.8, beta_dpo_filter=0.5,
     learning_rate=1e-5, per_device_train_batch_size=2, per_device_eval_batch_size=3, gradient_accumulation_steps=4,
     num_train_epochs=2.5, max_steps=7, lr_scheduler_type="linear", warmup_steps=3.0, warmup_ratio=0.0,
     weight_decay=0.01,

@@ -97,7 +97,7 @@ def test_token_ids_beyond_the_embedding_are_refused_before_training(tmp_path):
 BAD_VALUES = [
     ("seed", -1), ("seed", 2**70), ("max_length", -1), ("max_prompt_length", -1), ("num_train_epochs", math.inf),
     ("per_device_train_batch_size", "8"), ("per_device_train_batch_size", 2.0), ("beta_dpo_alpha", -1.0),
-    ("tr_dpo_tau", 1.5), ("weight_decay", math.inf), ("learning_rate", math.inf), ("learning_rate", math.nan),
+    ("ref_model_sync_steps", 1.5), ("weight_decay", math.inf), ("learning_rate", math.inf), ("learning_rate", math.nan),
     ("bf16", "nope"), ("bf16", 1), ("beta", "abc"), ("layout", "ragged"), ("dtype", "int8"), ("max_steps", 0),
     ("adam_beta2", 1.0), ("max_grad_norm", math.inf), ("output_dir", ""), ("report_to", "mlflow"),
     ("save_total_limit", 0), ("epsilon_check", 1.0), ("overwrite_output_dir", "yes"),

@@ -160,11 +160,11 @@ def test_epsilon_check_and_step_can_differ(tmp_path):
 
 
 def test_tr_dpo_moves_the_reference_every_tau_steps(tmp_path):
-    trainer = run(tmp_path, method="tr_dpo", tr_dpo_tau=2, tr_dpo_alpha=0.5, max_steps=3, save_steps=2)
+    trainer = run(tmp_path, method="tr_dpo", ref_model_sync_steps=2, ref_model_mixup_alpha=0.5, max_steps=3, save_steps=2)
     initial = tiny_llama(0)
     moved = [not torch.equal(r, p0) for r, p0 in zip(trainer.ref_model.parameters(), initial.parameters())]
     assert any(moved)
-    resumed = Trainer(tiny_llama(0), config(tmp_path / "r", method="tr_dpo", tr_dpo_tau=2, tr_dpo_alpha=0.5,
+    resumed = Trainer(tiny_llama(0), config(tmp_path / "r", method="tr_dpo", ref_model_sync_steps=2, ref_model_mixup_alpha=0.5,
                                              max_steps=3), toy_store())
     resumed.train(resume_from_checkpoint=tmp_path / "run" / "checkpoint-2")
     np.testing.assert_array_equal(series(resumed, "loss"), series(trainer, "loss"))
@@ -183,3 +183,12 @@ def test_beta_dpo_adapts_the_batch_beta(tmp_path):
     rule.filter_fraction = 0.5
     keep = rule.keep(torch.tensor([0.0, 2.1, 5.0, 2.0]))
     assert keep.tolist() == [False, True, False, True]
+
+
+def test_sync_ref_model_is_tr_dpo_in_trls_spelling(tmp_path):
+    """TRL's sync_ref_model on DPO trains exactly as method='tr_dpo'."""
+    knobs = dict(ref_model_sync_steps=2, ref_model_mixup_alpha=0.5, max_steps=3)
+    tr_dpo = run(tmp_path / "a", method="tr_dpo", **knobs)
+    synced = run(tmp_path / "b", method="dpo", sync_ref_model=True, **knobs)
+    np.testing.assert_array_equal(series(synced, "loss"), series(tr_dpo, "loss"))
+    assert abs(series(synced, "loss")[2] - series(run(tmp_path / "c", method="dpo", max_steps=3), "loss")[2]) > 1e-6

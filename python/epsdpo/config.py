@@ -44,12 +44,15 @@ class TrainConfig:
         "Conservative DPO label smoothing in [0, 0.5): the assumed probability that a pair's preference is "
         "flipped (TRL's label_smoothing with loss_type=sigmoid). 0: none.")})
     # baselines (epsdpo.baselines): TR-DPO soft reference update, β-DPO batch β and data filter
-    tr_dpo_tau: int = field(default=128, metadata={"help": (
-        "TR-DPO: optimizer steps between soft updates of the reference, >= 1 (like TRL's "
-        "ref_model_sync_steps). Used only by method=tr_dpo.")})
-    tr_dpo_alpha: float = field(default=0.6, metadata={"help": (
-        "TR-DPO: weight α of the policy in the soft update θ_ref ← α·θ + (1 − α)·θ_ref, in (0, 1] (like "
-        "TRL's ref_model_mixup_alpha). Used only by method=tr_dpo.")})
+    sync_ref_model: bool = field(default=False, metadata={"help": (
+        "TR-DPO's soft update of the reference toward the policy every ref_model_sync_steps steps (TRL's "
+        "meaning). method=tr_dpo is DPO with this on; other methods may use it too.")})
+    ref_model_sync_steps: int = field(default=512, metadata={"help": (
+        "Optimizer steps between soft updates of the reference, >= 1 (TRL's meaning and default; the TR-DPO "
+        "paper's HH runs used 128).")})
+    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": (
+        "Weight α of the policy in the soft update θ_ref ← α·θ + (1 − α)·θ_ref, in (0, 1] (TRL's meaning and "
+        "default).")})
     beta_dpo_alpha: float = field(default=0.6, metadata={"help": (
         "β-DPO: scale a >= 0 of the batch β = β₀·(1 + a·(M − M₀)), M the batch's mean implicit reward gap "
         "and M₀ its running mean. Used only by method=beta_dpo.")})
@@ -178,8 +181,8 @@ class TrainConfig:
         _check(0 <= self.epsilon < 1, "epsilon", self.epsilon, "in [0, 1)")
         _check(self.epsilon_check is None or 0 <= self.epsilon_check < 1, "epsilon_check", self.epsilon_check,
                "None or in [0, 1)")
-        _check(self.tr_dpo_tau >= 1, "tr_dpo_tau", self.tr_dpo_tau, "an integer >= 1")
-        _check(0 < self.tr_dpo_alpha <= 1, "tr_dpo_alpha", self.tr_dpo_alpha, "in (0, 1]")
+        _check(self.ref_model_sync_steps >= 1, "ref_model_sync_steps", self.ref_model_sync_steps, "an integer >= 1")
+        _check(0 < self.ref_model_mixup_alpha <= 1, "ref_model_mixup_alpha", self.ref_model_mixup_alpha, "in (0, 1]")
         _check(self.beta_dpo_alpha >= 0, "beta_dpo_alpha", self.beta_dpo_alpha, "a finite number >= 0")
         _check(0 <= self.beta_dpo_momentum < 1, "beta_dpo_momentum", self.beta_dpo_momentum, "in [0, 1)")
         _check(self.beta_dpo_filter is None or 0 < self.beta_dpo_filter <= 1, "beta_dpo_filter",
@@ -239,6 +242,11 @@ class TrainConfig:
         if self.warmup_steps >= 1:
             return int(self.warmup_steps)
         return math.ceil(total_steps * (self.warmup_steps or self.warmup_ratio))
+
+    @property
+    def moves_reference(self) -> bool:
+        """Whether the reference follows the policy during training (TR-DPO's soft update)."""
+        return self.sync_ref_model or self.method == "tr_dpo"
 
     @property
     def compute_dtype(self) -> str | None:

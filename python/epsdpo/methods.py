@@ -5,6 +5,7 @@
 | `epsilon_dpo` | `KlControlledBeta`, ε from the config | the β update                       |
 | `dpo`         | `KlControlledBeta` at ε = 0            | —                                  |
 | `tr_dpo`      | `KlControlledBeta` at ε = 0            | every τ steps, θ_ref ← α·θ + (1−α)·θ_ref |
+| any, with `sync_ref_model=True` | the method's own     | TR-DPO's reference update, as above |
 | `beta_dpo`    | `BatchAdaptiveBeta`                   | —                                  |
 
 Adding a method means adding its rule or hook and one entry in `build_method`.
@@ -51,12 +52,14 @@ def build_method(config: TrainConfig, kl: KlController, dist: DistInfo, device: 
                  reference: nn.Module | object) -> Method:
     if config.method == "beta_dpo":
         rule = BetaDPO(config.beta, config.beta_dpo_alpha, config.beta_dpo_momentum, config.beta_dpo_filter)
-        return Method(BatchAdaptiveBeta(kl, dist, device, rule))
-    beta_rule = KlControlledBeta(kl, dist, device)
-    if config.method == "tr_dpo":
+        method = Method(BatchAdaptiveBeta(kl, dist, device, rule))
+    else:  # epsilon_dpo; dpo and tr_dpo are the same rule with ε = 0 (config.step_epsilon)
+        method = Method(KlControlledBeta(kl, dist, device))
+    if config.moves_reference:  # tr_dpo, or sync_ref_model with any method
         if not isinstance(reference, nn.Module):
-            raise ValueError("method='tr_dpo' moves the reference towards the policy, which needs a reference of "
-                             "its own: pass ref_model= with a PEFT policy")
-        hook = ReferenceSoftUpdate(reference, policy, config.tr_dpo_tau, config.tr_dpo_alpha)
-        return Method(beta_rule, [hook], moves_reference=True)
-    return Method(beta_rule)  # epsilon_dpo; dpo is the same rule with ε = 0 (config.step_epsilon)
+            raise ValueError("TR-DPO's reference update (method='tr_dpo' or sync_ref_model=True) moves the reference "
+                             "towards the policy, which needs a reference of its own: pass ref_model= with a PEFT policy")
+        method.after_step.append(ReferenceSoftUpdate(reference, policy, config.ref_model_sync_steps,
+                                                     config.ref_model_mixup_alpha))
+        method.moves_reference = True
+    return method
