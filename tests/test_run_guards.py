@@ -99,7 +99,7 @@ BAD_VALUES = [
     ("per_device_train_batch_size", "8"), ("per_device_train_batch_size", 2.0), ("beta_dpo_alpha", -1.0),
     ("ref_model_sync_steps", 1.5), ("weight_decay", math.inf), ("learning_rate", math.inf), ("learning_rate", math.nan),
     ("bf16", "nope"), ("bf16", 1), ("beta", "abc"), ("layout", "ragged"), ("dtype", "int8"), ("max_steps", 0),
-    ("adam_beta2", 1.0), ("max_grad_norm", math.inf), ("output_dir", ""), ("report_to", "mlflow"),
+    ("adam_beta2", 1.0), ("max_grad_norm", math.inf), ("output_dir", ""), ("report_to", "comet_ml"),
     ("save_total_limit", 0), ("epsilon_check", 1.0), ("overwrite_output_dir", "yes"),
 ]
 

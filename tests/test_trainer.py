@@ -120,7 +120,7 @@ def test_nan_loss_stops_cleanly(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "bad",
     [dict(method="ipo"), dict(layout="ragged"), dict(beta=0.0), dict(epsilon=1.0), dict(label_smoothing=0.5),
-     dict(per_device_train_batch_size=0), dict(max_length=8, max_prompt_length=8), dict(report_to="mlflow"),
+     dict(per_device_train_batch_size=0), dict(max_length=8, max_prompt_length=8), dict(report_to="comet_ml"),
      dict(num_train_epochs=0, max_steps=-1)],
 )
 def test_invalid_config_values_fail_at_construction(bad):

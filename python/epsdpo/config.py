@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+REPORTER_ALONE = ("jsonl", "none", "all")
+REPORTER_BACKENDS = ("tensorboard", "wandb", "trackio", "mlflow")
+REPORTERS = REPORTER_ALONE + REPORTER_BACKENDS
+
 Layout = Literal["padded", "packed", "shared_prompt"]
 LAYOUTS: tuple[str, ...] = typing.get_args(Layout)  # the batch layouts of the Rust collator
 
@@ -167,15 +171,20 @@ class TrainConfig:
         "first (TRL/transformers' meaning). Resuming never needs it.")})
     run_name: str | None = field(default=None, metadata={"help": (
         "A name for the run in the logging backends (the wandb run name). None: the backend's own choice.")})
-    report_to: Literal["none", "jsonl", "tensorboard", "wandb"] = field(default="jsonl", metadata={"help": (
-        "Where metrics go: jsonl (output_dir/metrics.jsonl), tensorboard or wandb (each also writes "
-        "metrics.jsonl), or none. One value, unlike TRL's list.")})
+    report_to: str | list[str] = field(default="jsonl", metadata={"help": (
+        "Logging backends, each through its own library: any of tensorboard, wandb, trackio, mlflow (a list, "
+        "or one name), or all (every installed one), as in TRL. metrics.jsonl in output_dir is always "
+        "written, unless none. Default jsonl: that file alone.")})
     plots: bool = field(default=True, metadata={"help": (
         "Write plots of the run (loss, β, rewards, ...) to output_dir/plots/ at the end of training.")})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar (main process only)."})
 
     def __post_init__(self) -> None:
         self._check_types()
+        reporters = [self.report_to] if isinstance(self.report_to, str) else self.report_to
+        _check(all(r in REPORTERS for r in reporters) and (len(reporters) == 1 or not set(reporters) & set(REPORTER_ALONE)),
+               "report_to", self.report_to, "one of " + ", ".join(map(repr, REPORTER_ALONE)) + ", or a list of "
+               + ", ".join(map(repr, REPORTER_BACKENDS)))
         _check(not (self.bf16 and self.fp16), "fp16", self.fp16, "False when bf16=True (choose one compute precision)")
         _check(self.beta > 0, "beta", self.beta, "a finite number > 0")
         _check(0 <= self.epsilon < 1, "epsilon", self.epsilon, "in [0, 1)")
@@ -231,6 +240,10 @@ class TrainConfig:
                 ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
                 _check(ok, f.name, value, "a finite number" + (" or None" if type(None) in allowed else ""))
                 setattr(self, f.name, float(value))
+            elif list[str] in allowed and isinstance(value, (list, tuple)):  # report_to: a list of names
+                _check(all(isinstance(v, str) for v in value), f.name, value, "a string or a list of strings")
+                # one name as a list (what `--report_to wandb` parses to) is that name
+                setattr(self, f.name, value[0] if len(value) == 1 else list(value))
             else:
                 kind = next(a for a in allowed if a is not type(None))
                 ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))

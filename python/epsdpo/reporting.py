@@ -1,31 +1,101 @@
-"""Where logged metrics go: the in-memory history, `metrics.jsonl`, and optionally TensorBoard or
-Weights & Biases; an evaluation's main metrics also go to the console (`eval_summary`). Only rank 0
-writes."""
+"""Where logged metrics go: the in-memory history, `metrics.jsonl`, and the logging backends a run
+names in `report_to` (TensorBoard, Weights & Biases, Trackio, MLflow), each through its own library;
+an evaluation's main metrics also go to the console (`eval_summary`). Only rank 0 writes."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
+BACKENDS = ("tensorboard", "wandb", "trackio", "mlflow")
+# The module each backend needs (TensorBoard's writer ships with torch but needs the tensorboard package)
+_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
+
+
+def resolve_backends(report_to: str | list[str]) -> list[str]:
+    """The backends `report_to` names: a list of them, one name, "all" (every installed one), or "jsonl" /
+    "none" (no backend; "none" also writes no metrics.jsonl). A named backend that is not installed is an
+    error naming the package, where TRL would fail on import later."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    if names in (["jsonl"], ["none"], []):
+        return []
+    if names == ["all"]:
+        return [b for b in BACKENDS if importlib.util.find_spec(_MODULES[b]) is not None]
+    missing = [b for b in names if importlib.util.find_spec(_MODULES[b]) is None]
+    if missing:
+        raise ModuleNotFoundError(f"report_to names {', '.join(missing)}, which is not installed: "
+                                  f"pip install {' '.join(_MODULES[b] for b in missing)}")
+    return names
+
+
+class _TensorBoard:
+    def __init__(self, output_dir: Path, config: dict[str, Any]) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _WandbLike:
+    """wandb and trackio share one API: init(config=, name=), log(values, step=), finish()."""
+
+    def __init__(self, module: str, output_dir: Path, config: dict[str, Any]) -> None:
+        import importlib
+
+        self.library = importlib.import_module(module)
+        extra = {"dir": str(output_dir)} if module == "wandb" else {}
+        self.run = self.library.init(config=config, name=config.get("run_name"), **extra)
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.library.log(values, step=step)
+
+    def close(self) -> None:
+        self.library.finish()
+
+
+class _MLflow:
+    def __init__(self, output_dir: Path, config: dict[str, Any]) -> None:
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.start_run(run_name=config.get("run_name"))
+        mlflow.log_params({k: v for k, v in config.items() if v is not None})
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        # MLflow metric names may not contain every character TRL's names use; "/" is allowed
+        self.mlflow.log_metrics(values, step=step)
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+def _open(backend: str, output_dir: Path, config: dict[str, Any]) -> Any:
+    if backend == "tensorboard":
+        return _TensorBoard(output_dir, config)
+    if backend == "mlflow":
+        return _MLflow(output_dir, config)
+    return _WandbLike(backend, output_dir, config)
+
 
 class MetricsLog:
-    def __init__(self, output_dir: Path, report_to: str, enabled: bool, config: dict[str, Any]) -> None:
+    def __init__(self, output_dir: Path, report_to: str | list[str], enabled: bool, config: dict[str, Any]) -> None:
         self.history: list[dict[str, Any]] = []
-        self.enabled = enabled
+        self.enabled = enabled and report_to != "none"
         self.path = output_dir / "metrics.jsonl"
-        self._tb = self._wandb = None
-        if not enabled:
+        backends = resolve_backends(report_to)  # checked on every rank, so a missing package fails everywhere
+        self._backends: list[Any] = []
+        if not self.enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
-        if report_to == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(output_dir / "tensorboard"))
-        elif report_to == "wandb":
-            import wandb
-
-            self._wandb = wandb.init(config=config, dir=str(output_dir), name=config.get("run_name"))
+        self._backends = [_open(backend, output_dir, config) for backend in backends]
 
     def restore(self, history: list[dict[str, Any]]) -> None:
         """After a resume: keep the history and rewrite metrics.jsonl to match it exactly."""
@@ -39,19 +109,13 @@ class MetricsLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        step = record["step"]
-        if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, step)
-        if self._wandb is not None:
-            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        values = {k: float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        for backend in self._backends:
+            backend.log(values, record["step"])
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-        if self._wandb is not None:
-            self._wandb.finish()
+        for backend in self._backends:
+            backend.close()
 
 
 EVAL_SUMMARY = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_kl/pair_beta_mean")

@@ -135,7 +135,7 @@ class Trainer:
         self.kl = KlController(config.beta, config.step_epsilon)
         self.method = build_method(config, self.kl, self.dist, self.device, self.model, self.ref_model)
         self._setup_optimization()
-        self.metrics = MetricsLog(self.output_dir, config.report_to, self.dist.is_main and config.report_to != "none",
+        self.metrics = MetricsLog(self.output_dir, config.report_to, self.dist.is_main,
                                   config.to_dict())
 
     # --------------------------------------------------------------------------------- setup
