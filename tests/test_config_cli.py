@@ -4,6 +4,7 @@ flags and `--version`, without training: the Trainer is replaced by one that rec
 from __future__ import annotations
 
 import dataclasses
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -28,7 +29,9 @@ NON_DEFAULT = dict(
     adam_beta1=0.8, adam_beta2=0.99, max_grad_norm=0.0, max_length=None, max_prompt_length=None,
     truncation_mode="keep_start", layout="shared_prompt", group_by_length=True, max_tokens_per_batch=4096,
     pad_to_multiple_of=8, skip_invalid=True, dataset_cache_dir="cache", seed=7, device="cpu", dtype="bfloat16",
-    bf16=True, fp16=False, disable_dropout=False, gradient_checkpointing=True, fsdp=True, chunk_size=256, logging_steps=5, eval_steps=10,
+    bf16=True, fp16=False, model_init_kwargs={"attn_implementation": "eager"}, use_peft=True, lora_r=8,
+    lora_alpha=16, lora_dropout=0.1, lora_target_modules=["q_proj", "v_proj"], disable_dropout=False,
+    gradient_checkpointing=True, fsdp=True, chunk_size=256, logging_steps=5, eval_steps=10,
     save_steps=20, save_total_limit=2, overwrite_output_dir=True, run_name="r1", report_to="none", plots=False, progress=False,
 )
 
@@ -158,10 +161,14 @@ def test_every_field_round_trips_through_yaml(trainer, tmp_path):
 
 
 def test_every_field_round_trips_through_flags(trainer, cfg):
-    def flag(key, value):
-        return f"--{key}={'none' if value is None else str(value).lower() if isinstance(value, bool) else value}"
+    def flags(key, value):
+        if isinstance(value, dict):
+            return [f"--{key}={json.dumps(value)}"]
+        if isinstance(value, list):  # nargs: the flag, then each item
+            return [f"--{key}", *value]
+        return [f"--{key}={'none' if value is None else str(value).lower() if isinstance(value, bool) else value}"]
 
-    assert train(cfg, *(flag(k, v) for k, v in NON_DEFAULT.items()))["config"].to_dict() == NON_DEFAULT
+    assert train(cfg, *(f for k, v in NON_DEFAULT.items() for f in flags(k, v)))["config"].to_dict() == NON_DEFAULT
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -97,3 +97,37 @@ def test_adapter_free_reference_runs_without_dropout():
     second = batch_logps(policy, reference, batch("padded"), 0.0).reference
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     assert policy.training  # and the policy is left as it was
+
+
+def test_use_peft_builds_lora_from_trls_fields(tmp_path):
+    from epsdpo.config import TrainConfig
+    from epsdpo.models import AdapterFreeReference
+    from epsdpo.trainer import Trainer
+    from tiny import tiny_llama, toy_store
+
+    config = TrainConfig(output_dir=str(tmp_path / "run"), use_peft=True, lora_r=4, lora_alpha=8,
+                         lora_target_modules=["q_proj", "v_proj"], learning_rate=1e-3, max_steps=1,
+                         per_device_train_batch_size=4, max_length=32, max_prompt_length=16, progress=False,
+                         plots=False, report_to="none")
+    trainer = Trainer(tiny_llama(0), config, toy_store(16))
+    assert isinstance(trainer.ref_model, AdapterFreeReference)
+    trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n and ("q_proj" in n or "v_proj" in n) for n in trained)
+    assert trainer.model.peft_config["default"].r == 4
+    trainer.train()
+
+
+def test_model_init_kwargs_reach_from_pretrained(tmp_path):
+    from epsdpo.config import TrainConfig
+    from epsdpo.models import load_causal_lm
+    from tiny import tiny_llama
+
+    tiny_llama(0).save_pretrained(tmp_path / "m")
+    config = TrainConfig(model_init_kwargs='{"attn_implementation": "eager"}')
+    assert config.model_init_kwargs == {"attn_implementation": "eager"}
+    model = load_causal_lm(tmp_path / "m", init_kwargs=config.model_init_kwargs)
+    assert model.config._attn_implementation == "eager"
+    with pytest.raises(ValueError, match="model_init_kwargs may not set dtype"):
+        load_causal_lm(tmp_path / "m", init_kwargs={"dtype": "bfloat16"})
+    with pytest.raises(ValueError, match="model_init_kwargs='not json' is invalid: must be a JSON object"):
+        TrainConfig(model_init_kwargs="not json")

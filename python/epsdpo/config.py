@@ -7,6 +7,7 @@ YAML mostly carries over.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -143,6 +144,18 @@ class TrainConfig:
     fp16: bool = field(default=False, metadata={"help": (
         "Compute in float16: autocast over the float32 weights, with a gradient scaler (TRL's meaning). Not "
         "with bf16.")})
+    model_init_kwargs: dict | str | None = field(default=None, metadata={"help": (
+        "Keyword arguments for from_pretrained when the model (and ref_model) are given as paths, as a mapping "
+        "or a JSON string, e.g. {\"attn_implementation\": \"eager\"} (TRL's meaning). Not dtype: see dtype.")})
+    use_peft: bool = field(default=False, metadata={"help": (
+        "Train LoRA adapters instead of the whole model (TRL's ModelConfig meaning); the reference is then the "
+        "base model with the adapters off, so no copy of the weights is made.")})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank, >= 1 (TRL's default)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling α, >= 1 (TRL's default)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input, in [0, 1) (TRL's default)."})
+    lora_target_modules: list[str] | None = field(default=None, metadata={"help": (
+        "Module names LoRA adapts, e.g. q_proj v_proj; None: PEFT's default for the architecture (TRL's "
+        "meaning).")})
     disable_dropout: bool = field(default=True, metadata={"help": (
         "Turn every dropout of the policy and the reference off, so that both score a sequence the same way "
         "and the implicit rewards are not noise (TRL's meaning and default).")})
@@ -181,6 +194,19 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self._check_types()
+        if isinstance(self.model_init_kwargs, str):  # the command line's JSON form
+            try:
+                self.model_init_kwargs = json.loads(self.model_init_kwargs)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"model_init_kwargs={self.model_init_kwargs!r} is invalid: must be a JSON object "
+                                 f"({error})") from None
+        _check(self.model_init_kwargs is None or isinstance(self.model_init_kwargs, dict), "model_init_kwargs",
+               self.model_init_kwargs, "a mapping (or its JSON string) or None")
+        _check(self.lora_r >= 1 and self.lora_alpha >= 1, "lora_r", (self.lora_r, self.lora_alpha),
+               "lora_r and lora_alpha integers >= 1")
+        _check(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "in [0, 1)")
+        if isinstance(self.report_to, list) and len(self.report_to) == 1:
+            self.report_to = self.report_to[0]  # one name as a list (what `--report_to wandb` parses to)
         reporters = [self.report_to] if isinstance(self.report_to, str) else self.report_to
         _check(all(r in REPORTERS for r in reporters) and (len(reporters) == 1 or not set(reporters) & set(REPORTER_ALONE)),
                "report_to", self.report_to, "one of " + ", ".join(map(repr, REPORTER_ALONE)) + ", or a list of "
@@ -240,10 +266,11 @@ class TrainConfig:
                 ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
                 _check(ok, f.name, value, "a finite number" + (" or None" if type(None) in allowed else ""))
                 setattr(self, f.name, float(value))
+            elif dict in allowed and isinstance(value, (dict, str)):  # model_init_kwargs, checked in __post_init__
+                continue
             elif list[str] in allowed and isinstance(value, (list, tuple)):  # report_to: a list of names
                 _check(all(isinstance(v, str) for v in value), f.name, value, "a string or a list of strings")
-                # one name as a list (what `--report_to wandb` parses to) is that name
-                setattr(self, f.name, value[0] if len(value) == 1 else list(value))
+                setattr(self, f.name, list(value))
             else:
                 kind = next(a for a in allowed if a is not type(None))
                 ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))

@@ -82,14 +82,20 @@ def _from_pretrained(load: Any, source: str | Path, name: str, local_only: dict[
         raise _offline_hint(source, error, why) from error
 
 
-def load_causal_lm(source: str | Path | nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+def load_causal_lm(source: str | Path | nn.Module, dtype: torch.dtype | None = None,
+                   init_kwargs: dict[str, Any] | None = None) -> nn.Module:
     """A module as given (cast to `dtype` only when one is given), or a model loaded from a folder, a
-    .gguf file or a hub id in `dtype` (float32 when None)."""
+    .gguf file or a hub id in `dtype` (float32 when None), with `init_kwargs` passed on to
+    `from_pretrained` (TRL's model_init_kwargs, e.g. attn_implementation)."""
     if isinstance(source, nn.Module):
         return source if dtype is None else source.to(dtype)
     from transformers import AutoModelForCausalLM
 
     name, kwargs = _pretrained_args(source)
+    kwargs = {**(init_kwargs or {}), **kwargs}
+    if "dtype" in kwargs or "torch_dtype" in kwargs:
+        raise ValueError("model_init_kwargs may not set dtype: TrainConfig.dtype is the one knob for the weights' "
+                         "storage precision")
     model = _from_pretrained(AutoModelForCausalLM.from_pretrained, source, name, _MODEL_LOCAL_ONLY,
                              dtype=dtype or torch.float32, **kwargs)
     if "gguf_file" in kwargs:
@@ -166,3 +172,15 @@ def frozen_reference(policy: nn.Module) -> nn.Module:
     reference.requires_grad_(False)
     reference.eval()
     return reference
+
+
+def with_lora(model: nn.Module, config: Any) -> nn.Module:
+    """`model` with LoRA adapters from the config's TRL-named fields (use_peft, lora_r, lora_alpha,
+    lora_dropout, lora_target_modules); only the adapters train."""
+    if is_peft_model(model):
+        raise ValueError("use_peft=True with a model that already has PEFT adapters: pass one or the other")
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)

@@ -38,7 +38,7 @@ from epsdpo.feed import CycleFeed, as_store, check_vocabulary, filler_batch, mak
 from epsdpo.loss import epsilon_dpo_loss, kl_steps, pair_log_ratio
 from epsdpo.methods import build_method
 from epsdpo.model_card import RunFacts, describe_source, write_model_card
-from epsdpo.models import AdapterFreeReference, default_reference, load_causal_lm, load_tokenizer
+from epsdpo.models import AdapterFreeReference, default_reference, load_causal_lm, load_tokenizer, with_lora
 from epsdpo.precision import Precision, check_trainable_precision, fsdp_mixed_precision, torch_dtype
 from epsdpo.reporting import MetricsLog, eval_summary
 from epsdpo.run_checkpoints import claim_output_dir, resume_run, save_run
@@ -154,10 +154,13 @@ class Trainer:
     def _setup_models(self, model: nn.Module | str | Path, ref_model: nn.Module | str | Path | None) -> None:
         c = self.config
         dtype = torch_dtype(c.dtype)
-        self.model = load_causal_lm(model, dtype).to(self.device)
+        self.model = load_causal_lm(model, dtype, c.model_init_kwargs).to(self.device)
+        if c.use_peft:
+            self.model = with_lora(self.model, c)
         check_trainable_precision(self.model, c.compute_dtype)
         if ref_model is not None:
-            self.ref_model = load_causal_lm(ref_model, dtype).to(self.device).requires_grad_(False).eval()
+            self.ref_model = (load_causal_lm(ref_model, dtype, c.model_init_kwargs).to(self.device)
+                              .requires_grad_(False).eval())
         else:
             self.ref_model = default_reference(self.model)
         if c.disable_dropout:
