@@ -26,8 +26,8 @@ NON_DEFAULT = dict(
     learning_rate=1e-5, per_device_train_batch_size=2, per_device_eval_batch_size=3, gradient_accumulation_steps=4,
     num_train_epochs=2.5, max_steps=7, lr_scheduler_type="linear", warmup_steps=3.0, warmup_ratio=0.0,
     weight_decay=0.01,
-    adam_beta1=0.8, adam_beta2=0.99, max_grad_norm=0.0, max_length=None, max_prompt_length=None,
-    truncation_mode="keep_start", layout="shared_prompt", group_by_length=True, max_tokens_per_batch=4096,
+    adam_beta1=0.8, adam_beta2=0.99, max_grad_norm=0.0, max_length=None, max_prompt_length=64,
+    truncation_mode="keep_start", prompt_truncation_mode="keep_start", layout="shared_prompt", group_by_length=True, max_tokens_per_batch=4096,
     pad_to_multiple_of=8, skip_invalid=True, dataset_cache_dir="cache", seed=7, device="cpu", dtype="bfloat16",
     bf16=True, fp16=False, model_init_kwargs={"attn_implementation": "eager"}, use_peft=True, lora_r=8,
     lora_alpha=16, lora_dropout=0.1, lora_target_modules=["q_proj", "v_proj"], disable_dropout=False,
@@ -83,8 +83,9 @@ def usage_error(capsys, *argv) -> str:
 def test_non_default_values_cover_every_field():
     assert sorted(NON_DEFAULT) == sorted(FIELDS)
     defaults = TrainConfig()
-    # fp16 cannot be on with bf16=True, nor warmup_ratio with warmup_steps
-    assert [k for k, v in NON_DEFAULT.items() if getattr(defaults, k) == v] == ["warmup_ratio", "fp16"]
+    # fp16 cannot be on with bf16=True, nor warmup_ratio with warmup_steps; truncation_mode has one value
+    assert [k for k, v in NON_DEFAULT.items() if getattr(defaults, k) == v] == [
+        "warmup_ratio", "truncation_mode", "fp16"]
 
 
 def test_help_lists_every_field_with_its_help(capsys, monkeypatch):

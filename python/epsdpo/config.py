@@ -101,12 +101,17 @@ class TrainConfig:
     max_length: int | None = field(default=1024, metadata={"help": (
         "Longest sequence, prompt plus one completion, in tokens, >= 1 (TRL's name); a completion loses its "
         "end to fit, as under TRL's default truncation_mode=keep_start. None: no limit.")})
-    max_prompt_length: int | None = field(default=512, metadata={"help": (
-        "Longest prompt in tokens, >= 1 and below max_length; a longer prompt is cut as truncation_mode says "
-        "(the name of older TRL releases). None: no limit.")})
-    truncation_mode: Literal["keep_end", "keep_start"] = field(default="keep_end", metadata={"help": (
+    truncation_mode: Literal["keep_start"] = field(default="keep_start", metadata={"help": (
+        "How a sequence longer than max_length is cut (TRL's meaning): keep_start, the only value TRL 1.16 "
+        "accepts, keeps its start, so the completion loses its end. A pair whose prompt alone reaches "
+        "max_length has no completion left and is an error (or skipped with skip_invalid).")})
+    max_prompt_length: int | None = field(default=None, metadata={"help": (
+        "Longest prompt in tokens, >= 1 and below max_length, cut first as prompt_truncation_mode says (the "
+        "name of older TRL releases; TRL 1.16 has none). None (the default): prompts are only cut by "
+        "max_length, as in TRL 1.16.")})
+    prompt_truncation_mode: Literal["keep_end", "keep_start"] = field(default="keep_end", metadata={"help": (
         "Which end of a prompt longer than max_prompt_length survives: keep_end (its last tokens, nearest "
-        "the answer) or keep_start. Unlike TRL's truncation_mode it applies to the prompt only.")})
+        "the answer) or keep_start. Applies to the prompt only, and only with max_prompt_length.")})
     layout: Layout = field(default="padded", metadata={"help": (
         "Batch layout of the Rust collator: padded (one padded row per sequence, as TRL), packed (several "
         "sequences per row, little padding) or shared_prompt (a pair's prompt once, both completions after "

@@ -13,7 +13,8 @@ use crate::store::Pair;
 /// Which end of an over-long prompt survives.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PromptTruncation {
-    /// Keep the prompt's last tokens (nearest the answer). The default, as in TRL.
+    /// Keep the prompt's last tokens (nearest the answer). The default: what a prompt cut to
+    /// `max_prompt_length` most needs is the context just before the answer.
     #[default]
     KeepEnd,
     /// Keep the prompt's first tokens.
