@@ -84,6 +84,9 @@ def test_fsdp_matches_one_process_and_resumes(tmp_path, single):
     # Another world size would change the data order: refused, naming both sizes
     error = launch(tmp_path / "fsdp", 1, 4, "fsdp", "resume", fails=True)
     assert "written by a run of 2 rank(s), this run has 1" in error
+    # A sharded checkpoint resumes only into a sharded run
+    error = launch(tmp_path / "fsdp", 2, 2, "ddp", "resume", fails=True)
+    assert "was written by a run with FSDP and this run is without it" in error
 
 
 @pytest.mark.slow

@@ -110,3 +110,29 @@ def test_kernel_under_autocast_computes_the_head_in_bf16_with_fp32_statistics():
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.float32
     assert torch.isfinite(weight.grad).all() and weight.grad.abs().sum() > 0
+
+
+def test_a_step_the_fp16_scaler_skips_moves_neither_beta_nor_the_reference(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_llama(0), config(tmp_path, "skip", fp16=True, max_steps=3, learning_rate=1e-3,
+                                            epsilon=0.5, method="epsilon_dpo", sync_ref_model=True,
+                                            ref_model_sync_steps=1), toy_store())
+    real_step, calls = trainer.precision.step, {"n": 0}
+
+    def skip_the_second(optimizer):
+        calls["n"] += 1
+        if calls["n"] != 2:
+            return real_step(optimizer)
+        trainer.precision.scaler.update()  # what an overflow does: no step, the scaler moves on
+        return False
+
+    monkeypatch.setattr(trainer.precision, "step", skip_the_second)
+    moved = []
+    real_hook = trainer.method.after_step[0]
+    trainer.method.after_step[0] = lambda step: (moved.append(step), real_hook(step))
+    history = trainer.train().log_history
+    beta = trainer.kl.beta_history()
+    steps = [r for r in history if "loss" in r]
+    assert steps[1]["kl/mean_step"] != 0, "the skipped step had pairs that would have moved β"
+    assert beta[2] == beta[1] and beta[3] != beta[2]
+    assert moved == [1, 3]
+    assert [r["skipped_step"] for r in history if "loss" in r] == [0.0, 1.0, 0.0]

@@ -8,7 +8,7 @@ keyword arguments, which transformers passes from the model call down to every a
 - flash-attention (`flash_attention_2`/`_3`, where installed): transformers' own varlen path;
 - `SEGMENT_SDPA` (registered here), a drop-in for `sdpa` that needs no extra install: without segment
   arguments it behaves exactly like sdpa (generation, evaluation). With them it runs, best first:
-  torch's own varlen kernel (`torch.nn.attention.varlen.varlen_attn`, torch ≥ 2.10, CUDA, half
+  torch's own varlen kernel (`torch.nn.attention.varlen.varlen_attn` with `window_size` and `enable_gqa`, as in torch 2.15; CUDA, half
   precision) in one call for the whole batch; else causal sdpa on each segment, for any device.
 
 Shared-prompt batches are not sequences end to end (a rejected answer must not see the chosen one
@@ -61,12 +61,24 @@ def varlen_kwargs(segment_ids: Tensor, implementation: str, cu_seqlens: Any = No
 
 
 def _varlen_attn():
-    """torch's varlen attention (torch ≥ 2.10), or None."""
+    """torch's varlen attention, or None where this torch's version of it lacks the `window_size` and
+    `enable_gqa` arguments the call below passes (early releases took `is_causal` instead); the
+    per-segment loop then runs."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    return varlen_attn
+    return varlen_attn if _takes(varlen_attn, "window_size", "enable_gqa") else None
+
+
+def _takes(function: Any, *names: str) -> bool:
+    import inspect
+
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+    return all(name in parameters for name in names)
 
 
 def flex_attention_available(device: torch.device) -> bool:

@@ -65,6 +65,14 @@ class KlControlledBeta:
         betas = self.kl.record(pair_ids, codes) if train else self.kl.betas_for(codes)
         return PairBetas(torch.from_numpy(betas).to(self.device), None, 1.0)
 
+    def empty_micro_batch(self) -> None:
+        """A micro-batch with no pair on this rank: join whatever collective the others make for
+        theirs, so that ranks stay in step (nothing here)."""
+
+    def skip_step(self) -> None:
+        """The optimizer skipped this step (fp16 overflow): β stays, and the cycle's steps are dropped."""
+        self.kl.apply_update(0, 0)
+
     def end_step(self) -> None:
         """β ← β / (1 + ε·s̄) with s̄ the mean step over every pair of the cycle on every rank."""
         local_sum, local_count = self.kl.local_sums()
@@ -93,11 +101,17 @@ class BatchAdaptiveBeta(KlControlledBeta):
         if not train:
             return PairBetas(torch.full_like(gaps, self.rule.beta0), None, 1.0)
         super().pair_betas(pair_ids, logps, train=True)  # the ledger still books every pair
-        total = all_reduce_sum(torch.tensor([gaps.sum().item(), float(gaps.numel())], dtype=torch.float64), self.dist)
-        beta = self.rule.batch_beta(float(total[0] / total[1]))
+        beta = self.rule.batch_beta(self._global_mean_gap(gaps.sum().item(), float(gaps.numel())))
         if self.rule.filter_fraction is None:
             return PairBetas(torch.full_like(gaps, beta), None, 1.0)
         return PairBetas(torch.full_like(gaps, beta), self.rule.keep(gaps), self.rule.filter_fraction)
+
+    def empty_micro_batch(self) -> None:
+        self._global_mean_gap(0.0, 0.0)  # the other ranks' all-reduce of their gaps waits for this one
+
+    def _global_mean_gap(self, gap_sum: float, count: float) -> float:
+        total = all_reduce_sum(torch.tensor([gap_sum, count], dtype=torch.float64), self.dist)
+        return float(total[0] / total[1]) if total[1] > 0 else 0.0
 
     def state_dict(self) -> dict[str, Any]:
         return {"running_gap": self.rule.running_gap}

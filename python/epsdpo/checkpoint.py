@@ -8,8 +8,10 @@ whole checkpoint or none.
 
 - Weights: `model.safetensors` (and `reference.safetensors` when TR-DPO moves the reference) for
   one process or DDP. FSDP runs write `sharded/` with `torch.distributed.checkpoint` instead: every
-  rank writes its own shards, and no rank ever holds the whole model. Either kind resumes into either
-  kind of run.
+  rank writes its own shards, and no rank ever holds the whole model. A checkpoint resumes into a run
+  of its own kind (FSDP or not); the other way round is refused by name. DCP's `.metadata` file is a
+  pickle that `torch.distributed.checkpoint` reads with the standard unpickler, so an FSDP
+  checkpoint, unlike the others, must come from a source you trust.
 - A checkpoint is also a model folder, as a TRL checkpoint is: next to `model.safetensors` lie the
   policy's `config.json` and `generation_config.json` (a PEFT policy: `adapter_config.json` and
   `adapter_model.safetensors`, as PEFT writes them) and the tokenizer's files, so that
@@ -18,7 +20,7 @@ whole checkpoint or none.
   `model.safetensors`, so `from_pretrained` cannot read it: its weights are DCP shards, for resuming
   (or for `torch.distributed.checkpoint.format_utils.dcp_to_torch_save`); `final/` holds the
   gathered model.
-- Nothing is unpickled with arbitrary classes: `training_state.pt` is read with
+- Outside `sharded/`, nothing is unpickled with arbitrary classes: `training_state.pt` is read with
   `torch.load(weights_only=True)`, which accepts tensors and plain containers only.
 - `manifest.json`, written last, lists every file's size and SHA-256. Its presence marks a finished
   checkpoint, and resuming verifies every entry and names the file that does not match.
@@ -38,7 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 PREFIX = "checkpoint-"
@@ -358,7 +360,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     if verify:
         verify_checkpoint(path)
     training = _load_training_state(path)
-    if (path / SHARDED).is_dir():
+    if (path / SHARDED).is_dir() != sharded:
+        written, running = ("with", "without") if (path / SHARDED).is_dir() else ("without", "with")
+        raise CheckpointError(f"{path} was written by a run {written} FSDP and this run is {running} it: resume "
+                              f"with fsdp={not sharded}, or start a new run from the checkpoint's weights")
+    if sharded:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
@@ -367,12 +373,6 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         if reference is not None:
             set_model_state_dict(reference, state["reference"])
-    elif sharded:
-        from epsdpo.sharding import load_full_state
-
-        load_full_state(model, optimizer, load_file(str(path / "model.safetensors")), training["optimizer"])
-        if reference is not None:
-            load_full_state(reference, None, load_file(str(path / "reference.safetensors")), None)
     else:
         load_model(model, str(path / "model.safetensors"))
         if reference is not None:

@@ -92,9 +92,12 @@ def _settings(config: TrainConfig, run: RunFacts) -> list[str]:
         ("evaluation data", _pairs(run.eval_pairs, run.eval_data) if run.eval_pairs is not None else "none"),
         ("optimizer steps", str(run.steps)),
         ("pairs per step", f"{per_step} ({config.per_device_train_batch_size} per device × "
-                           f"{config.gradient_accumulation_steps} accumulated × {run.world_size} processes)"),
-        ("learning rate", f"{config.learning_rate:g}, {config.lr_scheduler_type} schedule, warm-up ratio "
-                          f"{config.warmup_ratio:g}"),
+                           f"{config.gradient_accumulation_steps} accumulated × {run.world_size} processes)"
+         if not config.max_tokens_per_batch else
+         f"variable: a budget of {config.max_tokens_per_batch} tokens per device batch × "
+         f"{config.gradient_accumulation_steps} accumulated × {run.world_size} processes"),
+        ("learning rate", f"{config.learning_rate:g}, {config.lr_scheduler_type} schedule, "
+                          f"{config.warmup_steps_for(run.steps)} warm-up steps"),
     ]
     return ["| setting | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
 
