@@ -10,9 +10,12 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from epsdpo.config import TrainConfig
+
+if TYPE_CHECKING:
+    from epsdpo.trainer import Trainer
 
 METHODS = {"epsilon_dpo": "ε-DPO", "dpo": "DPO", "tr_dpo": "TR-DPO", "beta_dpo": "β-DPO"}
 TRAIN_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
@@ -144,3 +147,18 @@ def write_model_card(folder: Path, config: TrainConfig, run: RunFacts, plot: Pat
     path = folder / "README.md"
     path.write_text(model_card(config, run, beta_plot=beta_plot, library=library))
     return path
+
+
+def write_run_card(trainer: Trainer) -> None:
+    """`final/README.md` of a finished run (rank 0, after `final/`, the ledger and the plots)."""
+    from epsdpo.checkpoint import write_file
+
+    t, final = trainer, trainer.output_dir / "final"
+    run = RunFacts(
+        steps=t.state.global_step, beta_initial=float(t.kl.beta_history()[0]), beta_final=t.kl.beta,
+        train_pairs=len(t.train_store), world_size=t.dist.world_size, history=t.metrics.history,
+        base_model=t.sources["model"], train_data=t.sources["train"],
+        eval_pairs=None if t.eval_store is None else len(t.eval_store), eval_data=t.sources["eval"],
+    )
+    plot = t.output_dir / "plots" / "beta.png" if t.config.plots else None
+    write_file(final / "README.md", lambda _: write_model_card(final, t.config, run, plot))

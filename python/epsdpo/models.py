@@ -184,3 +184,13 @@ def with_lora(model: nn.Module, config: Any) -> nn.Module:
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Every dropout of `model` off: its `nn.Dropout` layers and the attention-probability dropout
+    rates transformers' attention modules read from an `attention_dropout` attribute."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0

@@ -37,8 +37,15 @@ from epsdpo.distributed import DistInfo, all_reduce_sum, barrier, gradient_sync,
 from epsdpo.feed import CycleFeed, as_store, check_vocabulary, filler_batch, make_collator, make_sampler
 from epsdpo.loss import epsilon_dpo_loss, kl_steps, pair_log_ratio
 from epsdpo.methods import build_method
-from epsdpo.model_card import RunFacts, describe_source, write_model_card
-from epsdpo.models import AdapterFreeReference, default_reference, load_causal_lm, load_tokenizer, with_lora
+from epsdpo.model_card import describe_source, write_run_card
+from epsdpo.models import (
+    AdapterFreeReference,
+    default_reference,
+    disable_dropout,
+    load_causal_lm,
+    load_tokenizer,
+    with_lora,
+)
 from epsdpo.precision import Precision, check_trainable_precision, fsdp_mixed_precision, torch_dtype
 from epsdpo.reporting import MetricsLog, eval_summary
 from epsdpo.run_checkpoints import claim_output_dir, resume_run, save_run
@@ -48,16 +55,6 @@ from epsdpo.step_metrics import StepSums
 
 if TYPE_CHECKING:
     from epsdpo._core import Batch
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """Every dropout of `model` off: its `nn.Dropout` layers and the attention-probability dropout
-    rates transformers' attention modules read from an `attention_dropout` attribute."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
 
 
 class NonFiniteError(FloatingPointError):
@@ -460,15 +457,5 @@ class Trainer:
             from epsdpo.plots import plot_run
 
             plot_run(self.metrics.history, self.output_dir / "plots")
-        self._write_model_card(self.output_dir / "final")
+        write_run_card(self)
         self.metrics.close()
-
-    def _write_model_card(self, final: Path) -> None:
-        run = RunFacts(
-            steps=self.state.global_step, beta_initial=float(self.kl.beta_history()[0]), beta_final=self.kl.beta,
-            train_pairs=len(self.train_store), world_size=self.dist.world_size, history=self.metrics.history,
-            base_model=self.sources["model"], train_data=self.sources["train"],
-            eval_pairs=None if self.eval_store is None else len(self.eval_store), eval_data=self.sources["eval"],
-        )
-        plot = self.output_dir / "plots" / "beta.png" if self.config.plots else None
-        write_file(final / "README.md", lambda _: write_model_card(final, self.config, run, plot))
