@@ -22,6 +22,7 @@ own, so every token belongs to one segment (its outputs are never scored).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -60,10 +61,11 @@ def varlen_kwargs(segment_ids: Tensor, implementation: str, cu_seqlens: Any = No
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
+@functools.cache
 def _varlen_attn():
     """torch's varlen attention, or None where this torch's version of it lacks the `window_size` and
     `enable_gqa` arguments the call below passes (early releases took `is_causal` instead); the
-    per-segment loop then runs."""
+    per-segment loop then runs. Cached: every attention layer of every forward asks."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:

@@ -353,12 +353,10 @@ def _load_training_state(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    reference: nn.Module | None = None, sharded: bool = False, verify: bool = True) -> dict[str, Any]:
-    """Verify the checkpoint (unless the caller has: `verify=False`), restore weights, optimizer,
-    scheduler and RNG; return the rest for the trainer to apply. `sharded`: the models are
-    FSDP-sharded (every rank calls this)."""
-    if verify:
-        verify_checkpoint(path)
+                    reference: nn.Module | None = None, sharded: bool = False) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and RNG from a checkpoint `verify_checkpoint` has passed;
+    return the rest for the trainer to apply. `sharded`: the models are FSDP-sharded (every rank
+    calls this)."""
     training = _load_training_state(path)
     if (path / SHARDED).is_dir() != sharded:
         written, running = ("with", "without") if (path / SHARDED).is_dir() else ("without", "with")

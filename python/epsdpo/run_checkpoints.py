@@ -71,7 +71,7 @@ def resume_run(trainer: Trainer, path: Path) -> None:
         )
     restored = load_checkpoint(path, t.model, t.optimizer, t.scheduler,
                                reference=t.ref_model if t.method.moves_reference else None,
-                               sharded=t.sharded, verify=False)
+                               sharded=t.sharded)
     t.kl.load_state_dict({"state": restored["kl_state"]})
     t.sampler.load_state_dict({"state": restored["sampler_state"]})
     t.precision.load_state_dict(restored["extra_state"].get("loss_scaler", {}))

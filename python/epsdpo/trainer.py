@@ -248,41 +248,42 @@ class Trainer:
         sums.add(logps, betas.betas, losses, reward_chosen, reward_rejected, batch)
         return PairLosses(logps, betas, losses, reward_chosen, reward_rejected)
 
-    def _train_micro_batch(self, batch: Batch, step: int, global_pairs: float, sums: StepSums) -> None:
-        """Forward and backward of one micro-batch, its loss a share of the cycle's global mean."""
+    def _train_micro_batch(self, batch: Batch, step: int, global_pairs: float, sums: StepSums) -> str | None:
+        """Forward and backward of one micro-batch, its loss a share of the cycle's global mean; under
+        torchrun, what went non-finite (for `_optimizer_step` to stop every rank with)."""
         if len(batch["pair_ids"]) == 0:  # every pair of it was skipped as invalid
             self.method.beta_rule.empty_micro_batch()
             if self.dist.enabled:  # the other ranks' forward and gradient exchange wait for this one
                 filler = self._score(filler_batch(self.collator, self.train_store))
                 self.precision.backward(filler.policy_chosen.sum().mul(0.0))
-            return
+            return None
         scored = self._micro_batch(batch, sums, train=True)
+        nonfinite = None
         if not torch.isfinite(scored.losses).all():
-            message = f"step {step}: non-finite loss for pair ids {batch['pair_ids'].tolist()}"
+            nonfinite = f"non-finite loss for pair ids {batch['pair_ids'].tolist()}"
             if not self.dist.enabled:
-                raise NonFiniteError(f"{message}; nothing of this step was saved")
-            # The other ranks wait in this backward's gradient exchange: stopping here would hang them.
-            # The NaN reaches every rank's averaged gradients, where the gradient-norm check stops all.
-            self._nonfinite.append(message)
+                raise NonFiniteError(f"step {step}: {nonfinite}; nothing of this step was saved")
+            # The other ranks wait in this backward's gradient exchange: stopping here would hang them;
+            # `_optimizer_step` stops every rank together.
         keep = scored.betas.keep
         # DDP and FSDP average gradients over ranks, so each rank's share of the global mean is its
         # loss sum over the global pair count (of kept pairs), times the world size.
         normaliser = global_pairs * scored.betas.kept_fraction / self.dist.world_size
         self.precision.backward((scored.losses if keep is None else scored.losses[keep]).sum().div(normaliser))
+        return nonfinite
 
-    def _optimizer_step(self, step: int, batches: list[Batch]) -> tuple[float, float, bool]:
+    def _optimizer_step(self, step: int, batches: list[Batch], nonfinite: list[str]) -> tuple[float, float, bool]:
         """Clip, step, schedule; (gradient norm, learning rate used, whether the step was applied)."""
         self.precision.unscale_(self.optimizer)
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
         grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         # Whether any rank saw a non-finite loss, agreed on by all (every rank then stops together)
-        bad_loss = all_reduce_sum(torch.tensor([float(bool(self._nonfinite))], dtype=torch.float64),
-                                  self.dist).item() > 0 if self.dist.enabled else bool(self._nonfinite)
+        bad_loss = all_reduce_sum(torch.tensor([float(bool(nonfinite))], dtype=torch.float64), self.dist).item() > 0
         if (not torch.isfinite(grad_norm) and self.precision.scaler is None) or bad_loss:
             # fp16 overflow alone is the scaler's to skip; a non-finite loss is not
             pairs = [i for b in batches for i in b["pair_ids"].tolist()]
-            cause = "; ".join(self._nonfinite) or (f"non-finite loss on another rank, gradient norm {float(grad_norm)}"
-                                                   if bad_loss else f"non-finite gradient norm for pair ids {pairs}")
+            cause = "; ".join(nonfinite) or ("non-finite loss on another rank" if bad_loss
+                                             else f"non-finite gradient norm for pair ids {pairs}")
             raise NonFiniteError(f"step {step}: {cause}; nothing of this step was saved")
         # The learning rate logged for step k is the one step k used, read before the scheduler moves on.
         # This is TRL's meaning: transformers' Trainer (which TRL 1.16's DPOTrainer runs, transformers 5)
@@ -313,13 +314,14 @@ class Trainer:
         step, beta = self.state.global_step + 1, self.method.beta_rule.beta
         local_pairs = float(sum(len(b["pair_ids"]) for b in batches))
         global_pairs = all_reduce_sum(torch.tensor([local_pairs], dtype=torch.float64), self.dist).item()
-        sums = StepSums()
-        self._nonfinite: list[str] = []
+        sums, nonfinite = StepSums(), []
         for index, batch in enumerate(batches):
             # Gradients are exchanged only in the cycle's last backward, overlapping its computation.
             with gradient_sync(self.policy_unit, index == len(batches) - 1):
-                self._train_micro_batch(batch, step, global_pairs, sums)
-        grad_norm, lr, applied = self._optimizer_step(step, batches)
+                problem = self._train_micro_batch(batch, step, global_pairs, sums)
+            if problem:
+                nonfinite.append(problem)
+        grad_norm, lr, applied = self._optimizer_step(step, batches, nonfinite)
         if applied:
             self.method.beta_rule.end_step()
             for hook in self.method.after_step:
