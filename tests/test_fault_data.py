@@ -31,6 +31,7 @@ import epsdpo
 from epsdpo import _core
 from epsdpo.data import DataSourceError, InvalidRowError, load_preferences
 from epsdpo.data import ingest as ingest_mod
+from test_data import build_tokenizer
 
 # --------------------------------------------------------------------------------------------
 # Helpers
@@ -257,25 +258,9 @@ TEMPLATE = (
 )
 
 
-def build_tokenizer(template: str = TEMPLATE) -> Any:
-    """A small byte-level BPE tokenizer trained here (no network), wrapped like a Hub one."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(["Question 1: what is the answer? The answer is 42. I do not know."] * 20, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-    fast.chat_template = template
-    return fast
-
-
 @pytest.fixture(scope="module")
 def tok() -> Any:
-    return build_tokenizer()
+    return build_tokenizer(template=TEMPLATE)  # test_data's tokenizer, with this file's chat template
 
 
 def good_row(i: int) -> dict[str, str]:
