@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 
-def truncate(prompt, chosen, rejected, max_length=None, max_prompt_length=None, mode="keep_end"):
+def truncate(prompt, chosen, rejected, max_length=None, max_prompt_length=None, mode="keep_end",
+             max_completion_length=None):
     """Returns (prompt, chosen, rejected) after truncation, or None when a completion empties."""
     prompt = list(prompt)
     if max_prompt_length is not None and len(prompt) > max_prompt_length:
@@ -17,6 +18,8 @@ def truncate(prompt, chosen, rejected, max_length=None, max_prompt_length=None, 
     out = []
     for completion in (chosen, rejected):
         completion = list(completion)
+        if max_completion_length is not None:
+            completion = completion[:max_completion_length]
         if max_length is not None:
             completion = completion[: max(0, max_length - len(prompt))]
         if not completion:
@@ -29,9 +32,10 @@ def _round_up(n, multiple):
     return -(-n // multiple) * multiple
 
 
-def collate(pairs, layout, max_length=None, max_prompt_length=None, mode="keep_end", pad=0, multiple=1, capacity=None):
+def collate(pairs, layout, max_length=None, max_prompt_length=None, mode="keep_end", pad=0, multiple=1, capacity=None,
+            max_completion_length=None):
     """pairs: list of (prompt, chosen, rejected) token lists (already chosen from the store)."""
-    kept = [truncate(*p, max_length, max_prompt_length, mode) for p in pairs]
+    kept = [truncate(*p, max_length, max_prompt_length, mode, max_completion_length) for p in pairs]
     assert all(k is not None for k in kept), "oracle is only asked about pairs that survive truncation"
     b = len(kept)
     # Sequence s < b is pair s's chosen answer, s >= b pair s-b's rejected one.

@@ -26,7 +26,7 @@ NON_DEFAULT = dict(
     learning_rate=1e-5, per_device_train_batch_size=2, per_device_eval_batch_size=3, gradient_accumulation_steps=4,
     num_train_epochs=2.5, max_steps=7, lr_scheduler_type="linear", warmup_steps=3.0, warmup_ratio=0.0,
     weight_decay=0.01,
-    adam_beta1=0.8, adam_beta2=0.99, max_grad_norm=0.0, max_length=None, max_prompt_length=64,
+    adam_beta1=0.8, adam_beta2=0.99, max_grad_norm=0.0, max_length=None, max_prompt_length=64, max_completion_length=32,
     truncation_mode="keep_start", prompt_truncation_mode="keep_start", layout="shared_prompt", group_by_length=True, max_tokens_per_batch=4096,
     pad_to_multiple_of=8, skip_invalid=True, dataset_cache_dir="cache", seed=7, device="cpu", dtype="bfloat16",
     bf16=True, fp16=False, model_init_kwargs={"attn_implementation": "eager"}, use_peft=True, lora_r=8,
@@ -233,8 +233,10 @@ def test_version(capsys):
 
 
 @pytest.mark.parametrize("flags", [
-    ["--max_length", "64", "--max_prompt_length", "32", "--cache_dir", "c", "--skip_invalid", "--split", "train"],
-    ["--max-length", "64", "--max-prompt-length=32", "--cache-dir", "c", "--skip-invalid", "--split=train"],
+    ["--max_length", "64", "--max_prompt_length", "32", "--max_completion_length", "16", "--cache_dir", "c",
+     "--skip_invalid", "--split", "train"],
+    ["--max-length", "64", "--max-prompt-length=32", "--max-completion-length=16", "--cache-dir", "c", "--skip-invalid",
+     "--split=train"],
 ])
 def test_prepare_takes_the_underscore_flags_and_the_dashed_ones(monkeypatch, capsys, tmp_path, flags):
     seen = {}
@@ -249,7 +251,7 @@ def test_prepare_takes_the_underscore_flags_and_the_dashed_ones(monkeypatch, cap
     out = str(tmp_path / "pairs.store")
     assert main(["prepare", str(tmp_path / "pairs.jsonl"), "--tokenizer", "tok", *flags, "--output", out]) == 0
     assert seen == dict(data=str(tmp_path / "pairs.jsonl"), tokenizer="tokenizer of tok", max_length=64,
-                        max_prompt_length=32, cache_dir="c", skip_invalid=True, saved=out)
+                        max_prompt_length=32, max_completion_length=16, cache_dir="c", skip_invalid=True, saved=out)
     assert "a report" in capsys.readouterr().out
 
 

@@ -34,23 +34,26 @@ def make_store(pairs):
     layout=st.sampled_from(LAYOUTS),
     max_length=st.none() | st.integers(6, 30),
     max_prompt_length=st.none() | st.integers(1, 5),
+    max_completion_length=st.none() | st.integers(1, 16),
     mode=st.sampled_from(["keep_end", "keep_start"]),
     multiple=st.integers(1, 4),
     data=st.data(),
 )
-def test_layouts_match_the_oracle(pairs, layout, max_length, max_prompt_length, mode, multiple, data):
+def test_layouts_match_the_oracle(pairs, layout, max_length, max_prompt_length, max_completion_length, mode, multiple,
+                                  data):
     store = make_store(pairs)
-    truncated = [oracle_truncate(*p, max_length, max_prompt_length, mode) for p in pairs]
+    truncated = [oracle_truncate(*p, max_length, max_prompt_length, mode, max_completion_length) for p in pairs]
     survivors = [i for i, t in enumerate(truncated) if t is not None]
     if not survivors:
         return
     indices = data.draw(st.lists(st.sampled_from(survivors), min_size=1, max_size=8))
     collator = epsdpo.Collator(
         layout, max_length=max_length, max_prompt_length=max_prompt_length,
-        truncation_mode=mode, pad_token_id=5, pad_to_multiple_of=multiple,
+        max_completion_length=max_completion_length, truncation_mode=mode, pad_token_id=5, pad_to_multiple_of=multiple,
     )
     got = collator(store, np.array(indices, dtype=np.int64))
-    want = oracle_collate([pairs[i] for i in indices], layout, max_length, max_prompt_length, mode, pad=5, multiple=multiple)
+    want = oracle_collate([pairs[i] for i in indices], layout, max_length, max_prompt_length, mode, pad=5, multiple=multiple,
+                          max_completion_length=max_completion_length)
     for key in ARRAYS:
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
         assert got[key].dtype == want[key].dtype, key
@@ -59,13 +62,15 @@ def test_layouts_match_the_oracle(pairs, layout, max_length, max_prompt_length, 
 
 
 @settings(max_examples=60, deadline=None)
-@given(pairs=pairs_st, max_length=st.none() | st.integers(6, 30), max_prompt_length=st.none() | st.integers(1, 5))
-def test_truncated_lengths_match_the_oracle(pairs, max_length, max_prompt_length):
+@given(pairs=pairs_st, max_length=st.none() | st.integers(6, 30), max_prompt_length=st.none() | st.integers(1, 5),
+       max_completion_length=st.none() | st.integers(1, 16))
+def test_truncated_lengths_match_the_oracle(pairs, max_length, max_prompt_length, max_completion_length):
     store = make_store(pairs)
-    lengths = epsdpo.Collator(max_length=max_length, max_prompt_length=max_prompt_length).truncated_lengths(store)
+    lengths = epsdpo.Collator(max_length=max_length, max_prompt_length=max_prompt_length,
+                              max_completion_length=max_completion_length).truncated_lengths(store)
     empty = []
     for i, p in enumerate(pairs):
-        t = oracle_truncate(*p, max_length, max_prompt_length)
+        t = oracle_truncate(*p, max_length, max_prompt_length, max_completion_length=max_completion_length)
         if t is None:
             empty.append(i)
             continue
@@ -97,9 +102,20 @@ def test_bad_collator_settings_are_rejected():
         epsdpo.Collator("ragged")
     with pytest.raises(epsdpo.ConfigError, match="max_prompt_length"):
         epsdpo.Collator(max_length=8, max_prompt_length=8)
+    with pytest.raises(epsdpo.ConfigError, match="max_completion_length"):
+        epsdpo.Collator(max_completion_length=0)
     with pytest.raises(epsdpo.ConfigError):
         epsdpo.Collator(pad_to_multiple_of=0)
     store = make_store([([1], [2], [3])])
     with pytest.raises(epsdpo.InvalidPairError) as info:
         epsdpo.Collator()(store, [0, 3])
     assert info.value.pair_index == 3
+
+
+def test_train_config_max_completion_length_reaches_the_collator():
+    from epsdpo.config import TrainConfig
+    from epsdpo.feed import make_collator
+
+    store = make_store([([1, 2], [3, 4, 5, 6], [7]), ([1], [2, 3, 4], [5, 6, 7, 8, 9])])
+    lengths = make_collator(TrainConfig(max_completion_length=2), None).truncated_lengths(store)
+    assert lengths["chosen"].tolist() == [2, 2] and lengths["rejected"].tolist() == [1, 2]

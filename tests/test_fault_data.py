@@ -86,6 +86,7 @@ BINDING_CASES: dict[str, tuple[Callable[[], Any], type[BaseException], tuple[str
     "collator capacity above the row limit": (lambda: epsdpo.Collator("packed", capacity=BIG), epsdpo.ConfigError, ("capacity", str(BIG))),
     "collator max_length above the row limit": (lambda: epsdpo.Collator(max_length=BIG), epsdpo.ConfigError, ("max_length", str(BIG))),
     "collator max_prompt_length above the row limit": (lambda: epsdpo.Collator(max_prompt_length=BIG), epsdpo.ConfigError, ("max_prompt_length",)),
+    "collator max_completion_length above the row limit": (lambda: epsdpo.Collator(max_completion_length=BIG), epsdpo.ConfigError, ("max_completion_length",)),
     "collator negative pad_to_multiple_of": (lambda: epsdpo.Collator(pad_to_multiple_of=-1), epsdpo.ConfigError, ("pad_to_multiple_of", "-1")),
     "collator zero pad_to_multiple_of": (lambda: epsdpo.Collator(pad_to_multiple_of=0), epsdpo.ConfigError, ("pad_to_multiple_of",)),
     "collator negative capacity": (lambda: epsdpo.Collator("packed", capacity=-3), epsdpo.ConfigError, ("capacity", "-3")),

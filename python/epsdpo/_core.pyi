@@ -157,6 +157,7 @@ class Collator:
         *,
         max_length: int | None = None,
         max_prompt_length: int | None = None,
+        max_completion_length: int | None = None,
         truncation_mode: Literal["keep_end", "keep_start"] = "keep_end",
         pad_token_id: int = 0,
         pad_to_multiple_of: int = 1,
@@ -171,6 +172,8 @@ class Collator:
     def max_length(self) -> int | None: ...
     @property
     def max_prompt_length(self) -> int | None: ...
+    @property
+    def max_completion_length(self) -> int | None: ...
     @property
     def truncation_mode(self) -> Literal["keep_end", "keep_start"]: ...
     @property

@@ -274,7 +274,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(args.tokenizer)
         store, report = load_preferences(
             _load_data(args.data, args.split), tokenizer, max_length=args.max_length,
-            max_prompt_length=args.max_prompt_length, cache_dir=cache_dir, skip_invalid=args.skip_invalid,
+            max_prompt_length=args.max_prompt_length, max_completion_length=args.max_completion_length,
+            cache_dir=cache_dir, skip_invalid=args.skip_invalid,
         )
     except (DataSourceError, InvalidRowError, OSError) as error:
         # What the user fixes in the data, the path or the network: one line, no traceback
@@ -317,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     _option(prepare, "max_length", type=int, default=None,
             help="longest prompt + completion in tokens (default: no limit)")
     _option(prepare, "max_prompt_length", type=int, default=None, help="longest prompt in tokens (default: no limit)")
+    _option(prepare, "max_completion_length", type=int, default=None,
+            help="longest completion in tokens, cut keeping its start (default: no limit)")
     _option(prepare, "cache_dir", default=None,
             help="cache the tokenized store here; 'disabled': no caching (default: $EPSDPO_CACHE, else "
                  "$XDG_CACHE_HOME/epsdpo, else ~/.cache/epsdpo)")

@@ -109,6 +109,10 @@ class TrainConfig:
         "Longest prompt in tokens, >= 1 and below max_length, cut first as prompt_truncation_mode says (the "
         "name of older TRL releases; TRL 1.16 has none). None (the default): prompts are only cut by "
         "max_length, as in TRL 1.16.")})
+    max_completion_length: int | None = field(default=None, metadata={"help": (
+        "Longest completion in tokens, >= 1: chosen and rejected each keep their first max_completion_length "
+        "tokens (the meaning of older TRL releases' DPOConfig; TRL 1.16's DPOConfig has none). max_length then "
+        "still cuts what is left. None (the default): completions are only cut by max_length.")})
     prompt_truncation_mode: Literal["keep_end", "keep_start"] = field(default="keep_end", metadata={"help": (
         "Which end of a prompt longer than max_prompt_length survives: keep_end (its last tokens, nearest "
         "the answer) or keep_start. Applies to the prompt only, and only with max_prompt_length.")})
@@ -243,8 +247,8 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             _check(0 <= getattr(self, name) < 1, name, getattr(self, name), "in [0, 1)")
         _check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "a finite number >= 0 (0 disables clipping)")
-        for name in ("max_length", "max_prompt_length", "eval_steps", "save_steps", "save_total_limit",
-                     "max_tokens_per_batch", "chunk_size"):
+        for name in ("max_length", "max_prompt_length", "max_completion_length", "eval_steps", "save_steps",
+                     "save_total_limit", "max_tokens_per_batch", "chunk_size"):
             value = getattr(self, name)
             _check(value is None or value >= 1, name, value, "None or an integer >= 1")
         _check(0 <= self.seed < 2**32, "seed", self.seed, "an integer in [0, 2**32)")

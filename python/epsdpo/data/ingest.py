@@ -618,6 +618,7 @@ def load_preferences(
     split: str | None = None,
     max_length: int | None = None,
     max_prompt_length: int | None = None,
+    max_completion_length: int | None = None,
     truncation_mode: TruncationMode = "keep_end",
     chat_template: str | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
@@ -634,7 +635,7 @@ def load_preferences(
             or a Hugging Face Hub dataset id.
         tokenizer: a fast transformers tokenizer (or a name/path to load one). Conversational
             rows go through its chat template (or ``chat_template``).
-        max_length, max_prompt_length, truncation_mode: the truncation training will apply (the
+        max_length, max_prompt_length, max_completion_length, truncation_mode: the truncation training will apply (the
             Rust collator truncates; the store keeps full sequences). They drive the report's
             truncation and padding figures and are part of the cache key.
         chat_template_kwargs: extra variables for the template (e.g. ``enable_thinking``).
@@ -654,7 +655,8 @@ def load_preferences(
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     # The collator owns the truncation rules: let it reject bad settings before any work is done.
-    Collator(max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode)
+    Collator(max_length=max_length, max_prompt_length=max_prompt_length, max_completion_length=max_completion_length,
+             truncation_mode=truncation_mode)
     root = _cache.resolve_cache_dir(cache_dir)  # likewise a cache_dir that is no directory
     tokenizer = _resolve_tokenizer(tokenizer)
     src = open_source(source, split)
@@ -667,6 +669,8 @@ def load_preferences(
         "truncation_mode": truncation_mode,
         "skip_invalid": skip_invalid,
     }
+    if max_completion_length is not None:  # only when set, so that entries cached before it existed stay valid
+        settings["max_completion_length"] = max_completion_length
     key = None
     if root is not None:
         used = [c for c in COLUMNS if c in src.column_names]
@@ -724,6 +728,7 @@ def load_preferences(
         store,
         max_length=max_length,
         max_prompt_length=max_prompt_length,
+        max_completion_length=max_completion_length,
         truncation_mode=truncation_mode,
     )
     report.source = src.description

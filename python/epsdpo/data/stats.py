@@ -45,6 +45,7 @@ class DataReport:
     lengths: dict[str, dict[str, float]] = field(default_factory=dict)
     max_length: int | None = None
     max_prompt_length: int | None = None
+    max_completion_length: int | None = None
     truncation_mode: str = "keep_end"
     num_truncated: int = 0
     empty_after_truncation: int = 0
@@ -83,7 +84,9 @@ class DataReport:
             for part, s in self.lengths.items():
                 vals = [s["min"], s["mean"], *(s[f"p{p}"] for p in PERCENTILES), s["max"]]
                 lines.append(f"{part:<12}" + "".join(f"{v:>8.0f}" for v in vals))
-        limits = f"max_length={self.max_length}, max_prompt_length={self.max_prompt_length}, {self.truncation_mode}"
+        limits = (f"max_length={self.max_length}, max_prompt_length={self.max_prompt_length}, "
+                  + (f"max_completion_length={self.max_completion_length}, " if self.max_completion_length else "")
+                  + self.truncation_mode)
         lines.append(f"truncated: {self.num_truncated} pairs ({limits}); emptied by truncation: {self.empty_after_truncation}")
         if self.padding:
             pads = ", ".join(f"{k} {v:.1%}" for k, v in self.padding.items())
@@ -123,6 +126,7 @@ def compute_stats(
     *,
     max_length: int | None = None,
     max_prompt_length: int | None = None,
+    max_completion_length: int | None = None,
     truncation_mode: str = "keep_end",
     batch_pairs: int = 8,
     seed: int = 0,
@@ -134,6 +138,7 @@ def compute_stats(
         num_tokens=int(store.num_tokens),
         max_length=max_length,
         max_prompt_length=max_prompt_length,
+        max_completion_length=max_completion_length,
         truncation_mode=truncation_mode,
         padding_batch_pairs=batch_pairs,
     )
@@ -143,7 +148,8 @@ def compute_stats(
         "rejected": _describe(r),
         "sequence": _describe(np.concatenate([p + c, p + r])),
     }
-    limits = {"max_length": max_length, "max_prompt_length": max_prompt_length, "truncation_mode": truncation_mode}
+    limits = {"max_length": max_length, "max_prompt_length": max_prompt_length,
+              "max_completion_length": max_completion_length, "truncation_mode": truncation_mode}
     t = Collator(**limits).truncated_lengths(store)
     report.num_truncated = int(t["num_truncated"])
     report.empty_after_truncation = len(t["empty"])

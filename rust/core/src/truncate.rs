@@ -1,7 +1,8 @@
-//! Truncation of one pair to `max_prompt_length` / `max_length`.
+//! Truncation of one pair to `max_prompt_length` / `max_completion_length` / `max_length`.
 //!
 //! The prompt is cut first (by default losing its start, so the end nearest the answer survives),
-//! then each completion loses its end until prompt + completion fits `max_length`. Chosen and
+//! then each completion loses its end until it fits `max_completion_length` and prompt + completion
+//! fits `max_length`. Chosen and
 //! rejected share the truncated prompt, which the shared-prompt layout relies on.
 
 use std::ops::Range;
@@ -27,6 +28,8 @@ pub struct Truncation {
     pub max_length: Option<usize>,
     /// Longest prompt; `None` for no limit.
     pub max_prompt_length: Option<usize>,
+    /// Longest completion (each of chosen and rejected), cut keeping its start; `None` for no limit.
+    pub max_completion_length: Option<usize>,
     pub prompt_mode: PromptTruncation,
 }
 
@@ -53,7 +56,12 @@ impl Truncated {
 
 impl Truncation {
     pub fn validate(&self) -> Result<()> {
-        for (name, value) in [("max_length", self.max_length), ("max_prompt_length", self.max_prompt_length)] {
+        let limits = [
+            ("max_length", self.max_length),
+            ("max_prompt_length", self.max_prompt_length),
+            ("max_completion_length", self.max_completion_length),
+        ];
+        for (name, value) in limits {
             if let Some(v) = value.filter(|&v| v > MAX_ROW_TOKENS) {
                 return Err(Error::arg(format!("{name} = {v} is above the limit of {MAX_ROW_TOKENS} tokens per row; pass None for no limit")));
             }
@@ -63,6 +71,9 @@ impl Truncation {
         }
         if self.max_prompt_length == Some(0) {
             return Err(Error::arg("max_prompt_length must be at least 1: the first completion token needs a prompt token to predict it"));
+        }
+        if self.max_completion_length == Some(0) {
+            return Err(Error::arg("max_completion_length must be at least 1: a completion cut to nothing has no token to score"));
         }
         if let (Some(m), Some(p)) = (self.max_length, self.max_prompt_length) {
             if p >= m {
@@ -83,7 +94,7 @@ impl Truncation {
             PromptTruncation::KeepEnd => p - keep..p,
             PromptTruncation::KeepStart => 0..keep,
         };
-        let room = self.max_length.map_or(usize::MAX, |m| m.saturating_sub(keep));
+        let room = self.max_length.map_or(usize::MAX, |m| m.saturating_sub(keep)).min(self.max_completion_length.unwrap_or(usize::MAX));
         let (chosen_len, rejected_len) = (pair.chosen.len().min(room), pair.rejected.len().min(room));
         for (which, len) in [("chosen", chosen_len), ("rejected", rejected_len)] {
             if len == 0 {
@@ -115,11 +126,21 @@ mod tests {
 
     #[test]
     fn prompt_keeps_end_by_default_then_completion_loses_end() {
-        let tr = Truncation { max_length: Some(5), max_prompt_length: Some(2), prompt_mode: PromptTruncation::KeepEnd };
+        let tr = Truncation { max_length: Some(5), max_prompt_length: Some(2), prompt_mode: PromptTruncation::KeepEnd, ..Default::default() };
         let t = tr.apply(0, &pair(&[1, 2, 3, 4], &[5, 6, 7, 8, 9], &[10])).unwrap();
         assert_eq!(t, Truncated { prompt: 2..4, chosen_len: 3, rejected_len: 1 });
         let tr = Truncation { prompt_mode: PromptTruncation::KeepStart, ..tr };
         assert_eq!(tr.apply(0, &pair(&[1, 2, 3, 4], &[5], &[6])).unwrap().prompt, 0..2);
+    }
+
+    #[test]
+    fn completions_keep_their_start_within_max_completion_length() {
+        let tr = Truncation { max_completion_length: Some(2), ..Default::default() };
+        assert_eq!(tr.apply(0, &pair(&[1, 2, 3], &[4, 5, 6], &[7])).unwrap(), Truncated { prompt: 0..3, chosen_len: 2, rejected_len: 1 });
+        // max_length still binds when it leaves less room than max_completion_length
+        let tr = Truncation { max_length: Some(4), max_completion_length: Some(3), ..Default::default() };
+        assert_eq!(tr.apply(0, &pair(&[1, 2, 3], &[4, 5, 6], &[7, 8])).unwrap(), Truncated { prompt: 0..3, chosen_len: 1, rejected_len: 1 });
+        assert!(Truncation { max_completion_length: Some(0), ..Default::default() }.validate().is_err());
     }
 
     #[test]

@@ -48,6 +48,10 @@ fn sizes_above_the_limits_are_refused_before_allocating() {
             CollateConfig { truncation: Truncation { max_prompt_length: Some(huge), ..Default::default() }, ..Default::default() },
             "max_prompt_length",
         ),
+        (
+            CollateConfig { truncation: Truncation { max_completion_length: Some(huge), ..Default::default() }, ..Default::default() },
+            "max_completion_length",
+        ),
     ] {
         argument_error(config.validate(), &[name]);
         argument_error(collate(&store, &[0], &config), &[name, &huge.to_string()]);

@@ -27,7 +27,7 @@ fn expected_sequences(store: &PreferenceStore, indices: &[u32], t: &Truncation) 
         }
         for (completion, out) in [(pair.chosen, &mut chosen), (pair.rejected, &mut rejected)] {
             let mut seq = prompt.clone();
-            seq.extend_from_slice(completion);
+            seq.extend_from_slice(&completion[..t.max_completion_length.map_or(completion.len(), |m| m.min(completion.len()))]);
             if let Some(m) = t.max_length {
                 seq.truncate(m);
             }
@@ -117,9 +117,10 @@ fn arb_store() -> impl Strategy<Value = PreferenceStore> {
 }
 
 fn arb_truncation() -> impl Strategy<Value = Truncation> {
-    (prop::option::of(8usize..40), prop::option::of(1usize..8), any::<bool>()).prop_map(|(max_length, max_prompt_length, keep_start)| Truncation {
+    (prop::option::of(8usize..40), prop::option::of(1usize..8), prop::option::of(1usize..20), any::<bool>()).prop_map(|(max_length, max_prompt_length, max_completion_length, keep_start)| Truncation {
         max_length,
         max_prompt_length,
+        max_completion_length,
         prompt_mode: if keep_start { PromptTruncation::KeepStart } else { PromptTruncation::KeepEnd },
     })
 }

@@ -60,13 +60,14 @@ fn batch_dict<'py>(py: Python<'py>, b: Batch) -> PyResult<Bound<'py, PyDict>> {
 #[pymethods]
 impl PyCollator {
     #[new]
-    #[pyo3(signature = (layout="padded", *, max_length=None, max_prompt_length=None, truncation_mode="keep_end", pad_token_id=0, pad_to_multiple_of=1, capacity=None, skip_empty=false))]
+    #[pyo3(signature = (layout="padded", *, max_length=None, max_prompt_length=None, max_completion_length=None, truncation_mode="keep_end", pad_token_id=0, pad_to_multiple_of=1, capacity=None, skip_empty=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         layout: &str,
         max_length: Option<i64>,
         max_prompt_length: Option<i64>,
+        max_completion_length: Option<i64>,
         truncation_mode: &str,
         pad_token_id: i64,
         pad_to_multiple_of: i64,
@@ -75,6 +76,7 @@ impl PyCollator {
     ) -> PyResult<Self> {
         let max_length = opt_size(max_length, "max_length")?;
         let max_prompt_length = opt_size(max_prompt_length, "max_prompt_length")?;
+        let max_completion_length = opt_size(max_completion_length, "max_completion_length")?;
         let pad_to_multiple_of = size(pad_to_multiple_of, "pad_to_multiple_of")?;
         let capacity = opt_size(capacity, "capacity")?;
         let pad_token_id = u32::try_from(pad_token_id)
@@ -86,7 +88,7 @@ impl PyCollator {
         };
         let config = CollateConfig {
             layout: parse_layout(layout)?,
-            truncation: Truncation { max_length, max_prompt_length, prompt_mode },
+            truncation: Truncation { max_length, max_prompt_length, max_completion_length, prompt_mode },
             pad_token_id,
             pad_to_multiple_of,
             capacity,
@@ -132,6 +134,10 @@ impl PyCollator {
         self.config.truncation.max_prompt_length
     }
     #[getter]
+    fn max_completion_length(&self) -> Option<usize> {
+        self.config.truncation.max_completion_length
+    }
+    #[getter]
     fn truncation_mode(&self) -> &'static str {
         match self.config.truncation.prompt_mode {
             PromptTruncation::KeepEnd => "keep_end",
@@ -158,8 +164,8 @@ impl PyCollator {
     fn __repr__(&self) -> String {
         let c = &self.config;
         format!(
-            "Collator(layout={:?}, max_length={:?}, max_prompt_length={:?}, truncation_mode={:?}, pad_token_id={}, pad_to_multiple_of={}, capacity={:?}, skip_empty={})",
-            layout_name(c.layout), c.truncation.max_length, c.truncation.max_prompt_length, self.truncation_mode(),
+            "Collator(layout={:?}, max_length={:?}, max_prompt_length={:?}, max_completion_length={:?}, truncation_mode={:?}, pad_token_id={}, pad_to_multiple_of={}, capacity={:?}, skip_empty={})",
+            layout_name(c.layout), c.truncation.max_length, c.truncation.max_prompt_length, c.truncation.max_completion_length, self.truncation_mode(),
             c.pad_token_id, c.pad_to_multiple_of, c.capacity, c.skip_empty
         )
     }
