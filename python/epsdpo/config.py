@@ -177,6 +177,15 @@ class TrainConfig:
     chunk_size: int | None = field(default=None, metadata={"help": (
         "Scored token positions per chunk of the fused log-prob kernel, >= 1 (smaller: less memory). None: "
         "the device's default (epsdpo.ops).")})
+    precompute_ref_log_probs: bool = field(default=False, metadata={"help": (
+        "Compute the reference log-probs of every training and eval pair once, before training, then release "
+        "the reference model: the reference is not run during training and needs no memory (TRL's meaning). "
+        "Training is the same as without it. Only where the reference is fixed and only its log-probs are "
+        "needed: method=dpo or beta_dpo (or epsilon_dpo with epsilon_check 0), without sync_ref_model. "
+        "Recomputed on resume.")})
+    precompute_ref_batch_size: int | None = field(default=None, metadata={"help": (
+        "Pairs per batch of the precomputation, >= 1 (TRL's meaning). None: per_device_train_batch_size for "
+        "the training data, per_device_eval_batch_size for the eval data.")})
     # logging, evaluation, checkpoints
     logging_steps: int = field(default=1, metadata={"help": (
         "Log metrics every this many optimizer steps, >= 1, and at the last step (TRL's meaning).")})
@@ -248,14 +257,28 @@ class TrainConfig:
             _check(0 <= getattr(self, name) < 1, name, getattr(self, name), "in [0, 1)")
         _check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "a finite number >= 0 (0 disables clipping)")
         for name in ("max_length", "max_prompt_length", "max_completion_length", "eval_steps", "save_steps",
-                     "save_total_limit", "max_tokens_per_batch", "chunk_size"):
+                     "save_total_limit", "max_tokens_per_batch", "chunk_size", "precompute_ref_batch_size"):
             value = getattr(self, name)
             _check(value is None or value >= 1, name, value, "None or an integer >= 1")
         _check(0 <= self.seed < 2**32, "seed", self.seed, "an integer in [0, 2**32)")
         _check(bool(self.output_dir), "output_dir", self.output_dir, "a non-empty path")
+        if self.precompute_ref_log_probs:
+            self._check_precompute()
         if self.max_length is not None and self.max_prompt_length is not None:
             _check(self.max_prompt_length < self.max_length, "max_prompt_length", self.max_prompt_length,
                    f"below max_length ({self.max_length})")
+
+    def _check_precompute(self) -> None:
+        """precompute_ref_log_probs replaces the reference by numbers fixed before training; refused
+        where training needs the reference itself."""
+        _check(not self.moves_reference, "precompute_ref_log_probs", True,
+               "False when the reference moves toward the policy during training (method='tr_dpo' or "
+               f"sync_ref_model=True; here method={self.method!r}, sync_ref_model={self.sync_ref_model}): its "
+               "log-probs cannot be computed in advance")
+        _check(self.check_epsilon == 0, "precompute_ref_log_probs", True,
+               "False with method='epsilon_dpo' and a nonzero epsilon (or epsilon_check): its step rule builds "
+               "the perturbed policies from the reference's logits at every step; use method='dpo' or "
+               "'beta_dpo', or epsilon_check=0")
 
     def _check_types(self) -> None:
         """Every field against its annotation: choices for Literals, exact types for bool/int/str,

@@ -47,6 +47,7 @@ from epsdpo.models import (
     with_lora,
 )
 from epsdpo.precision import Precision, check_trainable_precision, fsdp_mixed_precision, torch_dtype
+from epsdpo.reference_logps import lookup, precompute_reference_logps
 from epsdpo.reporting import MetricsLog, eval_summary
 from epsdpo.run_checkpoints import claim_output_dir, resume_run, save_run
 from epsdpo.scoring import batch_logps
@@ -129,6 +130,7 @@ class Trainer:
         self._setup_distribution()
         self.precision = Precision(config.compute_dtype, self.device, sharded=self.sharded)
         self._setup_data(train_dataset, eval_dataset)
+        self._setup_reference_logps()
         self.kl = KlController(config.beta, config.step_epsilon)
         self.method = build_method(config, self.kl, self.dist, self.device, self.model, self.ref_model)
         self._setup_optimization()
@@ -180,7 +182,8 @@ class Trainer:
         policy's `Scorer` replicated by DDP (gradients averaged during the last backward of a cycle)."""
         self.sharded = self.config.fsdp and self.dist.enabled
         self.policy_unit: nn.Module = self.model
-        self.reference_unit: nn.Module | AdapterFreeReference = self.ref_model
+        # None once precomputed reference log-probs replace it (precompute_ref_log_probs)
+        self.reference_unit: nn.Module | AdapterFreeReference | None = self.ref_model
         if self.sharded:
             if isinstance(self.ref_model, AdapterFreeReference):
                 raise ValueError("fsdp=True with a PEFT policy is not supported: pass ref_model= or run without fsdp")
@@ -204,6 +207,24 @@ class Trainer:
         self.sampler = make_sampler(c, train_lengths, self.dist)
         self.feed = CycleFeed(self.train_store, self.collator, self.sampler, c.gradient_accumulation_steps)
 
+    def _setup_reference_logps(self) -> None:
+        """With precompute_ref_log_probs: the reference log-probs of every train and eval pair, then the
+        reference released (its memory is what the option is for; the config refuses it for the methods
+        that run the reference again). Recomputed on resume: they depend only on the data and the
+        reference."""
+        c = self.config
+        self.reference_logps: dict[str, Tensor] = {}
+        if not c.precompute_ref_log_probs:
+            return
+        sizes = {"train": c.precompute_ref_batch_size or c.per_device_train_batch_size,
+                 "eval": c.precompute_ref_batch_size or c.per_device_eval_batch_size}
+        for name, store in (("train", self.train_store), ("eval", self.eval_store)):
+            if store is not None:
+                self.reference_logps[name] = precompute_reference_logps(
+                    self.reference_unit, store, self.collator, sizes[name], self.precision, c.chunk_size,
+                    progress=c.progress and self.dist.is_main)
+        self.ref_model = self.reference_unit = None
+
     def _setup_optimization(self) -> None:
         c = self.config
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -223,12 +244,17 @@ class Trainer:
         self.state = TrainerState(max_steps=total, beta=self.kl.beta)
 
     # ---------------------------------------------------------------------------- one step
-    def _score(self, batch: Batch) -> PairLogps:
+    def _score(self, batch: Batch, split: str = "train") -> PairLogps:
+        """Log-probs and steps of a batch of the `split` ("train" or "eval") store."""
+        precomputed = self.reference_logps.get(split)
+        reference = self.reference_unit if precomputed is None else None
         with self.precision.autocast():
-            seq = batch_logps(self.policy_unit, self.reference_unit, batch, self.config.check_epsilon,
-                              self.config.chunk_size)
+            seq = batch_logps(self.policy_unit, reference, batch, self.config.check_epsilon, self.config.chunk_size)
         policy_chosen, policy_rejected = seq.policy.chunk(2)
-        reference_chosen, reference_rejected = seq.reference.chunk(2)
+        if precomputed is None:
+            reference_chosen, reference_rejected = seq.reference.chunk(2)
+        else:
+            reference_chosen, reference_rejected = lookup(precomputed, batch)
         if self.config.check_epsilon > 0:
             steps = kl_steps(pair_log_ratio(seq.policy.detach()), pair_log_ratio(seq.relaxed),
                              pair_log_ratio(seq.tightened))
@@ -239,7 +265,7 @@ class Trainer:
     def _micro_batch(self, batch: Batch, sums: StepSums, *, train: bool) -> PairLosses:
         """Score one micro-batch, choose β per pair, and add its metrics to `sums` (shared by
         training and evaluation)."""
-        logps = self._score(batch)
+        logps = self._score(batch, "train" if train else "eval")
         betas = self.method.beta_rule.pair_betas(batch["pair_ids"], logps, train=train)
         losses, reward_chosen, reward_rejected = epsilon_dpo_loss(
             logps.policy_chosen, logps.policy_rejected, logps.reference_chosen, logps.reference_rejected,
@@ -418,7 +444,7 @@ class Trainer:
             batch = self.collator(self.eval_store, indices[start : start + size])
             if len(batch["pair_ids"]) == 0:
                 if self.sharded:
-                    self._score(filler_batch(self.collator, self.eval_store))
+                    self._score(filler_batch(self.collator, self.eval_store), "eval")
                 continue
             self._micro_batch(batch, sums, train=False)
         return sums.all_reduce(self.dist).metrics(prefix="eval_")
