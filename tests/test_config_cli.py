@@ -19,8 +19,8 @@ from epsdpo.config import TrainConfig
 
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 
-# A valid value other than the default for every TrainConfig field (but fp16, which bf16=True excludes, and
-# precompute_ref_log_probs, which method="tr_dpo" excludes).
+# A valid value other than the default for every TrainConfig field (but fp16, which bf16=True excludes,
+# precompute_ref_log_probs, which method="tr_dpo" excludes, and push_to_hub, only ever false).
 NON_DEFAULT = dict(
     output_dir="runs/x", method="tr_dpo", beta=0.2, epsilon=0.05, epsilon_check=0.02, label_smoothing=0.1,
     sync_ref_model=True, ref_model_sync_steps=16, ref_model_mixup_alpha=0.5, beta_dpo_alpha=0.3, beta_dpo_momentum=0.8, beta_dpo_filter=0.5,
@@ -33,8 +33,9 @@ NON_DEFAULT = dict(
     bf16=True, fp16=False, model_init_kwargs={"attn_implementation": "eager"}, use_peft=True, lora_r=8,
     lora_alpha=16, lora_dropout=0.1, lora_target_modules=["q_proj", "v_proj"], disable_dropout=False,
     gradient_checkpointing=True, fsdp=True, chunk_size=256, precompute_ref_log_probs=False, precompute_ref_batch_size=16,
-    logging_steps=5, eval_steps=10,
-    save_steps=20, save_total_limit=2, overwrite_output_dir=True, run_name="r1", report_to="none", plots=False, progress=False,
+    logging_strategy="epoch", logging_steps=5,
+    eval_strategy="epoch", eval_steps=10, save_strategy="steps", save_steps=20, save_total_limit=2, overwrite_output_dir=True, run_name="r1", report_to="none",
+    remove_unused_columns=False, push_to_hub=False, plots=False, progress=False,
 )
 
 
@@ -86,9 +87,9 @@ def test_non_default_values_cover_every_field():
     assert sorted(NON_DEFAULT) == sorted(FIELDS)
     defaults = TrainConfig()
     # fp16 cannot be on with bf16=True, nor warmup_ratio with warmup_steps, nor precompute_ref_log_probs with
-    # tr_dpo; truncation_mode has one value
+    # tr_dpo; truncation_mode and push_to_hub have one value
     assert [k for k, v in NON_DEFAULT.items() if getattr(defaults, k) == v] == [
-        "warmup_ratio", "truncation_mode", "fp16", "precompute_ref_log_probs"]
+        "warmup_ratio", "truncation_mode", "fp16", "precompute_ref_log_probs", "push_to_hub"]
 
 
 def test_help_lists_every_field_with_its_help(capsys, monkeypatch):

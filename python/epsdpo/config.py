@@ -187,13 +187,28 @@ class TrainConfig:
         "Pairs per batch of the precomputation, >= 1 (TRL's meaning). None: per_device_train_batch_size for "
         "the training data, per_device_eval_batch_size for the eval data.")})
     # logging, evaluation, checkpoints
+    logging_strategy: Literal["steps", "epoch", "no"] = field(default="steps", metadata={"help": (
+        "When training metrics are logged (TRL's meaning and default): steps (every logging_steps), epoch (at "
+        "the end of each epoch) or no (never; eval metrics are still logged). steps and epoch also log the "
+        "last step.")})
     logging_steps: int = field(default=1, metadata={"help": (
         "Log metrics every this many optimizer steps, >= 1, and at the last step (TRL's meaning).")})
+    eval_strategy: Literal["steps", "epoch", "no"] | None = field(default=None, metadata={"help": (
+        "When the eval data is evaluated (TRL's meaning): steps (every eval_steps; unset, every logging_steps, "
+        "as in TRL), epoch (at the end of each epoch) or no (never during train(), not even at its end, as "
+        "TRL's dpo script). steps and epoch also evaluate at the end of training, as TRL's script does. None "
+        "(the default): every eval_steps when set, and at the end.")})
     eval_steps: int | None = field(default=None, metadata={"help": (
-        "Evaluate on the eval data every this many optimizer steps, >= 1. None: never during training.")})
+        "Evaluate on the eval data every this many optimizer steps, >= 1. None: never during training (but "
+        "see eval_strategy). Ignored when eval_strategy is epoch or no, as in TRL.")})
+    save_strategy: Literal["steps", "epoch", "no"] | None = field(default=None, metadata={"help": (
+        "When a resumable checkpoint is saved (TRL's meaning): steps (every save_steps; unset, every 500, "
+        "TRL's default), epoch (at the end of each epoch) or no (never). None (the default): every save_steps "
+        "when set, else never. The final model is saved either way. TRL's best is not supported.")})
     save_steps: int | None = field(default=None, metadata={"help": (
         "Save a resumable checkpoint (output_dir/checkpoint-STEP) every this many optimizer steps, >= 1. "
-        "None: none; the final model is saved either way.")})
+        "None: none (but see save_strategy); the final model is saved either way. Ignored when save_strategy "
+        "is epoch or no, as in TRL.")})
     save_total_limit: int | None = field(default=None, metadata={"help": (
         "Keep at most this many checkpoints, >= 1, deleting the oldest (the one just written is always "
         "kept). None: keep all (TRL's meaning).")})
@@ -206,11 +221,20 @@ class TrainConfig:
         "Logging backends, each through its own library: any of tensorboard, wandb, trackio, mlflow (a list, "
         "or one name), or all (every installed one), as in TRL. metrics.jsonl in output_dir is always "
         "written, unless none. Default jsonl: that file alone.")})
+    remove_unused_columns: bool = field(default=True, metadata={"help": (
+        "Accepted so that TRL configs (which often set it false) run unchanged; it changes nothing here: the "
+        "data loader reads only the prompt, chosen and rejected columns, whatever this says.")})
+    push_to_hub: bool = field(default=False, metadata={"help": (
+        "Accepted only as false: epsdpo uploads nothing. Push output_dir/final yourself, e.g. with "
+        "huggingface_hub's upload_folder.")})
     plots: bool = field(default=True, metadata={"help": (
         "Write plots of the run (loss, β, rewards, ...) to output_dir/plots/ at the end of training.")})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar (main process only)."})
 
     def __post_init__(self) -> None:
+        for name in ("logging_strategy", "eval_strategy", "save_strategy"):
+            if getattr(self, name) is False:  # YAML 1.1 reads a bare `no` as false
+                setattr(self, name, "no")
         self._check_types()
         if isinstance(self.model_init_kwargs, str):  # the command line's JSON form
             try:
@@ -229,6 +253,8 @@ class TrainConfig:
         _check(all(r in REPORTERS for r in reporters) and (len(reporters) == 1 or not set(reporters) & set(REPORTER_ALONE)),
                "report_to", self.report_to, "one of " + ", ".join(map(repr, REPORTER_ALONE)) + ", or a list of "
                + ", ".join(map(repr, REPORTER_BACKENDS)))
+        _check(not self.push_to_hub, "push_to_hub", self.push_to_hub,
+               "False: epsdpo has no hub upload; push output_dir/final with huggingface_hub's upload_folder")
         _check(not (self.bf16 and self.fp16), "fp16", self.fp16, "False when bf16=True (choose one compute precision)")
         _check(self.beta > 0, "beta", self.beta, "a finite number > 0")
         _check(0 <= self.epsilon < 1, "epsilon", self.epsilon, "in [0, 1)")
@@ -314,6 +340,18 @@ class TrainConfig:
         if self.warmup_steps >= 1:
             return int(self.warmup_steps)
         return math.ceil(total_steps * (self.warmup_steps or self.warmup_ratio))
+
+    def eval_every(self) -> int | None:
+        """Optimizer steps between evaluations during training under eval_strategy (None: none by step)."""
+        if self.eval_strategy == "steps":
+            return self.eval_steps or self.logging_steps  # TRL's fallback for an unset eval_steps
+        return self.eval_steps if self.eval_strategy is None else None
+
+    def save_every(self) -> int | None:
+        """Optimizer steps between checkpoints under save_strategy (None: none by step)."""
+        if self.save_strategy == "steps":
+            return self.save_steps or 500  # TRL's default save_steps
+        return self.save_steps if self.save_strategy is None else None
 
     @property
     def moves_reference(self) -> bool:

@@ -107,42 +107,43 @@ def make_sampler(config: TrainConfig, lengths: dict[str, Any], dist: DistInfo) -
 
 class CycleFeed:
     """Accumulation cycles of collated micro-batches, each with the sampler state after it (what a
-    checkpoint taken after that cycle must resume from)."""
+    checkpoint taken after that cycle must resume from) and whether it ends an epoch."""
 
     def __init__(self, store: PreferenceStore, collator: Collator, sampler: BatchSampler, accumulation: int) -> None:
         self.store, self.collator, self.sampler, self.accumulation = store, collator, sampler, accumulation
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epsdpo-collate")
 
-    def _take_cycle(self) -> list[np.ndarray]:
-        """The next cycle's pair indices; a cycle never spans two epochs."""
+    def _take_cycle(self) -> tuple[list[np.ndarray], bool]:
+        """The next cycle's pair indices, and whether it ends its epoch; a cycle never spans two epochs."""
         cycle: list[np.ndarray] = []
         while len(cycle) < self.accumulation:
             batch = next(self.sampler, None)
             if batch is None:
                 self.sampler.set_epoch(self.sampler.epoch + 1)
                 if cycle:
-                    break
+                    return cycle, True
                 continue
             cycle.append(batch)
-        return cycle
+        # The epoch's batch count is read as it is now: under a token budget it may change by epoch
+        return cycle, self.sampler.position == len(self.sampler)
 
     def _collate(self, cycle: list[np.ndarray]) -> list[Batch]:
         return [self.collator(self.store, indices) for indices in cycle]
 
-    def cycles(self, count: int) -> Iterator[tuple[list[Batch], bytes]]:
+    def cycles(self, count: int) -> Iterator[tuple[list[Batch], bytes, bool]]:
         """`count` cycles; the next one is collated in the background while the caller trains on this one."""
-        def submit() -> tuple[Any, bytes]:
-            cycle = self._take_cycle()
-            return self._pool.submit(self._collate, cycle), self.sampler.state_dict()["state"]
+        def submit() -> tuple[Any, bytes, bool]:
+            cycle, ends_epoch = self._take_cycle()
+            return self._pool.submit(self._collate, cycle), self.sampler.state_dict()["state"], ends_epoch
 
         if count <= 0:
             return
-        pending, state = submit()
+        pending, state, ends_epoch = submit()
         for index in range(count):
-            batches, state_after = pending.result(), state
+            batches, state_after, ended = pending.result(), state, ends_epoch
             if index + 1 < count:
-                pending, state = submit()
-            yield batches, state_after
+                pending, state, ends_epoch = submit()
+            yield batches, state_after, ended
 
 
 def filler_batch(collator: Collator, store: PreferenceStore) -> Batch:

@@ -363,7 +363,8 @@ class Trainer:
     # ---------------------------------------------------------------------------- public API
     def train(self, resume_from_checkpoint: str | Path | bool | None = None) -> TrainerState:
         """Train to `max_steps` (or `num_train_epochs`), logging, evaluating and saving on the way,
-        evaluate once more at the end when there is eval data (unless the last step just was), then
+        evaluate once more at the end when there is eval data (unless the last step just was, or
+        eval_strategy is no), then
         write `final/` with its model card, `beta_ledger.npz` and plots. `resume_from_checkpoint`: a
         checkpoint folder, or True for the newest in `output_dir`; the run then continues exactly."""
         c = self.config
@@ -374,19 +375,21 @@ class Trainer:
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         progress = self._progress_bar()
-        last = time.perf_counter()
+        last, evaluated = time.perf_counter(), None
         try:
-            for batches, sampler_state in self.feed.cycles(self.state.max_steps - self.state.global_step):
+            for batches, sampler_state, ends_epoch in self.feed.cycles(self.state.max_steps - self.state.global_step):
                 metrics = self._train_step(batches)
                 self.state.global_step += 1
                 self.state.beta = self.kl.beta
                 step, now = self.state.global_step, time.perf_counter()
                 metrics["tokens_per_second"] = metrics.pop("real_tokens") / (now - last)
-                if step % c.logging_steps == 0 or step == self.state.max_steps:
+                if c.logging_strategy != "no" and (
+                        step == self.state.max_steps or self._due(c.logging_strategy, c.logging_steps, step, ends_epoch)):
                     self.metrics.log({"step": step, **metrics})
-                if self._eval_due(step):
+                if self.eval_store is not None and self._due(c.eval_strategy, c.eval_every(), step, ends_epoch):
                     self._evaluate_and_log(step)
-                if c.save_steps and step % c.save_steps == 0:
+                    evaluated = step
+                if self._due(c.save_strategy, c.save_every(), step, ends_epoch):
                     save_run(self, sampler_state)
                 if progress is not None:
                     progress.update(1)
@@ -395,7 +398,7 @@ class Trainer:
         finally:
             if progress is not None:
                 progress.close()
-        if self.eval_store is not None and not self._eval_due(self.state.global_step):
+        if self.eval_store is not None and c.eval_strategy != "no" and evaluated != self.state.global_step:
             self._evaluate_and_log(self.state.global_step)
         self.state.log_history = self.metrics.history
         self.save_model(self.output_dir / "final")
@@ -404,9 +407,12 @@ class Trainer:
         barrier(self.dist)  # no rank leaves (and tears down its process group) while rank 0 writes
         return self.state
 
-    def _eval_due(self, step: int) -> bool:
-        """Whether eval_steps evaluates at `step` (so the end of training need not again)."""
-        return bool(self.config.eval_steps and self.eval_store is not None and step % self.config.eval_steps == 0)
+    @staticmethod
+    def _due(strategy: str | None, every: int | None, step: int, ends_epoch: bool) -> bool:
+        """Whether TRL's interval `strategy` (steps / epoch / no; None: by steps) acts after `step`."""
+        if strategy == "epoch":
+            return ends_epoch
+        return strategy != "no" and bool(every) and step % every == 0
 
     def _evaluate_and_log(self, step: int) -> None:
         """Evaluate (every rank), log the metrics, and print their main ones as one console line (rank
