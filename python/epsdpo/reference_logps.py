@@ -4,7 +4,7 @@ The reference of `dpo` and `beta_dpo` never changes, so the reference log-probs 
 fixed function of the data: one no-grad pass over a store replaces a reference forward in every
 micro-batch, and the reference model need not stay in memory. They are the same numbers the
 reference forward gives during training, scored by the same kernel under the same autocast, so a
-run with them trains as a run without them (tests/test_trainer.py).
+run with them trains as a run without them (tests/test_reference_logps.py).
 """
 
 from __future__ import annotations
