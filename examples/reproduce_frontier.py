@@ -46,8 +46,10 @@ from epsdpo.data.demo import demo_dataset, demo_rows
 from epsdpo.evaluation import generate_answers, sample_completions, score_answers, sequence_log_ratios, win_rate
 from epsdpo.models import load_causal_lm, load_tokenizer, smollm2_gguf_path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report_page import write_page_keeping_reading  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-READING_MARKER = "<!-- reading: written by hand, kept by reruns -->"
 LABELS = {"dpo": "DPO", "epsilon_dpo": "ε-DPO", "tr_dpo": "TR-DPO", "beta_dpo": "β-DPO"}
 
 
@@ -319,13 +321,7 @@ The untrained model's mean gold score on these prompts: {results[0]['reference_g
 
 {chr(10).join(comparisons) if comparisons else '(no baseline runs)'}
 """
-    page = docs / "frontier.md"
-    # The reading below the marker is written by hand from the numbers, and survives reruns.
-    reading = "## Reading\n\n(not written yet)\n"
-    if page.is_file() and READING_MARKER in page.read_text():
-        reading = page.read_text().split(READING_MARKER, 1)[1].lstrip("\n")
-    page.write_text(f"{text}\n{READING_MARKER}\n\n{reading}")
-    return page
+    return write_page_keeping_reading(docs / "frontier.md", text)
 
 
 def main() -> None:

@@ -12,18 +12,25 @@ from torch import nn
 def _generate(
     model: nn.Module, tokenizer: Any, prompts: Sequence[list[dict[str, str]]], batch_size: int, **options: Any
 ) -> Iterator[tuple[list[int], list[int]]]:
-    """(prompt ids, generated ids) per chat prompt (a message list), batched with left padding; the
-    generated ids run to `max_new_tokens` or the batch's end, padding included."""
+    """(prompt ids, generated ids) per chat prompt (a message list): each prompt is templated and
+    tokenized, then generated from by `_generate_ids`."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    pad = tokenizer.pad_token_id
+    texts = [tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True) for p in prompts]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    yield from _generate_ids(model, ids, tokenizer.pad_token_id, batch_size, **options)
+
+
+def _generate_ids(
+    model: nn.Module, prompt_ids: Sequence[list[int]], pad: int, batch_size: int, **options: Any
+) -> Iterator[tuple[list[int], list[int]]]:
+    """(prompt ids, generated ids) per tokenized prompt, batched with left padding; the generated ids
+    run to `max_new_tokens` or the batch's end, padding included."""
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(prompts), batch_size):
-            texts = [tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True)
-                     for p in prompts[start : start + batch_size]]
-            ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        for start in range(0, len(prompt_ids), batch_size):
+            ids = [list(x) for x in prompt_ids[start : start + batch_size]]
             width = max(map(len, ids))
             input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=model.device)
             mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=model.device)
@@ -63,15 +70,42 @@ def sample_completions(
     ends at its first stop token (the tokenizer's or the model's EOS), which it keeps, or after
     `max_new_tokens`."""
     torch.manual_seed(seed)
-    stops = _stop_ids(model, tokenizer)
+    return _cut_at_stop(_generate(model, tokenizer, prompts, batch_size, max_new_tokens=max_new_tokens, **_NEUTRAL),
+                        _stop_ids(model, tokenizer))
+
+
+def sample_completions_from_ids(
+    model: nn.Module,
+    prompt_ids: Sequence[list[int]],
+    *,
+    pad_token_id: int,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> list[tuple[list[int], list[int]]]:
+    """`sample_completions` for prompts already tokenized (no chat template, no tokenizer): what a
+    model trained on token ids, such as a synthetic task's, is evaluated with. Answers stop at the
+    model's EOS."""
+    torch.manual_seed(seed)
+    generated = _generate_ids(model, prompt_ids, pad_token_id, batch_size, max_new_tokens=max_new_tokens, **_NEUTRAL)
+    return _cut_at_stop(generated, _stop_ids(model, None))
+
+
+# Every logits processor a model's generation_config may switch on is neutralised: the samples must
+# come from π itself, or the KL estimated from them is biased.
+_NEUTRAL: dict[str, Any] = dict(
+    do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0,
+    eta_cutoff=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0, min_length=0, min_new_tokens=None,
+    bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
+)
+
+
+def _cut_at_stop(
+    generated: Iterator[tuple[list[int], list[int]]], stops: set[int]
+) -> list[tuple[list[int], list[int]]]:
+    """Each answer up to and including its first stop token (or whole, if it has none)."""
     out = []
-    # Every logits processor a model's generation_config may switch on is neutralised: the samples
-    # must come from π itself, or the KL estimated from them is biased.
-    neutral = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_p=None, typical_p=1.0,
-                   epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
-                   min_length=0, min_new_tokens=None, bad_words_ids=None, suppress_tokens=None,
-                   begin_suppress_tokens=None)
-    for prompt_ids, answer in _generate(model, tokenizer, prompts, batch_size, max_new_tokens=max_new_tokens, **neutral):
+    for prompt_ids, answer in generated:
         end = next((i for i, token in enumerate(answer) if token in stops), None)
         out.append((prompt_ids, answer if end is None else answer[: end + 1]))
     return out
@@ -79,7 +113,7 @@ def sample_completions(
 
 def _stop_ids(model: nn.Module, tokenizer: Any) -> set[int]:
     """Every token that ends generation: the tokenizer's EOS and the model's (often a list)."""
-    ids = {tokenizer.eos_token_id}
+    ids = {getattr(tokenizer, "eos_token_id", None)}
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
     return {i for i in ids if i is not None}
