@@ -142,3 +142,11 @@ def test_dropout_is_off_by_default_and_on_when_asked(tmp_path):
         for model in (trainer.model, trainer.ref_model):
             assert model.model.layers[0].self_attn.attention_dropout == rate
             assert model.model.layers[0].mlp.drop.p == rate
+
+
+def test_a_frozen_policy_or_the_reference_object_as_policy_is_refused_by_name(tmp_path):
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="ref_model is the same object as model"):
+        Trainer(model, config(tmp_path / "same"), toy_store(), ref_model=model)
+    with pytest.raises(ValueError, match="model has no trainable parameter"):
+        Trainer(tiny_llama().requires_grad_(False), config(tmp_path / "frozen"), toy_store())

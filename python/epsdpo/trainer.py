@@ -152,6 +152,10 @@ class Trainer:
 
     def _setup_models(self, model: nn.Module | str | Path, ref_model: nn.Module | str | Path | None) -> None:
         c = self.config
+        if ref_model is not None and ref_model is model:
+            # The reference is frozen in place, which would freeze the policy too
+            raise ValueError("ref_model is the same object as model: pass a copy, or leave ref_model unset for a "
+                             "frozen copy of the initial policy")
         dtype = torch_dtype(c.dtype)
         self.model = load_causal_lm(model, dtype, c.model_init_kwargs).to(self.device)
         if c.use_peft:
@@ -228,6 +232,9 @@ class Trainer:
     def _setup_optimization(self) -> None:
         c = self.config
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.params:  # else the first backward fails deep in autograd, naming nothing
+            raise ValueError("model has no trainable parameter (requires_grad is False on all of them): pass a "
+                             "trainable policy, e.g. model.requires_grad_(True)")
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": [p for p in self.params if p.ndim >= 2], "weight_decay": c.weight_decay},
