@@ -133,18 +133,22 @@ class Evaluator:
         }
 
 
-def train_one(method: str, beta: float, scale: Scale, data: Path, evaluator: Evaluator, out: Path) -> dict[str, Any]:
-    from epsdpo.trainer import Trainer
-
-    run_dir = out / "runs" / f"{method}_beta{beta:g}"
-    started = time.perf_counter()
-    config = TrainConfig(
+def run_config(method: str, beta: float, scale: Scale, run_dir: Path) -> TrainConfig:
+    return TrainConfig(
         output_dir=str(run_dir), method=method, beta=beta, epsilon=scale.epsilon if method == "epsilon_dpo" else 0.0,
         learning_rate=scale.learning_rate, per_device_train_batch_size=scale.batch_size, max_steps=scale.max_steps,
         num_train_epochs=1, layout="packed", lr_scheduler_type="cosine", warmup_ratio=0.1, max_length=512,
         max_prompt_length=384, seed=0, ref_model_sync_steps=scale.tr_dpo_tau, ref_model_mixup_alpha=0.6, plots=False,
         device=scale.device, overwrite_output_dir=True,  # an unfinished run is trained again from scratch
     )
+
+
+def train_one(method: str, beta: float, scale: Scale, data: Path, evaluator: Evaluator, out: Path) -> dict[str, Any]:
+    from epsdpo.trainer import Trainer
+
+    run_dir = out / "runs" / f"{method}_beta{beta:g}"
+    started = time.perf_counter()
+    config = run_config(method, beta, scale, run_dir)
     policy = load_causal_lm(smollm2_gguf_path())
     trainer = Trainer(policy, config, demo_dataset("train", data), tokenizer=evaluator.tokenizer)
     trainer.train()
