@@ -302,7 +302,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     import shutil
 
     import epsdpo
-    from epsdpo.evaluation import sequence_log_ratios, win_rate
+    from epsdpo.evaluation import sequence_kls, sequence_log_ratios, win_rate
 
     design, out, sft = _WORKER["design"], _WORKER["out"], _WORKER["sft"]
     started = time.perf_counter()
@@ -324,13 +324,16 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     # The same evaluation samples' seed for every arm of a seed: arms differ only in their policy
     answers = sample(trainer.model, design, _WORKER["prompts"], seed=100_000 + cell.seed)
     rewards = [design.task.gold_reward(p, a) for p, a in zip(_WORKER["prompts"], answers)]
-    log_ratios = sequence_log_ratios(trainer.model, sft, list(zip(_WORKER["prompts"], answers)), batch_size=500)
+    samples = list(zip(_WORKER["prompts"], answers))
+    kls = sequence_kls(trainer.model, sft, samples, batch_size=500)
+    log_ratios = sequence_log_ratios(trainer.model, sft, samples, batch_size=500)  # the plain estimate, as a check
     n = len(rewards)
     history = [r for r in trainer.state.log_history if "loss" in r]
     result = {
         **asdict(cell), "arm": cell.arm.name, "steps": trainer.state.global_step,
         "reward": float(np.mean(rewards)), "reward_se": float(np.std(rewards, ddof=1) / math.sqrt(n)),
-        "kl": float(np.mean(log_ratios)), "kl_se": float(np.std(log_ratios, ddof=1) / math.sqrt(n)),
+        "kl": float(np.mean(kls)), "kl_se": float(np.std(kls, ddof=1) / math.sqrt(n)),
+        "kl_plain": float(np.mean(log_ratios)), "kl_plain_se": float(np.std(log_ratios, ddof=1) / math.sqrt(n)),
         "win_rate": win_rate(rewards, _WORKER["sft_rewards"]), "final_beta": trainer.kl.beta,
         "final_train_loss": history[-1]["loss"], "final_train_accuracy": history[-1]["rewards/accuracies"],
         "beta_history": [r["kl/beta"] for r in history][:: max(1, len(history) // 30)],
@@ -604,7 +607,7 @@ model and the data.
 | TR-DPO | reference ← 0.6·policy + 0.4·reference every {max(1, design.steps // design.tr_dpo_updates)} steps | {design.tr_dpo_updates} soft updates per run: TRL's 512-step default would never fire in {design.steps} steps |
 | β grid | {{{', '.join(f'{b:g}' for b in design.betas)}}} | a {max(design.betas) / min(design.betas):g}× span of β, chosen so that KL spans at least 3× (checked below) without the smallest β collapsing |
 | seeds | {design.seeds} per cell | pairs the arms by seed (same data, order and evaluation samples), for a paired test |
-| evaluation | {design.eval_prompts:,} held-out prompts × {design.samples_per_prompt} samples at temperature 1 | the same samples give gold reward, KL = mean of log π_θ(y\\|x) − log π_ref(y\\|x), and the win rate against SFT samples (ties half) |
+| evaluation | {design.eval_prompts:,} held-out prompts × {design.samples_per_prompt} samples at temperature 1 | the same samples give gold reward, the win rate against SFT samples (ties half), and KL: the mean over samples of Σ_t KL(π_θ(·\\|x, y<t) ‖ π_ref(·\\|x, y<t)), exact at each position (`epsdpo.evaluation.sequence_kls`); the plain mean of log π_θ(y\\|x) − log π_ref(y\\|x), unbiased too but noisier, is in the JSON as a check |
 
 ## Analysis plan
 

@@ -54,3 +54,40 @@ def test_sampled_answers_end_at_the_first_eos_and_repeat_with_the_seed():
 
 def test_win_rate_counts_ties_as_half():
     assert win_rate([1.0, 0.5, 0.2], [0.5, 0.5, 0.9]) == pytest.approx(0.5)
+
+
+def test_sequence_kls_average_to_the_exact_kl_over_every_answer():
+    """Oracle: with 4 tokens and 3-token answers, KL(π‖π_ref) is a sum over all 64 answers. The
+    per-sample estimates weighted by π(y) must give it exactly (the estimator is unbiased), and so
+    must sequence_log_ratios' (the plain estimator it replaces)."""
+    import itertools
+    import math
+
+    import torch
+
+    from epsdpo.evaluation import sequence_kls, sequence_log_ratios
+    from tiny import tiny_llama
+
+    policy, reference = tiny_llama(seed=1, vocab=4).double(), tiny_llama(seed=2, vocab=4).double()
+    prompt = [1, 2]
+    answers = [list(a) for a in itertools.product(range(4), repeat=3)]
+    sequences = [(prompt, a) for a in answers]
+
+    def log_prob(model, answer):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + answer])).logits[0].double().log_softmax(-1)
+        return sum(float(logits[len(prompt) - 1 + i, t]) for i, t in enumerate(answer))
+
+    weights = [math.exp(log_prob(policy, a)) for a in answers]
+    assert math.isclose(sum(weights), 1.0, rel_tol=1e-9)
+    exact = sum(w * (log_prob(policy, a) - log_prob(reference, a)) for w, a in zip(weights, answers))
+    assert exact > 0.01  # two different random models: the test can fail
+    rao_blackwell = sum(w * k for w, k in zip(weights, sequence_kls(policy, reference, sequences, batch_size=7)))
+    plain = sum(w * r for w, r in zip(weights, sequence_log_ratios(policy, reference, sequences)))
+    assert math.isclose(rao_blackwell, exact, rel_tol=1e-6)
+    assert math.isclose(plain, exact, rel_tol=1e-4)
+    # and per sample it varies less, which is what it is for
+    kls = sequence_kls(policy, reference, sequences)
+    ratios = sequence_log_ratios(policy, reference, sequences)
+    spread = lambda xs: sum(w * (x - exact) ** 2 for w, x in zip(weights, xs))  # noqa: E731
+    assert spread(kls) < spread(ratios)
