@@ -139,6 +139,7 @@ def run_config(method: str, beta: float, scale: Scale, run_dir: Path) -> TrainCo
         learning_rate=scale.learning_rate, per_device_train_batch_size=scale.batch_size, max_steps=scale.max_steps,
         num_train_epochs=1, layout="packed", lr_scheduler_type="cosine", warmup_ratio=0.1, max_length=512,
         max_prompt_length=384, seed=0, ref_model_sync_steps=scale.tr_dpo_tau, ref_model_mixup_alpha=0.6, plots=False,
+        logging_steps=1,  # the page plots β and the step mean at every step
         device=scale.device, overwrite_output_dir=True,  # an unfinished run is trained again from scratch
     )
 

@@ -17,7 +17,7 @@ config = TrainConfig(
     output_dir=str(out), beta=0.1, epsilon=0.1, learning_rate=3e-3, per_device_train_batch_size=batch_size,
     max_steps=3, warmup_ratio=0.0, lr_scheduler_type="constant", max_length=32, max_prompt_length=16,
     progress=False, plots=False, seed=3, fsdp=mode == "fsdp", save_steps=2, method=method, ref_model_sync_steps=2,
-    eval_steps=3, per_device_eval_batch_size=1,
+    eval_steps=3, per_device_eval_batch_size=1, logging_steps=1,
 )
 # 5 eval pairs over 2 ranks: one rank scores a batch more than the other
 trainer = Trainer(tiny_llama(0), config, toy_store(), eval_dataset=toy_store(5, seed=9))

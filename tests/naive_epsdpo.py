@@ -62,7 +62,7 @@ def steps(z: list[float], z_relaxed: list[float], z_tightened: list[float]) -> l
 
 def loss(
     policy: Tensor, reference: Tensor, relaxed: Tensor, tightened: Tensor, beta: float, epsilon: float,
-    label_smoothing: float = 0.0,
+    cdpo_smoothing: float = 0.0,
 ) -> tuple[Tensor, list[int]]:
     """Mean ε-DPO loss from per-sequence log-probs [2B] (chosen first), pair by pair."""
     b = policy.shape[0] // 2
@@ -74,8 +74,8 @@ def loss(
     for i in range(b):
         beta_i = beta / (1 + epsilon * s[i])
         u = (policy[i] - reference[i]) - (policy[b + i] - reference[b + i])
-        total = total - (1 - label_smoothing) * torch.nn.functional.logsigmoid(beta_i * u)
-        total = total - label_smoothing * torch.nn.functional.logsigmoid(-beta_i * u)
+        total = total - (1 - cdpo_smoothing) * torch.nn.functional.logsigmoid(beta_i * u)
+        total = total - cdpo_smoothing * torch.nn.functional.logsigmoid(-beta_i * u)
     return total / b, s
 
 

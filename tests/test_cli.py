@@ -16,7 +16,7 @@ def test_train_from_yaml_with_overrides(tmp_path):
     (tmp_path / "run.yaml").write_text(
         f"model: {tmp_path / 'model'}\ntrain_data: {tmp_path / 'train.store'}\n"
         f"output_dir: {tmp_path / 'out'}\nmax_steps: 5\nper_device_train_batch_size: 4\n"
-        "max_length: 32\nmax_prompt_length: 16\nprogress: false\nplots: true\nlearning_rate: 1e-3\n"
+        "max_length: 32\nmax_prompt_length: 16\nprogress: false\nplots: true\nlearning_rate: 1e-3\nlogging_steps: 1\n"
     )
     assert main(["train", str(tmp_path / "run.yaml"), "--max_steps=2", "--layout=packed", "--epsilon=0.2"]) == 0
     lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]

@@ -20,17 +20,21 @@ from epsdpo.config import TrainConfig
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 
 # A valid value other than the default for every TrainConfig field (but fp16, which bf16=True excludes,
-# precompute_ref_log_probs, which method="tr_dpo" excludes, and push_to_hub, only ever false).
+# precompute_ref_log_probs, which method="tr_dpo" excludes, and label_smoothing, loss_type and push_to_hub,
+# each accepted only as TRL's default).
 NON_DEFAULT = dict(
-    output_dir="runs/x", method="tr_dpo", beta=0.2, epsilon=0.05, epsilon_check=0.02, label_smoothing=0.1,
+    output_dir="runs/x", method="tr_dpo", beta=0.2, epsilon=0.05, epsilon_check=0.02, cdpo_smoothing=0.1,
+    label_smoothing=0.0, loss_type="sigmoid",
     sync_ref_model=True, ref_model_sync_steps=16, ref_model_mixup_alpha=0.5, beta_dpo_alpha=0.3, beta_dpo_momentum=0.8, beta_dpo_filter=0.5,
     learning_rate=1e-5, per_device_train_batch_size=2, per_device_eval_batch_size=3, gradient_accumulation_steps=4,
-    num_train_epochs=2.5, max_steps=7, lr_scheduler_type="linear", warmup_steps=3.0, warmup_ratio=0.0,
+    num_train_epochs=2.5, max_steps=7, lr_scheduler_type="cosine", warmup_steps=3.0, warmup_ratio=0.0,
     weight_decay=0.01,
     adam_beta1=0.8, adam_beta2=0.99, max_grad_norm=0.0, max_length=None, max_prompt_length=64, max_completion_length=32,
-    truncation_mode="keep_start", prompt_truncation_mode="keep_start", layout="shared_prompt", group_by_length=True, max_tokens_per_batch=4096,
-    pad_to_multiple_of=8, skip_invalid=True, dataset_cache_dir="cache", seed=7, device="cpu", dtype="bfloat16",
-    bf16=True, fp16=False, model_init_kwargs={"attn_implementation": "eager"}, use_peft=True, lora_r=8,
+    truncation_mode="keep_start", prompt_truncation_mode="keep_start", layout="packed", padding_free=True,
+    group_by_length=True, max_tokens_per_batch=4096, pad_to_multiple_of=8, skip_invalid=True, dataset_cache_dir="cache",
+    dataset_num_proc=4, seed=7, device="cpu", dtype="bfloat16",
+    bf16=True, fp16=False, model_init_kwargs={"attn_implementation": "eager"},
+    trust_remote_code=True, attn_implementation="sdpa", model_revision="v1", use_peft=True, lora_r=8,
     lora_alpha=16, lora_dropout=0.1, lora_target_modules=["q_proj", "v_proj"], disable_dropout=False,
     gradient_checkpointing=True, fsdp=True, chunk_size=256, precompute_ref_log_probs=False, precompute_ref_batch_size=16,
     logging_strategy="epoch", logging_steps=5,
@@ -87,9 +91,10 @@ def test_non_default_values_cover_every_field():
     assert sorted(NON_DEFAULT) == sorted(FIELDS)
     defaults = TrainConfig()
     # fp16 cannot be on with bf16=True, nor warmup_ratio with warmup_steps, nor precompute_ref_log_probs with
-    # tr_dpo; truncation_mode and push_to_hub have one value
+    # tr_dpo; label_smoothing, loss_type, truncation_mode and push_to_hub have one value
     assert [k for k, v in NON_DEFAULT.items() if getattr(defaults, k) == v] == [
-        "warmup_ratio", "truncation_mode", "fp16", "precompute_ref_log_probs", "push_to_hub"]
+        "label_smoothing", "loss_type", "warmup_ratio", "truncation_mode", "fp16", "precompute_ref_log_probs",
+        "push_to_hub"]
 
 
 def test_help_lists_every_field_with_its_help(capsys, monkeypatch):
@@ -241,6 +246,11 @@ def test_version(capsys):
      "--skip_invalid", "--split", "train"],
     ["--max-length", "64", "--max-prompt-length=32", "--max-completion-length=16", "--cache-dir", "c", "--skip-invalid",
      "--split=train"],
+    # train's spellings of the same keys
+    ["--max_length", "64", "--max_prompt_length", "32", "--max_completion_length", "16", "--dataset_cache_dir", "c",
+     "--skip_invalid", "--train_split", "train"],
+    ["--max_length=64", "--max_prompt_length=32", "--max_completion_length=16", "--dataset-cache-dir=c",
+     "--skip_invalid", "--dataset_train_split=train"],
 ])
 def test_prepare_takes_the_underscore_flags_and_the_dashed_ones(monkeypatch, capsys, tmp_path, flags):
     seen = {}

@@ -39,7 +39,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS
 MAX_STEPS = 6
 CONFIG = dict(beta=0.1, epsilon=0.1, learning_rate=3e-3, per_device_train_batch_size=16, max_steps=MAX_STEPS,
               warmup_ratio=0.2, lr_scheduler_type="cosine", max_length=32, max_prompt_length=16, progress=False,
-              plots=False, seed=3, save_steps=2)
+              plots=False, seed=3, save_steps=2, logging_steps=1)
 
 
 class ListedButIncomplete(AssertionError):

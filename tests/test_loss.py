@@ -1,4 +1,4 @@
-"""epsdpo.loss: the step rule, per-pair β, the loss with label smoothing, and ε = 0 as plain DPO."""
+"""epsdpo.loss: the step rule, per-pair β, the loss with conservative DPO smoothing, and ε = 0 as plain DPO."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_worked_example_from_the_module_docstring():
     args = (policy[:1], policy[1:], ref, ref)
     losses, chosen, rejected = epsilon_dpo_loss(*args, betas)
     assert losses.item() == pytest.approx(0.616344, abs=1e-6)
-    smoothed, _, _ = epsilon_dpo_loss(*args, betas, label_smoothing=0.1)
+    smoothed, _, _ = epsilon_dpo_loss(*args, betas, cdpo_smoothing=0.1)
     assert smoothed.item() == pytest.approx(0.632344, abs=1e-6)
     assert chosen.item() == pytest.approx(0.08) and rejected.item() == pytest.approx(-0.08)
 
@@ -55,21 +55,21 @@ def test_pair_betas():
 @given(
     values=st.lists(st.floats(-30, 30), min_size=4, max_size=4),
     beta=st.floats(0.01, 2.0),
-    label_smoothing=st.sampled_from([0.0, 0.1, 0.3, 0.49]),
+    cdpo_smoothing=st.sampled_from([0.0, 0.1, 0.3, 0.49]),
 )
-def test_label_smoothing_matches_the_formula(values, beta, label_smoothing):
+def test_cdpo_smoothing_matches_the_formula(values, beta, cdpo_smoothing):
     pc, pr, rc, rr = (torch.tensor([v], dtype=torch.float64) for v in values)
-    losses, _, _ = epsilon_dpo_loss(pc, pr, rc, rr, torch.tensor([beta], dtype=torch.float64), label_smoothing)
+    losses, _, _ = epsilon_dpo_loss(pc, pr, rc, rr, torch.tensor([beta], dtype=torch.float64), cdpo_smoothing)
     x = beta * ((values[0] - values[2]) - (values[1] - values[3]))
-    by_hand = -(1 - label_smoothing) * naive.log_sigmoid(x) - label_smoothing * naive.log_sigmoid(-x)
+    by_hand = -(1 - cdpo_smoothing) * naive.log_sigmoid(x) - cdpo_smoothing * naive.log_sigmoid(-x)
     assert losses.item() == pytest.approx(by_hand, rel=1e-12, abs=1e-12)
 
 
-def test_label_smoothing_is_not_a_no_op():
+def test_cdpo_smoothing_is_not_a_no_op():
     args = [torch.tensor([v], requires_grad=True) for v in (-5.0, -9.0, -6.0, -7.0)]
     betas = torch.tensor([0.5])
     plain, _, _ = epsilon_dpo_loss(*args, betas)
-    smoothed, _, _ = epsilon_dpo_loss(*args, betas, label_smoothing=0.2)
+    smoothed, _, _ = epsilon_dpo_loss(*args, betas, cdpo_smoothing=0.2)
     assert smoothed.item() > plain.item()
     # d loss / d margin = −(1 − ls)·σ(−x) + ls·σ(x)
     (grad,) = torch.autograd.grad(smoothed.sum(), args[0])
@@ -77,7 +77,7 @@ def test_label_smoothing_is_not_a_no_op():
     want = 0.5 * (-(0.8) / (1 + math.exp(x)) + 0.2 / (1 + math.exp(-x)))
     assert grad.item() == pytest.approx(want, rel=1e-6)
     with pytest.raises(ValueError):
-        epsilon_dpo_loss(*args, betas, label_smoothing=0.5)
+        epsilon_dpo_loss(*args, betas, cdpo_smoothing=0.5)
 
 
 def test_rewards_use_the_pair_beta_and_are_detached():

@@ -19,7 +19,7 @@ def config(tmp_path, name, **overrides) -> TrainConfig:
     base = dict(
         output_dir=str(tmp_path / name), beta=0.1, epsilon=0.01, learning_rate=LR, per_device_train_batch_size=8,
         max_steps=8, warmup_ratio=0.0, lr_scheduler_type="constant", max_length=32, max_prompt_length=16,
-        progress=False, plots=False, seed=3, report_to="none",
+        progress=False, plots=False, seed=3, report_to="none", logging_steps=1,
     )
     base.update(overrides)
     return TrainConfig(**base)

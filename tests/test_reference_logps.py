@@ -19,7 +19,7 @@ def run(tmp_path, resume=None, **overrides) -> Trainer:
     config = TrainConfig(**{
         **dict(output_dir=str(tmp_path), beta=0.1, learning_rate=3e-3, per_device_train_batch_size=8,
                per_device_eval_batch_size=5, max_steps=4, lr_scheduler_type="constant", max_length=32,
-               max_prompt_length=16, eval_steps=2, progress=False, plots=False, seed=3),
+               max_prompt_length=16, eval_steps=2, progress=False, plots=False, seed=3, logging_steps=1),
         **overrides,
     })
     trainer = Trainer(tiny_llama(0), config, toy_store(), eval_dataset=toy_store(12, seed=5))

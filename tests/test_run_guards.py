@@ -20,7 +20,7 @@ from tiny import VOCAB, tiny_llama, toy_store
 def config(out, **overrides) -> TrainConfig:
     base = dict(output_dir=str(out), beta=0.1, epsilon=0.1, learning_rate=3e-3, per_device_train_batch_size=8,
                 max_steps=3, warmup_ratio=0.0, lr_scheduler_type="constant", max_length=32, max_prompt_length=16,
-                progress=False, plots=False, seed=3)
+                progress=False, plots=False, seed=3, logging_steps=1)
     base.update(overrides)
     return TrainConfig(**base)
 

@@ -21,7 +21,7 @@ def config(tmp_path, **overrides) -> TrainConfig:
     base = dict(
         output_dir=str(tmp_path / "run"), beta=0.1, epsilon=0.1, learning_rate=3e-3,
         per_device_train_batch_size=8, max_steps=4, warmup_ratio=0.0, lr_scheduler_type="constant",
-        max_length=32, max_prompt_length=16, progress=False, plots=False, seed=3,
+        max_length=32, max_prompt_length=16, progress=False, plots=False, seed=3, logging_steps=1,
     )
     base.update(overrides)
     return TrainConfig(**base)
@@ -66,6 +66,62 @@ def test_gradient_accumulation_1x8_equals_8x1(tmp_path):
         np.testing.assert_allclose(series(one, key), series(eight, key), rtol=1e-5, atol=1e-6)
     for p, q in zip(one.model.parameters(), eight.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_uneven_accumulation_averages_over_every_pair_of_the_cycle(tmp_path):
+    """5 pairs in micro-batches of 3 and 2: the step's gradient is the mean over the cycle's 5 pairs,
+    computed here by hand, pair by pair, not the mean of the two micro-batch means (TRL's average)."""
+    import epsdpo
+
+    rng = np.random.default_rng(7)
+    pairs = []
+    store = epsdpo.PreferenceStore(vocab_size=64)
+    for _ in range(5):
+        prompt = rng.integers(2, 64, rng.integers(3, 9)).tolist()
+        chosen, rejected = rng.integers(2, 64, rng.integers(2, 6)).tolist() + [1], rng.integers(2, 64, 3).tolist() + [1]
+        pairs.append((prompt, chosen, rejected))
+        store.add_pair(prompt, chosen, rejected)
+    trainer = Trainer(tiny_llama(0), config(tmp_path, method="dpo", per_device_train_batch_size=3,
+                                            gradient_accumulation_steps=2, max_steps=1, max_grad_norm=0.0,
+                                            max_prompt_length=None),
+                      store, ref_model=tiny_llama(1))
+    seen = {}
+    real_step = trainer._optimizer_step
+
+    def capture(step, batches, nonfinite):
+        seen["micro_batches"] = [b["pair_ids"].tolist() for b in batches]  # ids: the order added
+        seen["grad"] = [p.grad.detach().clone() for p in trainer.params]
+        return real_step(step, batches, nonfinite)
+
+    trainer._optimizer_step = capture
+    trainer.train()
+    micro_batches = seen["micro_batches"]
+    assert sorted(len(b) for b in micro_batches) == [2, 3]  # uneven, as the test needs
+
+    policy, reference = tiny_llama(0), tiny_llama(1)
+
+    def logp(model, prompt, completion):
+        ids = torch.tensor([prompt + completion])
+        token = torch.log_softmax(model(ids).logits[0, :-1].double(), -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+        return token[len(prompt) - 1:].sum()
+
+    def pair_loss(i):
+        prompt, chosen, rejected = pairs[i]
+        with torch.no_grad():
+            ref_margin = logp(reference, prompt, chosen) - logp(reference, prompt, rejected)
+        margin = logp(policy, prompt, chosen) - logp(policy, prompt, rejected) - ref_margin
+        return -torch.nn.functional.logsigmoid(0.1 * margin)
+
+    params = list(policy.parameters())
+    every_pair = torch.stack([pair_loss(i) for b in micro_batches for i in b]).mean()
+    oracle = torch.autograd.grad(every_pair, params)
+    batch_means = torch.stack([torch.stack([pair_loss(i) for i in b]).mean() for b in micro_batches]).mean()
+    trl_style = torch.autograd.grad(batch_means, params)
+    for got, want in zip(seen["grad"], oracle):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    # the two averages differ by far more than the tolerance, so the check above can tell them apart
+    error = max((g - w).abs().max().item() for g, w in zip(seen["grad"], oracle))
+    assert max((a - b).abs().max().item() for a, b in zip(oracle, trl_style)) > 100 * max(error, 1e-7)
 
 
 @pytest.mark.parametrize("layout", ["packed", "shared_prompt"])
@@ -119,7 +175,8 @@ def test_nan_loss_stops_cleanly(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(method="ipo"), dict(layout="ragged"), dict(beta=0.0), dict(epsilon=1.0), dict(label_smoothing=0.5),
+    [dict(method="ipo"), dict(layout="ragged"), dict(beta=0.0), dict(epsilon=1.0), dict(cdpo_smoothing=0.5),
+     dict(label_smoothing=0.1), dict(loss_type="ipo"),
      dict(per_device_train_batch_size=0), dict(max_length=8, max_prompt_length=8), dict(report_to="comet_ml"),
      dict(num_train_epochs=0, max_steps=-1)],
 )

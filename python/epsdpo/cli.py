@@ -39,15 +39,26 @@ class RunArguments:
         "Training pairs: a .jsonl/.json/.parquet file in TRL's preference formats, a .store written by "
         "`epsdpo prepare --output` or an .epsdpo cache file, or a hub dataset id (with train_split). Required, here or in the YAML.")})
     eval_data: str | None = field(default=None, metadata={"help": (
-        "Evaluation pairs, in the same forms as train_data. None: no evaluation.")})
+        "Evaluation pairs, in the same forms as train_data. None: no evaluation (but see dataset_test_split).")})
     train_split: str | None = field(default=None, metadata={"help": (
-        "Split of a hub dataset given as train_data, e.g. train. Ignored for a local file.")})
+        "Split of a hub dataset or save_to_disk folder given as train_data, e.g. train. Ignored for a local "
+        "file.")})
     eval_split: str | None = field(default=None, metadata={"help": (
-        "Split of a hub dataset given as eval_data, e.g. test. Ignored for a local file.")})
+        "Split of a hub dataset or save_to_disk folder given as eval_data, e.g. test. Ignored for a local file.")})
     model_name_or_path: str | None = field(default=None, metadata={"help": (
         "TRL's name for model (a local path here, or a hub id where a hub is reachable). Give one of the two.")})
     dataset_name: str | None = field(default=None, metadata={"help": (
         "TRL's name for train_data (a local file here, or a hub dataset id). Give one of the two.")})
+    dataset_config: str | None = field(default=None, metadata={"help": (
+        "Configuration (subset) of a hub dataset given as train_data or eval_data, passed to "
+        "datasets.load_dataset as name (TRL's meaning). Ignored for a local file or folder.")})
+    dataset_train_split: str | None = field(default=None, metadata={"help": (
+        "TRL's name for train_split: the split of the training dataset to train on (a hub id or a save_to_disk "
+        "folder). Give one of the two.")})
+    dataset_test_split: str | None = field(default=None, metadata={"help": (
+        "The split of the training dataset to evaluate on, as in TRL's dpo script: used when eval_strategy is "
+        "steps or epoch (TRL's default, no, evaluates nothing). With eval_data unset the eval pairs are this "
+        "split of train_data; with eval_data set, its split (TRL's name for eval_split).")})
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -55,7 +66,8 @@ class RunArguments:
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{f.name}={value!r} is invalid: must be a path or hub id (a string)")
         # TRL's spellings fill ours; both at once would leave it unclear which one trains
-        for trl_name, name in (("model_name_or_path", "model"), ("dataset_name", "train_data")):
+        for trl_name, name in (("model_name_or_path", "model"), ("dataset_name", "train_data"),
+                               ("dataset_train_split", "train_split")):
             given = getattr(self, trl_name)
             if given is not None and getattr(self, name) is not None and given != getattr(self, name):
                 raise ValueError(f"{trl_name}={given!r} is invalid: must be unset when {name} is set "
@@ -74,14 +86,38 @@ NONE_WORDS = frozenset({"none", "null", "~"})
 TRAIN_USAGE = "epsdpo train CONFIG.yaml [--key value | --key=value ...] [--resume | --resume_from_checkpoint PATH]"
 
 
-def _load_data(source: Any, split: str | None) -> Any:
-    """A local file or store as given; `split` picks a split of a hub dataset, loaded as
-    `load_preferences` loads one (offline, at once with the hint instead of after a minute of retries)."""
-    from epsdpo.data.sources import is_store_path, load_hub_dataset
+def _load_data(source: Any, split: str | None, config: str | None = None) -> Any:
+    """A local file or store as given; `split` picks a split of a save_to_disk folder or of a hub
+    dataset (of its configuration `config`), loaded as `load_preferences` loads one (offline, at once
+    with the hint instead of after a minute of retries)."""
+    from epsdpo.data.sources import is_store_path, load_hub_dataset, pick_split
 
-    if split is None or Path(source).exists() or is_store_path(source):
+    path = Path(source)
+    if path.is_dir() and split is not None:
+        import datasets
+
+        loaded = datasets.load_from_disk(str(path))
+        return pick_split(loaded, split, str(source))[0] if isinstance(loaded, datasets.DatasetDict) else loaded
+    if (split is None and config is None) or path.exists() or is_store_path(source):
         return source
-    return load_hub_dataset(source, split)[0]
+    return load_hub_dataset(source, split, config)[0]
+
+
+def _eval_source(run: RunArguments, config: Any) -> tuple[Any, str | None]:
+    """The eval data and its split. TRL's dpo script evaluates on dataset_test_split of the training
+    dataset unless eval_strategy is no, its default; here that is an explicit steps or epoch."""
+    split = run.eval_split
+    if run.dataset_test_split is not None:
+        if split is not None and split != run.dataset_test_split:
+            raise ValueError(f"dataset_test_split={run.dataset_test_split!r} is invalid: must be unset when "
+                             f"eval_split is set ({split!r}); they are two names for one thing")
+        split = run.dataset_test_split
+        if run.eval_data is None and config.eval_strategy in ("steps", "epoch"):
+            if Path(run.train_data).is_file():
+                raise ValueError(f"dataset_test_split={split!r} is invalid: the training data {run.train_data} is "
+                                 "one file, without splits; give the eval pairs as eval_data")
+            return run.train_data, split
+    return run.eval_data, split
 
 
 def _train_fields() -> dict[str, Any]:
@@ -246,10 +282,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from epsdpo.trainer import Trainer
 
     try:
+        eval_data, eval_split = _eval_source(run_args, config)
+    except ValueError as error:
+        parser.error(_usage_message(error, args.config, given))
+
+    try:
         trainer = Trainer(
-            run_args.model, config, _load_data(run_args.train_data, run_args.train_split),
+            run_args.model, config, _load_data(run_args.train_data, run_args.train_split, run_args.dataset_config),
             tokenizer=run_args.tokenizer, ref_model=run_args.ref_model,
-            eval_dataset=None if run_args.eval_data is None else _load_data(run_args.eval_data, run_args.eval_split),
+            eval_dataset=None if eval_data is None else _load_data(eval_data, eval_split, run_args.dataset_config),
         )
         trainer.train(resume_from_checkpoint=True if args.resume else args.resume_from_checkpoint)
     except (FileExistsError, FileNotFoundError, CheckpointError, DataSourceError) as error:
@@ -273,7 +314,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     try:
         tokenizer = load_tokenizer(args.tokenizer)
         store, report = load_preferences(
-            _load_data(args.data, args.split), tokenizer, max_length=args.max_length,
+            _load_data(args.data, args.split, args.dataset_config), tokenizer, max_length=args.max_length,
             max_prompt_length=args.max_prompt_length, max_completion_length=args.max_completion_length,
             cache_dir=cache_dir, skip_invalid=args.skip_invalid,
         )
@@ -295,10 +336,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _option(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
-    """`--name_with_underscores`, and its dashed spelling as an alias."""
-    spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-    parser.add_argument(*spellings, **kwargs)
+def _option(parser: argparse.ArgumentParser, name: str, *aliases: str, **kwargs: Any) -> None:
+    """`--name_with_underscores`, its dashed spelling, and each alias (the same key's name in `train`)
+    in both spellings."""
+    spellings = list(dict.fromkeys(f"--{spelling}" for n in (name, *aliases) for spelling in (n, n.replace("_", "-"))))
+    parser.add_argument(*spellings, dest=name, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -314,13 +356,15 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = sub.add_parser("prepare", help="tokenize and cache a preference dataset; print its report", **plain)
     prepare.add_argument("data", help="a .jsonl/.json/.parquet file or a hub id")
     _option(prepare, "tokenizer", required=True, help="tokenizer directory, .gguf file or hub id")
-    _option(prepare, "split", default=None, help="split of a hub dataset")
+    _option(prepare, "split", "train_split", "dataset_train_split", default=None,
+            help="split of a hub dataset or save_to_disk folder (train's train_split)")
+    _option(prepare, "dataset_config", default=None, help="configuration (subset) of a hub dataset")
     _option(prepare, "max_length", type=int, default=None,
             help="longest prompt + completion in tokens (default: no limit)")
     _option(prepare, "max_prompt_length", type=int, default=None, help="longest prompt in tokens (default: no limit)")
     _option(prepare, "max_completion_length", type=int, default=None,
             help="longest completion in tokens, cut keeping its start (default: no limit)")
-    _option(prepare, "cache_dir", default=None,
+    _option(prepare, "cache_dir", "dataset_cache_dir", default=None,
             help="cache the tokenized store here; 'disabled': no caching (default: $EPSDPO_CACHE, else "
                  "$XDG_CACHE_HOME/epsdpo, else ~/.cache/epsdpo)")
     _option(prepare, "skip_invalid", action="store_true", help="skip and count rows that cannot become pairs")

@@ -45,9 +45,18 @@ class TrainConfig:
     epsilon_check: float | None = field(default=None, metadata={"help": (
         "ε_c, the size of the perturbation that decides each pair's step s, when it should differ from the "
         "step size epsilon (the paper's ε_c/ε_s ablation); in [0, 1). None: use epsilon for both.")})
+    cdpo_smoothing: float = field(default=0.0, metadata={"help": (
+        "Conservative DPO (cDPO) smoothing in [0, 0.5): the assumed probability that a pair's preference is "
+        "flipped; each pair's loss becomes (1 − e)·(−log σ(m)) − e·log σ(−m) for its margin m. 0: none, the "
+        "plain sigmoid loss. TRL 1.16 has no such option (its label_smoothing is ignored by loss_type=sigmoid).")})
     label_smoothing: float = field(default=0.0, metadata={"help": (
-        "Conservative DPO label smoothing in [0, 0.5): the assumed probability that a pair's preference is "
-        "flipped (TRL's label_smoothing with loss_type=sigmoid). 0: none.")})
+        "Accepted only as 0, so that TRL configs (which spell out its default) run: TRL 1.16's default "
+        "loss_type=sigmoid ignores it, and its robust/EXO meanings are other losses. For conservative DPO "
+        "smoothing use cdpo_smoothing.")})
+    loss_type: str | list[str] = field(default="sigmoid", metadata={"help": (
+        "TRL's loss choice, accepted only as sigmoid (or [sigmoid]): the sigmoid DPO loss, which every method "
+        "here trains with. TRL's plain DPO (loss_type=sigmoid) is method=dpo; the β rule is chosen by "
+        "method, and TRL's other loss types are not implemented.")})
     # baselines (epsdpo.baselines): TR-DPO soft reference update, β-DPO batch β and data filter
     sync_ref_model: bool = field(default=False, metadata={"help": (
         "TR-DPO's soft update of the reference toward the policy every ref_model_sync_steps steps (TRL's "
@@ -68,23 +77,24 @@ class TrainConfig:
         "β-DPO data filter: train only on this fraction ρ in (0, 1] of each batch, the pairs whose gaps lie "
         "closest to M₀. None: no filter. Used only by method=beta_dpo.")})
     # optimisation
-    learning_rate: float = field(default=5e-7, metadata={"help": (
-        "Peak learning rate of AdamW, >= 0 (TRL's meaning).")})
-    per_device_train_batch_size: int = field(default=4, metadata={"help": (
-        "Preference pairs per micro-batch on each process, >= 1 (TRL's meaning). With max_tokens_per_batch it "
-        "only sizes the length-grouping windows.")})
+    learning_rate: float = field(default=1e-6, metadata={"help": (
+        "Peak learning rate of AdamW, >= 0 (TRL's meaning and DPOConfig default).")})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": (
+        "Preference pairs per micro-batch on each process, >= 1 (TRL's meaning and default). With "
+        "max_tokens_per_batch it only sizes the length-grouping windows.")})
     per_device_eval_batch_size: int = field(default=8, metadata={"help": (
         "Preference pairs per evaluation batch on each process, >= 1 (TRL's meaning).")})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": (
         "Micro-batches per optimizer step on each process, >= 1 (TRL's meaning). The β update happens once "
         "per optimizer step.")})
-    num_train_epochs: float = field(default=1.0, metadata={"help": (
+    num_train_epochs: float = field(default=3.0, metadata={"help": (
         "Passes over the training data, > 0; fractions allowed. Ignored when max_steps is set (TRL's "
-        "meaning).")})
+        "meaning and default).")})
     max_steps: int = field(default=-1, metadata={"help": (
         "Optimizer steps to train for, >= 1; -1: as many as num_train_epochs needs (TRL's meaning).")})
     lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = field(
-        default="cosine", metadata={"help": "Learning-rate schedule after warm-up (transformers' names and meaning)."})
+        default="linear", metadata={"help": (
+            "Learning-rate schedule after warm-up (transformers' names, meaning and default).")})
     warmup_steps: float = field(default=0.0, metadata={"help": (
         "Linear learning-rate warm-up from 0: a number of optimizer steps when >= 1, a fraction of the total "
         "steps when below 1, none at 0 (the default). The meaning of transformers 5 / TRL 1.16.")})
@@ -120,6 +130,9 @@ class TrainConfig:
         "Batch layout of the Rust collator: padded (one padded row per sequence, as TRL), packed (several "
         "sequences per row, little padding) or shared_prompt (a pair's prompt once, both completions after "
         "it). All give the same loss.")})
+    padding_free: bool = field(default=False, metadata={"help": (
+        "TRL's switch for training without padding: true sets layout=packed, which is padding-free (sequences "
+        "packed into rows, attention kept within each); false leaves layout as it is.")})
     group_by_length: bool = field(default=False, metadata={"help": (
         "Batch pairs of similar length together (shuffled in windows, then sorted) to cut padding (TRL's "
         "meaning).")})
@@ -136,6 +149,9 @@ class TrainConfig:
         "Directory to cache tokenized raw datasets in (keyed by the data, tokenizer and truncation settings). "
         "None: the default cache ($EPSDPO_CACHE, else $XDG_CACHE_HOME/epsdpo, else ~/.cache/epsdpo); "
         "'disabled': no caching.")})
+    dataset_num_proc: int | None = field(default=None, metadata={"help": (
+        "Accepted so that TRL configs run (TRL's processes for dataset preprocessing), >= 1 or None; it changes "
+        "nothing here: rows are tokenized in batches by the fast tokenizer, which uses its own threads.")})
     # runtime
     seed: int = field(default=42, metadata={"help": (
         "Random seed in [0, 2**32) for torch and the batch sampler (TRL's meaning).")})
@@ -149,13 +165,24 @@ class TrainConfig:
         "update at DPO's learning rates is smaller than half a bf16 ulp of the weight and rounds away; a "
         "frozen reference may be stored in any precision. See docs/precision.md.")})
     bf16: bool = field(default=False, metadata={"help": (
-        "Compute in bfloat16: autocast over the float32 weights (TRL's meaning). Not with fp16.")})
+        "Compute in bfloat16: autocast over the float32 weights (TRL's meaning). Not with fp16. Default false, "
+        "unlike TRL (true unless fp16): TRL assumes a GPU with bf16, while here bf16 is opt-in so that a run "
+        "computes in float32 unless asked.")})
     fp16: bool = field(default=False, metadata={"help": (
         "Compute in float16: autocast over the float32 weights, with a gradient scaler (TRL's meaning). Not "
         "with bf16.")})
     model_init_kwargs: dict | str | None = field(default=None, metadata={"help": (
         "Keyword arguments for from_pretrained when the model (and ref_model) are given as paths, as a mapping "
         "or a JSON string, e.g. {\"attn_implementation\": \"eager\"} (TRL's meaning). Not dtype: see dtype.")})
+    trust_remote_code: bool = field(default=False, metadata={"help": (
+        "Allow loading models and tokenizers that ship their own Python code from the hub (TRL's meaning and "
+        "default). Passed to from_pretrained only when true.")})
+    attn_implementation: str | None = field(default=None, metadata={"help": (
+        "Attention implementation of a model loaded from a path, e.g. sdpa, eager, flash_attention_2 (TRL's "
+        "ModelConfig meaning), passed to from_pretrained. None: transformers' choice.")})
+    model_revision: str | None = field(default=None, metadata={"help": (
+        "Branch, tag or commit of a hub model (and its tokenizer) to load (TRL's ModelConfig meaning), passed "
+        "to from_pretrained as revision. None: the default branch, as TRL's main.")})
     use_peft: bool = field(default=False, metadata={"help": (
         "Train LoRA adapters instead of the whole model (TRL's ModelConfig meaning); the reference is then the "
         "base model with the adapters off, so no copy of the weights is made.")})
@@ -170,7 +197,8 @@ class TrainConfig:
         "and the implicit rewards are not noise (TRL's meaning and default).")})
     gradient_checkpointing: bool = field(default=False, metadata={"help": (
         "Recompute activations in backward instead of storing them: less memory, more compute (TRL's "
-        "meaning).")})
+        "meaning). Default false, unlike TRL (true): the fused log-prob kernel already keeps the memory of the "
+        "loss low, so the recomputation is opt-in.")})
     fsdp: bool = field(default=False, metadata={"help": (
         "Under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of replicating "
         "them. A plain switch, unlike TrainingArguments.fsdp.")})
@@ -191,20 +219,22 @@ class TrainConfig:
         "When training metrics are logged (TRL's meaning and default): steps (every logging_steps), epoch (at "
         "the end of each epoch) or no (never; eval metrics are still logged). steps and epoch also log the "
         "last step.")})
-    logging_steps: int = field(default=1, metadata={"help": (
-        "Log metrics every this many optimizer steps, >= 1, and at the last step (TRL's meaning).")})
+    logging_steps: int = field(default=10, metadata={"help": (
+        "Log metrics every this many optimizer steps, >= 1, and at the last step (TRL's meaning and "
+        "default).")})
     eval_strategy: Literal["steps", "epoch", "no"] | None = field(default=None, metadata={"help": (
         "When the eval data is evaluated (TRL's meaning): steps (every eval_steps; unset, every logging_steps, "
-        "as in TRL), epoch (at the end of each epoch) or no (never during train(), not even at its end, as "
-        "TRL's dpo script). steps and epoch also evaluate at the end of training, as TRL's script does. None "
-        "(the default): every eval_steps when set, and at the end.")})
+        "as in TRL), epoch (at the end of each epoch) or no (never, not even at the end of training). Unless "
+        "it is no, the eval data is also evaluated at the end of training, which TRL does only when the last "
+        "step falls on eval_steps. None (the default): every eval_steps when set, and at the end.")})
     eval_steps: int | None = field(default=None, metadata={"help": (
         "Evaluate on the eval data every this many optimizer steps, >= 1. None: never during training (but "
         "see eval_strategy). Ignored when eval_strategy is epoch or no, as in TRL.")})
     save_strategy: Literal["steps", "epoch", "no"] | None = field(default=None, metadata={"help": (
         "When a resumable checkpoint is saved (TRL's meaning): steps (every save_steps; unset, every 500, "
-        "TRL's default), epoch (at the end of each epoch) or no (never). None (the default): every save_steps "
-        "when set, else never. The final model is saved either way. TRL's best is not supported.")})
+        "TRL's default), epoch (at the end of each epoch) or no (never); steps and epoch also save the last "
+        "step, as transformers does. None (the default): every save_steps when set, else never. The final "
+        "model is saved either way. TRL's best is not supported.")})
     save_steps: int | None = field(default=None, metadata={"help": (
         "Save a resumable checkpoint (output_dir/checkpoint-STEP) every this many optimizer steps, >= 1. "
         "None: none (but see save_strategy); the final model is saved either way. Ignored when save_strategy "
@@ -266,7 +296,18 @@ class TrainConfig:
         _check(0 <= self.beta_dpo_momentum < 1, "beta_dpo_momentum", self.beta_dpo_momentum, "in [0, 1)")
         _check(self.beta_dpo_filter is None or 0 < self.beta_dpo_filter <= 1, "beta_dpo_filter",
                self.beta_dpo_filter, "None or in (0, 1]")
-        _check(0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing, "in [0, 0.5)")
+        _check(0 <= self.cdpo_smoothing < 0.5, "cdpo_smoothing", self.cdpo_smoothing, "in [0, 0.5)")
+        # TRL 1.16's sigmoid loss ignores label_smoothing; applying it here would change what a TRL config trains
+        _check(self.label_smoothing == 0, "label_smoothing", self.label_smoothing,
+               "0 (TRL's sigmoid loss ignores it); for conservative DPO smoothing set cdpo_smoothing")
+        if isinstance(self.loss_type, list) and len(self.loss_type) == 1:
+            self.loss_type = self.loss_type[0]  # TRL's list form, [sigmoid]
+        _check(self.loss_type == "sigmoid", "loss_type", self.loss_type,
+               "'sigmoid' (the DPO loss); choose the training rule with method= (dpo, epsilon_dpo, tr_dpo, beta_dpo)")
+        if self.padding_free:
+            _check(self.layout != "shared_prompt", "padding_free", self.padding_free,
+                   "False with layout='shared_prompt' (padding_free=True means layout='packed')")
+            self.layout = "packed"
         _check(self.learning_rate >= 0, "learning_rate", self.learning_rate, "a finite number >= 0")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "logging_steps", "pad_to_multiple_of"):
@@ -283,7 +324,8 @@ class TrainConfig:
             _check(0 <= getattr(self, name) < 1, name, getattr(self, name), "in [0, 1)")
         _check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "a finite number >= 0 (0 disables clipping)")
         for name in ("max_length", "max_prompt_length", "max_completion_length", "eval_steps", "save_steps",
-                     "save_total_limit", "max_tokens_per_batch", "chunk_size", "precompute_ref_batch_size"):
+                     "save_total_limit", "max_tokens_per_batch", "chunk_size", "precompute_ref_batch_size",
+                     "dataset_num_proc"):
             value = getattr(self, name)
             _check(value is None or value >= 1, name, value, "None or an integer >= 1")
         _check(0 <= self.seed < 2**32, "seed", self.seed, "an integer in [0, 2**32)")
@@ -352,6 +394,26 @@ class TrainConfig:
         if self.save_strategy == "steps":
             return self.save_steps or 500  # TRL's default save_steps
         return self.save_steps if self.save_strategy is None else None
+
+    def model_load_kwargs(self) -> dict[str, Any]:
+        """from_pretrained's keyword arguments for a model given as a path: TRL's ModelConfig fields, then
+        model_init_kwargs over them (the precedence of TRL's dpo script). trust_remote_code is passed only
+        when true, so that a loader never sees it unasked."""
+        kwargs: dict[str, Any] = {}
+        if self.model_revision is not None:
+            kwargs["revision"] = self.model_revision
+        if self.attn_implementation is not None:
+            kwargs["attn_implementation"] = self.attn_implementation
+        if self.trust_remote_code:
+            kwargs["trust_remote_code"] = True
+        return {**kwargs, **(self.model_init_kwargs or {})}
+
+    def tokenizer_load_kwargs(self, same_source: bool) -> dict[str, Any]:
+        """The tokenizer's from_pretrained arguments: trust_remote_code, and the model's revision when the
+        tokenizer comes from the model's own source (as TRL loads it)."""
+        model = self.model_load_kwargs()
+        keys = ("revision", "trust_remote_code") if same_source else ("trust_remote_code",)
+        return {k: model[k] for k in keys if k in model}
 
     @property
     def moves_reference(self) -> bool:

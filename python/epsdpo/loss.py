@@ -8,7 +8,7 @@ For each pair i (chosen y_w, rejected y_l) the step decides which way the KL pen
            0 otherwise
     β_i = β / (1 + ε·s_i)
 
-and the loss is sigmoid DPO at β_i with conservative label smoothing ls:
+and the loss is sigmoid DPO at β_i with conservative DPO smoothing ls (`cdpo_smoothing`):
 
     u_i    = [log π_θ(y_w) − log π_ref(y_w)] − [log π_θ(y_l) − log π_ref(y_l)]
     loss_i = −(1 − ls)·log σ(β_i·u_i) − ls·log σ(−β_i·u_i)
@@ -58,16 +58,18 @@ def epsilon_dpo_loss(
     ref_chosen: Tensor,
     ref_rejected: Tensor,
     betas: Tensor,
-    label_smoothing: float = 0.0,
+    cdpo_smoothing: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Unreduced (losses, chosen_rewards, rejected_rewards), each [B], with per-pair `betas` [B].
+    `cdpo_smoothing` e: conservative DPO's assumed flip probability, the loss
+    −(1 − e)·log σ(m) − e·log σ(−m) of each margin m (0: the plain sigmoid loss).
 
     Rewards are detached: they are metrics, not part of the objective."""
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError("label_smoothing must be in [0, 0.5)")
+    if not 0.0 <= cdpo_smoothing < 0.5:
+        raise ValueError(f"cdpo_smoothing={cdpo_smoothing!r} is invalid: must be in [0, 0.5)")
     betas = betas.to(policy_chosen.dtype)
     chosen_ratio = policy_chosen - ref_chosen
     rejected_ratio = policy_rejected - ref_rejected
     margin = betas * (chosen_ratio - rejected_ratio)
-    losses = -(1.0 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    losses = -(1.0 - cdpo_smoothing) * F.logsigmoid(margin) - cdpo_smoothing * F.logsigmoid(-margin)
     return losses, betas * chosen_ratio.detach(), betas * rejected_ratio.detach()

@@ -114,7 +114,9 @@ def _forget_gguf_quantization(model: nn.Module) -> None:
         del model.config.quantization_config
 
 
-def load_tokenizer(source: str | Path | nn.Module) -> Any:
+def load_tokenizer(source: str | Path | nn.Module, init_kwargs: dict[str, Any] | None = None) -> Any:
+    """The tokenizer of a folder, a .gguf file, a hub id or a model object's source, with `init_kwargs`
+    (e.g. revision, trust_remote_code) passed on to `from_pretrained`."""
     from transformers import AutoTokenizer
 
     if isinstance(source, nn.Module):
@@ -123,6 +125,7 @@ def load_tokenizer(source: str | Path | nn.Module) -> Any:
             raise ValueError("pass `tokenizer=`: the model object does not say where it came from")
         source = name
     name, kwargs = _pretrained_args(source)
+    kwargs = {**(init_kwargs or {}), **kwargs}
     return _from_pretrained(AutoTokenizer.from_pretrained, source, name, _LOCAL_ONLY, **kwargs)
 
 

@@ -140,29 +140,31 @@ class Trainer:
     # --------------------------------------------------------------------------------- setup
     def _setup_tokenizer(self, tokenizer: Any, model: Any) -> Any:
         if isinstance(tokenizer, (str, Path)):
-            return load_tokenizer(tokenizer)
+            same = isinstance(model, (str, Path)) and str(tokenizer) == str(model)
+            return load_tokenizer(tokenizer, self.config.tokenizer_load_kwargs(same_source=same))
         if tokenizer is None and isinstance(model, (str, Path)):
             # Only raw text data needs a tokenizer (a PreferenceStore is already tokenized), so a
             # model folder without tokenizer files is not an error here.
             try:
-                return load_tokenizer(model)
+                return load_tokenizer(model, self.config.tokenizer_load_kwargs(same_source=True))
             except (OSError, ValueError):
                 return None
         return tokenizer
 
     def _setup_models(self, model: nn.Module | str | Path, ref_model: nn.Module | str | Path | None) -> None:
         c = self.config
-        if ref_model is not None and ref_model is model:
-            # The reference is frozen in place, which would freeze the policy too
+        if isinstance(ref_model, nn.Module) and ref_model is model:
+            # The reference is frozen in place, which would freeze the policy too (one path for both is
+            # fine: each is loaded on its own)
             raise ValueError("ref_model is the same object as model: pass a copy, or leave ref_model unset for a "
                              "frozen copy of the initial policy")
         dtype = torch_dtype(c.dtype)
-        self.model = load_causal_lm(model, dtype, c.model_init_kwargs).to(self.device)
+        self.model = load_causal_lm(model, dtype, c.model_load_kwargs()).to(self.device)
         if c.use_peft:
             self.model = with_lora(self.model, c)
         check_trainable_precision(self.model, c.compute_dtype)
         if ref_model is not None:
-            self.ref_model = (load_causal_lm(ref_model, dtype, c.model_init_kwargs).to(self.device)
+            self.ref_model = (load_causal_lm(ref_model, dtype, c.model_load_kwargs()).to(self.device)
                               .requires_grad_(False).eval())
         else:
             self.ref_model = default_reference(self.model)
@@ -276,7 +278,7 @@ class Trainer:
         betas = self.method.beta_rule.pair_betas(batch["pair_ids"], logps, train=train)
         losses, reward_chosen, reward_rejected = epsilon_dpo_loss(
             logps.policy_chosen, logps.policy_rejected, logps.reference_chosen, logps.reference_rejected,
-            betas.betas, self.config.label_smoothing,
+            betas.betas, self.config.cdpo_smoothing,
         )
         sums.add(logps, betas.betas, losses, reward_chosen, reward_rejected, batch)
         return PairLosses(logps, betas, losses, reward_chosen, reward_rejected)
@@ -396,7 +398,10 @@ class Trainer:
                 if self.eval_store is not None and self._due(c.eval_strategy, c.eval_every(), step, ends_epoch):
                     self._evaluate_and_log(step)
                     evaluated = step
-                if self._due(c.save_strategy, c.save_every(), step, ends_epoch):
+                # An explicit steps/epoch strategy also saves the last step, as transformers'
+                # DefaultFlowCallback does at global_step == max_steps
+                last_save = c.save_strategy in ("steps", "epoch") and step == self.state.max_steps
+                if last_save or self._due(c.save_strategy, c.save_every(), step, ends_epoch):
                     save_run(self, sampler_state)
                 if progress is not None:
                     progress.update(1)

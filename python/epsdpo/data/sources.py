@@ -22,7 +22,7 @@ from epsdpo.data import cache as _cache
 
 __all__ = [
     "COLUMNS", "FILE_SUFFIXES", "DataSourceError", "RowSource", "UnreadableRow", "STORE_SUFFIXES", "check_columns",
-    "is_store_path", "load_hub_dataset", "open_source",
+    "is_store_path", "load_hub_dataset", "open_source", "pick_split",
 ]
 
 COLUMNS = ("prompt", "chosen", "rejected")
@@ -235,7 +235,9 @@ def _json_type(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def _pick_split(dataset_dict: Mapping[str, Any], split: str | None, what: str) -> tuple[Any, str]:
+def pick_split(dataset_dict: Mapping[str, Any], split: str | None, what: str) -> tuple[Any, str]:
+    """The `split` of a DatasetDict (None: train, else its only split) and that split's name; `what`
+    names the DatasetDict in errors."""
     names = list(dataset_dict.keys())
     if split is None:
         if "train" in dataset_dict:
@@ -265,7 +267,7 @@ def open_source(source: Any, split: str | None) -> RowSource:
             raise DataSourceError("split= applies to a DatasetDict or a hub id, not to a Dataset")
         return _DatasetSource(source, "Dataset")
     if isinstance(source, datasets.DatasetDict):
-        ds, name = _pick_split(source, split, "the DatasetDict")
+        ds, name = pick_split(source, split, "the DatasetDict")
         return _DatasetSource(ds, f"DatasetDict[{name!r}]")
     if isinstance(source, (datasets.IterableDataset, datasets.IterableDatasetDict)):
         raise DataSourceError("streaming datasets are not supported: load the dataset without streaming=True")
@@ -281,7 +283,7 @@ def open_source(source: Any, split: str | None) -> RowSource:
         except FileNotFoundError as e:
             raise DataSourceError(f"{text} is a folder but not one written by datasets' save_to_disk") from e
         if isinstance(loaded, datasets.DatasetDict):
-            ds, name = _pick_split(loaded, split, text)
+            ds, name = pick_split(loaded, split, text)
             return _DatasetSource(ds, f"{path.name}[{name!r}]")
         return _DatasetSource(loaded, path.name)
     looks_like_file = path.name.endswith(FILE_SUFFIXES) or path.suffix != "" or os.sep in text or text.startswith(".")
@@ -315,10 +317,11 @@ def _looks_like_hub_id(text: str) -> bool:
         and not text.endswith(FILE_SUFFIXES + STORE_SUFFIXES)
 
 
-def load_hub_dataset(name: str, split: str | None) -> tuple[Any, str]:
-    """A hub dataset (the split's ``Dataset``) and its description. Offline mode loads only from the
-    local Hugging Face cache; otherwise one quick request (:func:`epsdpo.hub.reachable`) comes first, so
-    an offline machine fails in seconds, not after the minute of retries ``datasets`` would spend."""
+def load_hub_dataset(name: str, split: str | None, config: str | None = None) -> tuple[Any, str]:
+    """A hub dataset (the split's ``Dataset`` of its configuration ``config``, TRL's dataset_config)
+    and its description. Offline mode loads only from the local Hugging Face cache; otherwise one
+    quick request (:func:`epsdpo.hub.reachable`) comes first, so an offline machine fails in seconds,
+    not after the minute of retries ``datasets`` would spend."""
     import datasets
 
     from epsdpo import hub
@@ -330,13 +333,13 @@ def load_hub_dataset(name: str, split: str | None) -> tuple[Any, str]:
     if not _hub_offline_mode() and not hub.reachable():
         raise DataSourceError(f"{name!r} is not a local file, and the Hugging Face Hub is unreachable. {hint}")
     try:
-        loaded = datasets.load_dataset(name, split=split)
+        loaded = datasets.load_dataset(name, config, split=split)
     except (ConnectionError, OSError) as e:
         raise DataSourceError(f"could not load {name!r}: the Hugging Face Hub is unreachable or the dataset is not cached ({e}). {hint}") from e
     except Exception as e:  # DatasetNotFoundError and friends: name the id and the way out
         raise DataSourceError(f"could not load {name!r} from the Hugging Face Hub: {e}. {hint}") from e
     if isinstance(loaded, datasets.DatasetDict):
-        return _pick_split(loaded, split, repr(name))[0], name
+        return pick_split(loaded, split, repr(name))[0], name
     return loaded, f"{name}[{split!r}]"
 
 
