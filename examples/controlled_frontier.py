@@ -517,16 +517,17 @@ def plot_fig4a(summary: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.2, 4.0))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.0))
     x = [b["margin"]["mean"] for b in summary["bins"]]
-    y = [b["beta_ratio"]["mean"] for b in summary["bins"]]
-    err = [[m - b["beta_ratio"]["low"] for m, b in zip(y, summary["bins"])],
-           [b["beta_ratio"]["high"] - m for m, b in zip(y, summary["bins"])]]
-    ax.errorbar(x, y, yerr=err, marker="s", capsize=3)
-    ax.axhline(1.0, color="grey", lw=0.8, ls=":")
-    ax.set(xlabel="reference margin log π_ref(y_w|x) − log π_ref(y_l|x) (octile mean)",
-           ylabel="β_i / β₀ at the pair's visit",
-           title=f"{summary['arm']}, β₀ = {summary['beta0']:g}: per-pair β against the reference margin")
+    for ax, key, label in ((axes[0], "mean_step", "mean step s_i (+1: β_i lowered, −1: raised)"),
+                           (axes[1], "beta_ratio", "β_i / β₀ at the pair's visit")):
+        y = [b[key]["mean"] for b in summary["bins"]]
+        err = [[m - b[key]["low"] for m, b in zip(y, summary["bins"])], [b[key]["high"] - m for m, b in zip(y, summary["bins"])]]
+        ax.errorbar(x, y, yerr=err, marker="s", capsize=3)
+        ax.set(xlabel="reference margin log π_ref(y_w|x) − log π_ref(y_l|x) (octile mean)", ylabel=label)
+    axes[0].axhline(0.0, color="grey", lw=0.8, ls=":")
+    fig.suptitle(f"{summary['arm']}, β₀ = {summary['beta0']:g}, label temperature {summary['label_temperature']:g}: "
+                 "per-pair β against the reference margin (95 % intervals over seeds)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -709,12 +710,18 @@ def run(design: Design, out: Path, docs: Path, stem: str, command: str) -> dict[
                   f"KL {result['kl']:.2f}  reward {result['reward']:.3f}  ({result['train_seconds']:.0f}+"
                   f"{result['eval_seconds']:.0f} s)", flush=True)
     results = [json.loads((results_dir / f"{c.key}.json").read_text()) for c in grid]
+    # The page's wall time is that of the invocations that did the work, not of a rerun that only reports
+    walls_file = out / "wall_minutes.json"
+    walls = json.loads(walls_file.read_text()) if walls_file.is_file() else []
+    if todo:
+        walls.append((time.perf_counter() - started) / 60)
+        walls_file.write_text(json.dumps(walls))
 
     analysis = analyse(results, design, datasets)
     report = {"design": asdict(design), "sft": sft_meta, "datasets": datasets, "analysis": analysis, "runs": results}
     docs.mkdir(parents=True, exist_ok=True)
     meta = {"command": command, "machine": machine(), "date": time.strftime("%Y-%m-%d"), "runs": len(grid),
-            "wall_minutes": (time.perf_counter() - started) / 60}
+            "wall_minutes": sum(walls) if walls else (time.perf_counter() - started) / 60}
     report["meta"] = meta
     (docs / f"{stem}.json").write_text(json.dumps(report, indent=1, allow_nan=True))
     plot_frontier(results, design, docs / f"{stem}.png")
