@@ -49,7 +49,8 @@ def test_layouts_match_the_oracle(pairs, layout, max_length, max_prompt_length, 
     indices = data.draw(st.lists(st.sampled_from(survivors), min_size=1, max_size=8))
     collator = epsdpo.Collator(
         layout, max_length=max_length, max_prompt_length=max_prompt_length,
-        max_completion_length=max_completion_length, truncation_mode=mode, pad_token_id=5, pad_to_multiple_of=multiple,
+        max_completion_length=max_completion_length, prompt_truncation_mode=mode, pad_token_id=5,
+        pad_to_multiple_of=multiple,
     )
     got = collator(store, np.array(indices, dtype=np.int64))
     want = oracle_collate([pairs[i] for i in indices], layout, max_length, max_prompt_length, mode, pad=5, multiple=multiple,
@@ -119,3 +120,29 @@ def test_train_config_max_completion_length_reaches_the_collator():
     store = make_store([([1, 2], [3, 4, 5, 6], [7]), ([1], [2, 3, 4], [5, 6, 7, 8, 9])])
     lengths = make_collator(TrainConfig(max_completion_length=2), None).truncated_lengths(store)
     assert lengths["chosen"].tolist() == [2, 2] and lengths["rejected"].tolist() == [1, 2]
+
+
+def test_the_prompt_cut_has_train_configs_name():
+    """The prompt-only cut is prompt_truncation_mode, as in TrainConfig: TRL's truncation_mode cuts the
+    whole sequence, so no lower-level API takes that name for the prompt."""
+    import inspect
+
+    from epsdpo.config import TrainConfig
+    from epsdpo.data.stats import compute_stats
+    from epsdpo.feed import make_collator
+
+    store = make_store([([1, 2, 3, 4], [5], [6])])
+    for mode, kept in (("keep_start", [1, 2]), ("keep_end", [3, 4])):
+        collator = epsdpo.Collator(max_prompt_length=2, prompt_truncation_mode=mode)
+        assert collator.prompt_truncation_mode == mode and f'prompt_truncation_mode="{mode}"' in repr(collator)
+        assert collator(store, [0])["input_ids"][0][:2].tolist() == kept
+        from_config = make_collator(TrainConfig(max_length=None, max_prompt_length=2, prompt_truncation_mode=mode), None)
+        assert from_config.prompt_truncation_mode == mode
+    assert not hasattr(epsdpo.Collator(), "truncation_mode")
+    with pytest.raises(TypeError, match="truncation_mode"):
+        epsdpo.Collator(truncation_mode="keep_start")
+    with pytest.raises(epsdpo.ConfigError, match="^prompt_truncation_mode must be"):
+        epsdpo.Collator(prompt_truncation_mode="middle")
+    for function in (epsdpo.load_preferences, compute_stats):
+        parameters = inspect.signature(function).parameters
+        assert "prompt_truncation_mode" in parameters and "truncation_mode" not in parameters

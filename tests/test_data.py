@@ -462,7 +462,7 @@ def test_cache_invalidation(tok: Any, tmp_path: Path) -> None:
         "chat template": lambda: load(ds, tok, cache_dir=tmp_path, chat_template=TEMPLATE_EOS),
         "max_length": lambda: load(ds, tok, cache_dir=tmp_path, max_length=64),
         "max_prompt_length": lambda: load(ds, tok, cache_dir=tmp_path, max_prompt_length=16),
-        "truncation_mode": lambda: load(ds, tok, cache_dir=tmp_path, truncation_mode="keep_start"),
+        "prompt_truncation_mode": lambda: load(ds, tok, cache_dir=tmp_path, prompt_truncation_mode="keep_start"),
     }
     seen = {base.fingerprint}
     for name, call in variants.items():

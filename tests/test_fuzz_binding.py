@@ -114,7 +114,7 @@ def test_collator_calls(store: epsdpo.PreferenceStore, data: Any) -> None:
         "max_length": d(st.one_of(st.none(), ints, junk)),
         "max_prompt_length": d(st.one_of(st.none(), ints, junk)),
         "max_completion_length": d(st.one_of(st.none(), ints, junk)),
-        "truncation_mode": d(st.one_of(st.sampled_from(["keep_end", "keep_start"]), st.text(max_size=4))),
+        "prompt_truncation_mode": d(st.one_of(st.sampled_from(["keep_end", "keep_start"]), st.text(max_size=4))),
         "pad_token_id": d(st.one_of(ints, junk)),
         "pad_to_multiple_of": d(st.one_of(small_pads, junk)),
         "capacity": d(st.one_of(st.none(), ints, junk)),

@@ -158,7 +158,7 @@ class Collator:
         max_length: int | None = None,
         max_prompt_length: int | None = None,
         max_completion_length: int | None = None,
-        truncation_mode: Literal["keep_end", "keep_start"] = "keep_end",
+        prompt_truncation_mode: Literal["keep_end", "keep_start"] = "keep_end",
         pad_token_id: int = 0,
         pad_to_multiple_of: int = 1,
         capacity: int | None = None,
@@ -175,7 +175,7 @@ class Collator:
     @property
     def max_completion_length(self) -> int | None: ...
     @property
-    def truncation_mode(self) -> Literal["keep_end", "keep_start"]: ...
+    def prompt_truncation_mode(self) -> Literal["keep_end", "keep_start"]: ...
     @property
     def pad_token_id(self) -> int: ...
     @property

@@ -26,7 +26,7 @@ def make_collator(config: TrainConfig, tokenizer: Any) -> Collator:
     pad = getattr(tokenizer, "pad_token_id", None)
     return Collator(
         config.layout, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-        max_completion_length=config.max_completion_length, truncation_mode=config.prompt_truncation_mode, pad_token_id=pad if pad is not None else 0,
+        max_completion_length=config.max_completion_length, prompt_truncation_mode=config.prompt_truncation_mode, pad_token_id=pad if pad is not None else 0,
         pad_to_multiple_of=config.pad_to_multiple_of, skip_empty=config.skip_invalid,
     )
 
@@ -54,7 +54,7 @@ def as_store(dataset: Any, config: TrainConfig, tokenizer: Any, collator: Collat
 
         store, _ = load_preferences(
             dataset, tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-            max_completion_length=config.max_completion_length, truncation_mode=config.prompt_truncation_mode,
+            max_completion_length=config.max_completion_length, prompt_truncation_mode=config.prompt_truncation_mode,
             cache_dir=DEFAULT if config.dataset_cache_dir is None else config.dataset_cache_dir,
             skip_invalid=config.skip_invalid, progress=progress,
         )

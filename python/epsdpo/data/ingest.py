@@ -619,7 +619,7 @@ def load_preferences(
     max_length: int | None = None,
     max_prompt_length: int | None = None,
     max_completion_length: int | None = None,
-    truncation_mode: TruncationMode = "keep_end",
+    prompt_truncation_mode: TruncationMode = "keep_end",
     chat_template: str | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
     cache_dir: str | os.PathLike[str] | None | Any = _cache.DEFAULT,
@@ -635,7 +635,7 @@ def load_preferences(
             or a Hugging Face Hub dataset id.
         tokenizer: a fast transformers tokenizer (or a name/path to load one). Conversational
             rows go through its chat template (or ``chat_template``).
-        max_length, max_prompt_length, max_completion_length, truncation_mode: the truncation training will apply (the
+        max_length, max_prompt_length, max_completion_length, prompt_truncation_mode: the truncation training will apply (the
             Rust collator truncates; the store keeps full sequences). They drive the report's
             truncation and padding figures and are part of the cache key.
         chat_template_kwargs: extra variables for the template (e.g. ``enable_thinking``).
@@ -656,7 +656,7 @@ def load_preferences(
         raise ValueError("batch_size must be at least 1")
     # The collator owns the truncation rules: let it reject bad settings before any work is done.
     Collator(max_length=max_length, max_prompt_length=max_prompt_length, max_completion_length=max_completion_length,
-             truncation_mode=truncation_mode)
+             prompt_truncation_mode=prompt_truncation_mode)
     root = _cache.resolve_cache_dir(cache_dir)  # likewise a cache_dir that is no directory
     tokenizer = _resolve_tokenizer(tokenizer)
     src = open_source(source, split)
@@ -666,7 +666,7 @@ def load_preferences(
     settings = {
         "max_length": max_length,
         "max_prompt_length": max_prompt_length,
-        "truncation_mode": truncation_mode,
+        "truncation_mode": prompt_truncation_mode,  # the key's old name, so that existing cache entries stay valid
         "skip_invalid": skip_invalid,
     }
     if max_completion_length is not None:  # only when set, so that entries cached before it existed stay valid
@@ -729,7 +729,7 @@ def load_preferences(
         max_length=max_length,
         max_prompt_length=max_prompt_length,
         max_completion_length=max_completion_length,
-        truncation_mode=truncation_mode,
+        prompt_truncation_mode=prompt_truncation_mode,
     )
     report.source = src.description
     report.format = fmt or "standard"

@@ -46,7 +46,7 @@ class DataReport:
     max_length: int | None = None
     max_prompt_length: int | None = None
     max_completion_length: int | None = None
-    truncation_mode: str = "keep_end"
+    prompt_truncation_mode: str = "keep_end"
     num_truncated: int = 0
     empty_after_truncation: int = 0
     padding: dict[str, float] = field(default_factory=dict)
@@ -66,6 +66,8 @@ class DataReport:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DataReport:
         names = {f.name for f in dataclasses.fields(cls)}
+        if "truncation_mode" in data:  # a report cached before the field's rename
+            data = {"prompt_truncation_mode": data["truncation_mode"], **data}
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def __str__(self) -> str:
@@ -86,7 +88,7 @@ class DataReport:
                 lines.append(f"{part:<12}" + "".join(f"{v:>8.0f}" for v in vals))
         limits = (f"max_length={self.max_length}, max_prompt_length={self.max_prompt_length}, "
                   + (f"max_completion_length={self.max_completion_length}, " if self.max_completion_length else "")
-                  + self.truncation_mode)
+                  + self.prompt_truncation_mode)
         lines.append(f"truncated: {self.num_truncated} pairs ({limits}); emptied by truncation: {self.empty_after_truncation}")
         if self.padding:
             pads = ", ".join(f"{k} {v:.1%}" for k, v in self.padding.items())
@@ -127,7 +129,7 @@ def compute_stats(
     max_length: int | None = None,
     max_prompt_length: int | None = None,
     max_completion_length: int | None = None,
-    truncation_mode: str = "keep_end",
+    prompt_truncation_mode: str = "keep_end",
     batch_pairs: int = 8,
     seed: int = 0,
 ) -> DataReport:
@@ -139,7 +141,7 @@ def compute_stats(
         max_length=max_length,
         max_prompt_length=max_prompt_length,
         max_completion_length=max_completion_length,
-        truncation_mode=truncation_mode,
+        prompt_truncation_mode=prompt_truncation_mode,
         padding_batch_pairs=batch_pairs,
     )
     report.lengths = {
@@ -149,7 +151,7 @@ def compute_stats(
         "sequence": _describe(np.concatenate([p + c, p + r])),
     }
     limits = {"max_length": max_length, "max_prompt_length": max_prompt_length,
-              "max_completion_length": max_completion_length, "truncation_mode": truncation_mode}
+              "max_completion_length": max_completion_length, "prompt_truncation_mode": prompt_truncation_mode}
     t = Collator(**limits).truncated_lengths(store)
     report.num_truncated = int(t["num_truncated"])
     report.empty_after_truncation = len(t["empty"])

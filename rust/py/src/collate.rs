@@ -60,7 +60,7 @@ fn batch_dict<'py>(py: Python<'py>, b: Batch) -> PyResult<Bound<'py, PyDict>> {
 #[pymethods]
 impl PyCollator {
     #[new]
-    #[pyo3(signature = (layout="padded", *, max_length=None, max_prompt_length=None, max_completion_length=None, truncation_mode="keep_end", pad_token_id=0, pad_to_multiple_of=1, capacity=None, skip_empty=false))]
+    #[pyo3(signature = (layout="padded", *, max_length=None, max_prompt_length=None, max_completion_length=None, prompt_truncation_mode="keep_end", pad_token_id=0, pad_to_multiple_of=1, capacity=None, skip_empty=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -68,7 +68,7 @@ impl PyCollator {
         max_length: Option<i64>,
         max_prompt_length: Option<i64>,
         max_completion_length: Option<i64>,
-        truncation_mode: &str,
+        prompt_truncation_mode: &str,
         pad_token_id: i64,
         pad_to_multiple_of: i64,
         capacity: Option<i64>,
@@ -81,10 +81,10 @@ impl PyCollator {
         let capacity = opt_size(capacity, "capacity")?;
         let pad_token_id = u32::try_from(pad_token_id)
             .map_err(|_| ConfigError::new_err(format!("pad_token_id must be a token id between 0 and {} (got {pad_token_id})", u32::MAX)))?;
-        let prompt_mode = match truncation_mode {
+        let prompt_mode = match prompt_truncation_mode {
             "keep_end" => PromptTruncation::KeepEnd,
             "keep_start" => PromptTruncation::KeepStart,
-            other => return Err(ConfigError::new_err(format!("truncation_mode must be 'keep_end' or 'keep_start', got {other:?}"))),
+            other => return Err(ConfigError::new_err(format!("prompt_truncation_mode must be 'keep_end' or 'keep_start', got {other:?}"))),
         };
         let config = CollateConfig {
             layout: parse_layout(layout)?,
@@ -138,7 +138,7 @@ impl PyCollator {
         self.config.truncation.max_completion_length
     }
     #[getter]
-    fn truncation_mode(&self) -> &'static str {
+    fn prompt_truncation_mode(&self) -> &'static str {
         match self.config.truncation.prompt_mode {
             PromptTruncation::KeepEnd => "keep_end",
             PromptTruncation::KeepStart => "keep_start",
@@ -164,8 +164,8 @@ impl PyCollator {
     fn __repr__(&self) -> String {
         let c = &self.config;
         format!(
-            "Collator(layout={:?}, max_length={:?}, max_prompt_length={:?}, max_completion_length={:?}, truncation_mode={:?}, pad_token_id={}, pad_to_multiple_of={}, capacity={:?}, skip_empty={})",
-            layout_name(c.layout), c.truncation.max_length, c.truncation.max_prompt_length, c.truncation.max_completion_length, self.truncation_mode(),
+            "Collator(layout={:?}, max_length={:?}, max_prompt_length={:?}, max_completion_length={:?}, prompt_truncation_mode={:?}, pad_token_id={}, pad_to_multiple_of={}, capacity={:?}, skip_empty={})",
+            layout_name(c.layout), c.truncation.max_length, c.truncation.max_prompt_length, c.truncation.max_completion_length, self.prompt_truncation_mode(),
             c.pad_token_id, c.pad_to_multiple_of, c.capacity, c.skip_empty
         )
     }
