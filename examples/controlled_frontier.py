@@ -312,7 +312,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         output_dir=str(run_dir), method=cell.arm.method, beta=cell.beta, epsilon=cell.arm.epsilon,
         epsilon_check=cell.arm.epsilon_check, learning_rate=design.learning_rate,
         per_device_train_batch_size=design.batch_size, num_train_epochs=1, layout="padded",
-        lr_scheduler_type="cosine", warmup_ratio=0.1, seed=cell.seed,
+        lr_scheduler_type="cosine", warmup_ratio=0.1, seed=cell.seed, logging_steps=10,
         ref_model_sync_steps=max(1, design.steps // design.tr_dpo_updates), ref_model_mixup_alpha=0.6,
         device="cpu", progress=False, plots=False, report_to="none", overwrite_output_dir=True,
     )
