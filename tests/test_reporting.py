@@ -58,3 +58,28 @@ def test_none_writes_no_metrics_file(tmp_path):
     log = MetricsLog(tmp_path, "none", True, {})
     log.log({"step": 1, "loss": 0.7})
     assert not (tmp_path / "metrics.jsonl").exists() and log.history == [{"step": 1, "loss": 0.7}]
+
+
+def test_tensorboard_gets_every_record_through_torchs_summary_writer(tmp_path, monkeypatch):
+    """torch's SummaryWriter, replaced by a recorder: the tensorboard package is not a test dependency."""
+    calls: list = []
+
+    class RecordingWriter:
+        def __init__(self, log_dir):
+            calls.append(("init", log_dir))
+
+        def add_scalar(self, key, value, step):
+            calls.append(("add_scalar", key, value, step))
+
+        def close(self):
+            calls.append(("close",))
+
+    fake_library("tensorboard", [], monkeypatch)
+    writer_module = types.ModuleType("torch.utils.tensorboard")
+    writer_module.SummaryWriter = RecordingWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", writer_module)
+    log = MetricsLog(tmp_path, ["tensorboard"], True, {})
+    log.log({"step": 3, "loss": 0.69, "kl/beta": 0.1})
+    log.close()
+    assert calls == [("init", str(tmp_path / "tensorboard")), ("add_scalar", "loss", 0.69, 3),
+                     ("add_scalar", "kl/beta", 0.1, 3), ("close",)]
