@@ -125,7 +125,7 @@ class Design:
     ablation_arms: tuple[Arm, ...] = ABLATION_ARMS
     train_pairs: int = 9600
     eval_prompts: int = 1000
-    samples_per_prompt: int = 2
+    samples_per_prompt: int = 4  # 2 left 5 of 320 runs with a KL se above 5 % of the KL range
     batch_size: int = 32
     learning_rate: float = 1e-3
     tr_dpo_updates: int = 8  # TR-DPO's reference moves this many times per run (α = 0.6)
