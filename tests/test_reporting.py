@@ -14,7 +14,8 @@ from epsdpo.reporting import MetricsLog, resolve_backends
 
 
 def fake_library(name: str, calls: list, monkeypatch) -> None:
-    """A stand-in module with the wandb/trackio or mlflow calls MetricsLog makes, recording them."""
+    """A stand-in module with the wandb/trackio or mlflow calls MetricsLog makes, recording them; it also
+    makes the package count as installed (tensorboard's test needs only that)."""
     module = types.ModuleType(name)
     module.__spec__ = types.SimpleNamespace(name=name)  # find_spec sees it as installed
     record = lambda call: lambda *a, **k: calls.append((name, call, a, k))  # noqa: E731
