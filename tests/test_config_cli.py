@@ -39,6 +39,7 @@ NON_DEFAULT = dict(
     gradient_checkpointing=True, fsdp=True, chunk_size=256, precompute_ref_log_probs=False, precompute_ref_batch_size=16,
     logging_strategy="epoch", logging_steps=5,
     eval_strategy="epoch", eval_steps=10, save_strategy="steps", save_steps=20, save_total_limit=2, overwrite_output_dir=True, run_name="r1", report_to="none",
+    resume_allow_changes=["learning_rate", "max_steps"],
     remove_unused_columns=False, push_to_hub=False, plots=False, progress=False,
 )
 
@@ -165,7 +166,7 @@ def test_none_for_the_fields_that_allow_it(trainer, cfg):
 
 def test_every_field_round_trips_through_yaml(trainer, tmp_path):
     path = tmp_path / "all.yaml"
-    path.write_text(yaml.safe_dump({**NON_DEFAULT, "model": "m", "train_data": "d"}))
+    path.write_text(yaml.safe_dump({**NON_DEFAULT, "model": "m", "train_data": "d", "eval_data": "e"}))
     assert train(str(path))["config"].to_dict() == NON_DEFAULT
     assert TrainConfig.from_dict(TrainConfig(**NON_DEFAULT).to_dict()) == TrainConfig(**NON_DEFAULT)
 
@@ -178,7 +179,9 @@ def test_every_field_round_trips_through_flags(trainer, cfg):
             return [f"--{key}", *value]
         return [f"--{key}={'none' if value is None else str(value).lower() if isinstance(value, bool) else value}"]
 
-    assert train(cfg, *(f for k, v in NON_DEFAULT.items() for f in flags(k, v)))["config"].to_dict() == NON_DEFAULT
+    # eval_strategy=epoch evaluates: on eval_data (without it, on train_data's test split)
+    assert train(cfg, "--eval_data", "e", *(f for k, v in NON_DEFAULT.items() for f in flags(k, v)))["config"].to_dict() \
+        == NON_DEFAULT
 
 
 @pytest.mark.parametrize("argv, message", [

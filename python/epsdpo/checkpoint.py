@@ -345,6 +345,9 @@ def resolve_checkpoint(output_dir: Path, resume: str | Path | bool) -> Path:
 
 def _load_training_state(path: Path) -> dict[str, Any]:
     file = path / "training_state.pt"
+    if not file.is_file():  # else torch.load's FileNotFoundError would read as "not tensors" below
+        raise CheckpointError(f"{file} is missing: the checkpoint has no optimizer, scheduler and RNG state to "
+                              "resume from")
     try:
         return torch.load(file, weights_only=True, map_location="cpu")
     except Exception as error:  # noqa: BLE001 - the unpickler raises many kinds; all mean "not ours"

@@ -245,6 +245,11 @@ class TrainConfig:
     overwrite_output_dir: bool = field(default=False, metadata={"help": (
         "A fresh run refuses an output_dir holding another run's checkpoints or metrics; true clears them "
         "first (TRL/transformers' meaning). Resuming never needs it.")})
+    resume_allow_changes: list[str] | None = field(default=None, metadata={"help": (
+        "Settings a resumed run may change from its checkpoint's, which then apply from the checkpoint's step "
+        "on: any of max_steps (num_train_epochs), warmup_steps (warmup_ratio), learning_rate, lr_scheduler_type, "
+        "weight_decay, adam_beta1, adam_beta2, max_grad_norm. Any other training setting that differs is "
+        "refused; logging, eval, save and output settings may always change (docs/resume.md).")})
     run_name: str | None = field(default=None, metadata={"help": (
         "A name for the run in the logging backends (the wandb run name). None: the backend's own choice.")})
     report_to: str | list[str] = field(default="jsonl", metadata={"help": (
@@ -265,6 +270,8 @@ class TrainConfig:
         for name in ("logging_strategy", "eval_strategy", "save_strategy"):
             if getattr(self, name) is False:  # YAML 1.1 reads a bare `no` as false
                 setattr(self, name, "no")
+        if isinstance(self.resume_allow_changes, str):  # one name, as a YAML scalar
+            self.resume_allow_changes = [self.resume_allow_changes]
         self._check_types()
         if isinstance(self.model_init_kwargs, str):  # the command line's JSON form
             try:
@@ -330,6 +337,10 @@ class TrainConfig:
             _check(value is None or value >= 1, name, value, "None or an integer >= 1")
         _check(0 <= self.seed < 2**32, "seed", self.seed, "an integer in [0, 2**32)")
         _check(bool(self.output_dir), "output_dir", self.output_dir, "a non-empty path")
+        if self.resume_allow_changes:
+            from epsdpo.run_identity import check_allow_list
+
+            check_allow_list(self.resume_allow_changes)
         if self.precompute_ref_log_probs:
             self._check_precompute()
         if self.max_length is not None and self.max_prompt_length is not None:

@@ -37,6 +37,8 @@ class RunFacts:
     train_data: str | None = None
     eval_pairs: int | None = None
     eval_data: str | None = None
+    # each resume of the run: step, checkpoint, and the settings changed then ({field: [old, new]})
+    resumes: list[dict[str, Any]] = field(default_factory=list)
 
 
 def describe_source(source: Any) -> str | None:
@@ -102,6 +104,10 @@ def _settings(config: TrainConfig, run: RunFacts) -> list[str]:
         ("learning rate", f"{config.learning_rate:g}, {config.lr_scheduler_type} schedule, "
                           f"{config.warmup_steps_for(run.steps)} warm-up steps"),
     ]
+    for resume in run.resumes:
+        changed = "; ".join(f"{k} {old} → {new}" for k, (old, new) in resume.get("changed", {}).items())
+        rows.append(("resumed", f"at step {resume['step']} from {resume['checkpoint']}"
+                                + (f", changing {changed} from then on" if changed else ", settings unchanged")))
     return ["| setting | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
 
 
@@ -159,6 +165,7 @@ def write_run_card(trainer: Trainer) -> None:
         train_pairs=len(t.train_store), world_size=t.dist.world_size, history=t.metrics.history,
         base_model=t.sources["model"], train_data=t.sources["train"],
         eval_pairs=None if t.eval_store is None else len(t.eval_store), eval_data=t.sources["eval"],
+        resumes=t.resumes,
     )
     plot = t.output_dir / "plots" / "beta.png" if t.config.plots else None
     write_file(final / "README.md", lambda _: write_model_card(final, t.config, run, plot))

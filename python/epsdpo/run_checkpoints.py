@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ import torch
 
 from epsdpo.checkpoint import (
     TRAINER_STATE,
+    TRAINING_CONFIG,
     CheckpointError,
     begin_checkpoint,
     load_checkpoint,
@@ -25,6 +27,14 @@ from epsdpo.checkpoint import (
     verify_checkpoint,
 )
 from epsdpo.distributed import DistInfo, all_reduce_sum, barrier
+from epsdpo.run_identity import (
+    UnverifiedResumeWarning,
+    allowed,
+    differences,
+    refusal,
+    saved_identity,
+    trainer_identity,
+)
 
 if TYPE_CHECKING:
     from epsdpo.trainer import Trainer
@@ -50,7 +60,8 @@ def save_run(trainer: Trainer, sampler_state: bytes) -> None:
             kl_state=t.kl.state_dict()["state"], sampler_state=sampler_state,
             trainer_state={"global_step": step, "max_steps": t.state.max_steps, "beta": t.kl.beta,
                            "world_size": t.dist.world_size, "log_history": t.metrics.history,
-                           "beta_rule": t.method.beta_rule.state_dict()},
+                           "beta_rule": t.method.beta_rule.state_dict(), "run_identity": trainer_identity(t),
+                           "resumes": t.resumes},
             reference=reference, config=t.config.to_dict(), save_total_limit=t.config.save_total_limit,
             extra_state={"loss_scaler": t.precision.state_dict()}, pretrained=t.model, tokenizer=t.tokenizer,
         )
@@ -59,15 +70,25 @@ def save_run(trainer: Trainer, sampler_state: bytes) -> None:
 
 def resume_run(trainer: Trainer, path: Path) -> None:
     """Restore everything a checkpoint holds into the trainer, after checking that it is whole, that
-    it was written by a run of the same world size, and that its step count agrees with its β state."""
+    it was written by a run with this run's training settings (epsdpo.run_identity; the world size
+    first), and that its step count agrees with its β state. Changes `resume_allow_changes` lets
+    through are applied over the restored optimizer and scheduler, and recorded."""
     t = trainer
     _verify_once(path, t.dist)
-    saved_world = json.loads((path / TRAINER_STATE).read_text()).get("world_size", 1)
+    saved_state = json.loads((path / TRAINER_STATE).read_text())
+    saved_world = saved_state.get("world_size", 1)
     if saved_world != t.dist.world_size:
         raise CheckpointError(
             f"{path} was written by a run of {saved_world} rank(s), this run has {t.dist.world_size}: the data "
             "order and β bookkeeping are per world size, so resume with the same number of ranks (the weights "
             "alone are in final/ or load into any world size)"
+        )
+    changed = _check_identity(t, path, saved_state)
+    if t.method.moves_reference and not t.sharded and not (path / "reference.safetensors").is_file():
+        raise CheckpointError(
+            f"{path} holds no reference.safetensors: this run's reference moves toward the policy (method="
+            f"{t.config.method!r}, sync_ref_model={t.config.sync_ref_model}), but the run that wrote the checkpoint "
+            "kept a fixed reference, so the moved reference to resume from does not exist"
         )
     restored = load_checkpoint(path, t.model, t.optimizer, t.scheduler,
                                reference=t.ref_model if t.method.moves_reference else None,
@@ -85,6 +106,42 @@ def resume_run(trainer: Trainer, path: Path) -> None:
     t.method.beta_rule.load_state_dict(trainer_state.get("beta_rule", {}))
     t.state.beta = t.kl.beta
     t.metrics.restore(trainer_state["log_history"])
+    if changed:
+        _apply_optimizer_settings(t)
+    t.resumes = [*trainer_state.get("resumes", []), {
+        "step": t.state.global_step, "checkpoint": path.name,
+        "changed": {key: list(values) for key, values in changed.items()}}]
+
+
+def _check_identity(t: Trainer, path: Path, saved_state: dict) -> dict[str, tuple]:
+    """The differences between the checkpoint's run and this one that resume_allow_changes allows;
+    any other difference is a CheckpointError listing them all."""
+    config = json.loads((path / TRAINING_CONFIG).read_text()) if (path / TRAINING_CONFIG).is_file() else {}
+    saved = saved_identity(saved_state, config)
+    if saved is None:
+        raise CheckpointError(f"{path / TRAINING_CONFIG} is not a config this version reads, so the checkpoint "
+                              "cannot be matched to this run: start a new run from its weights")
+    diffs = differences(saved, trainer_identity(t))
+    allow = allowed(t.config)
+    if any(key not in allow for key in diffs):
+        raise CheckpointError(refusal(path, diffs, allow))
+    if "run_identity" not in saved_state:
+        warnings.warn(f"{path} was written before checkpoints recorded fingerprints of their training data and "
+                      "tokenizer: its settings are compared, its data and tokenizer are not",
+                      UnverifiedResumeWarning, stacklevel=3)
+    return diffs
+
+
+def _apply_optimizer_settings(t: Trainer) -> None:
+    """This run's learning rate, schedule, weight decay and Adam betas over the restored optimizer and
+    scheduler state (which hold the checkpoint's): the scheduler, built from this run's config,
+    continues from the checkpoint's step, and the first step after resuming uses its rate."""
+    c = t.config
+    t.scheduler.base_lrs = [c.learning_rate] * len(t.optimizer.param_groups)
+    for group, decay, schedule in zip(t.optimizer.param_groups, (c.weight_decay, 0.0), t.scheduler.lr_lambdas):
+        group.update(initial_lr=c.learning_rate, weight_decay=decay, betas=(c.adam_beta1, c.adam_beta2),
+                     lr=c.learning_rate * schedule(t.scheduler.last_epoch))
+    t.scheduler._last_lr = [group["lr"] for group in t.optimizer.param_groups]
 
 
 def claim_output_dir(output_dir: Path, overwrite: bool, dist: DistInfo) -> None:

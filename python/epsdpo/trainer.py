@@ -136,6 +136,10 @@ class Trainer:
         self._setup_optimization()
         self.metrics = MetricsLog(self.output_dir, config.report_to, self.dist.is_main,
                                   config.to_dict())
+        # each resume: its step, checkpoint and the changes resume_allow_changes let through (checkpoints
+        # and the model card carry them); the run's identity, computed at the first save or resume
+        self.resumes: list[dict[str, Any]] = []
+        self._identity: dict[str, Any] | None = None
 
     # --------------------------------------------------------------------------------- setup
     def _setup_tokenizer(self, tokenizer: Any, model: Any) -> Any:
