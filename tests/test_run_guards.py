@@ -150,3 +150,22 @@ def test_a_frozen_policy_or_the_reference_object_as_policy_is_refused_by_name(tm
         Trainer(model, config(tmp_path / "same"), toy_store(), ref_model=model)
     with pytest.raises(ValueError, match="model has no trainable parameter"):
         Trainer(tiny_llama().requires_grad_(False), config(tmp_path / "frozen"), toy_store())
+
+
+@pytest.mark.parametrize(("settings", "named"), [
+    (dict(eval_strategy="steps"), "eval_strategy='steps'"),
+    (dict(eval_strategy="steps", eval_steps=2), "eval_strategy='steps'"),
+    (dict(eval_strategy="epoch"), "eval_strategy='epoch'"),
+    (dict(eval_steps=2), "eval_steps=2"),  # no strategy: eval_steps alone evaluates
+])
+def test_evaluation_asked_for_without_eval_data_is_refused_before_training(tmp_path, settings, named):
+    with pytest.raises(ValueError, match=rf"^{named} asks for evaluation, but no eval_dataset was given: pass "
+                                         r"eval_dataset .* or set eval_strategy='no'$"):
+        Trainer(tiny_llama(0), config(tmp_path / "run", **settings), toy_store())
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_steps_under_eval_strategy_no_asks_for_nothing(tmp_path):
+    trainer = Trainer(tiny_llama(0), config(tmp_path / "run", eval_strategy="no", eval_steps=2, max_steps=1),
+                      toy_store())
+    assert trainer.train().global_step == 1

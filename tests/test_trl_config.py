@@ -343,3 +343,46 @@ def test_dataset_config_reaches_load_dataset(tmp_path, recorded, monkeypatch):
                                      "dataset_train_split: train\n")
     assert main(["train", str(tmp_path / "c.yaml")]) == 0
     assert seen == [("org/pairs", "en", "train")]
+
+
+def folder_without_test_split(tmp_path, splits: bool):
+    import datasets
+
+    rows = datasets.Dataset.from_list([{"prompt": "Q?", "chosen": "yes", "rejected": "no"}] * 4)
+    (datasets.DatasetDict({"train": rows, "validation": rows}) if splits else rows).save_to_disk(tmp_path / "pairs")
+    return tmp_path / "pairs"
+
+
+@pytest.mark.parametrize("asks", ["eval_strategy: steps\n", "eval_strategy: epoch\n", "eval_steps: 2\n"])
+def test_dataset_test_split_defaults_to_test_as_in_trl(tmp_path, recorded, asks):
+    """TRL's dpo script evaluates on dataset_test_split, `test` unless set; a TRL YAML asking for
+    evaluation without naming the split evaluates on the test split instead of never."""
+    folder = splits_folder(tmp_path)
+    (tmp_path / "c.yaml").write_text(f"model_name_or_path: m\ndataset_name: {folder}\n{asks}")
+    assert main(["train", str(tmp_path / "c.yaml")]) == 0
+    # the folder trains on its train split (the loader's default), and evaluates on its test split
+    assert recorded[-1]["train_dataset"] == str(folder) and recorded[-1]["eval_dataset"].num_rows == 2
+
+
+@pytest.mark.parametrize(("splits", "listed"), [(True, "its splits: train, validation"), (False, "it has no splits")])
+def test_evaluation_without_a_test_split_is_refused(tmp_path, recorded, splits, listed):
+    folder = folder_without_test_split(tmp_path, splits)
+    (tmp_path / "c.yaml").write_text(f"model: m\ntrain_data: {folder}\ntrain_split: train\neval_strategy: steps\n"
+                                     if splits else f"model: m\ntrain_data: {folder}\neval_strategy: steps\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", str(tmp_path / "c.yaml")])
+    assert str(exit_.value) == (f"epsdpo train: dataset_test_split='test': the training dataset {folder} has no split "
+                                f"'test' ({listed}) to evaluate on; set eval_data or dataset_test_split, or "
+                                "eval_strategy: no")
+    assert recorded == []
+
+
+def test_evaluation_of_one_training_file_without_eval_data_is_a_usage_error(tmp_path, recorded, capsys):
+    (tmp_path / "pairs.jsonl").write_text("")
+    (tmp_path / "c.yaml").write_text(f"model: m\ntrain_data: {tmp_path / 'pairs.jsonl'}\neval_strategy: steps\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", str(tmp_path / "c.yaml")])
+    assert exit_.value.code == 2
+    assert ("eval_strategy='steps' asks for evaluation, but there is no eval data: the training data "
+            f"{tmp_path / 'pairs.jsonl'} is one file, without a 'test' split") in capsys.readouterr().err
+    assert recorded == []

@@ -56,9 +56,10 @@ class RunArguments:
         "TRL's name for train_split: the split of the training dataset to train on (a hub id or a save_to_disk "
         "folder). Give one of the two.")})
     dataset_test_split: str | None = field(default=None, metadata={"help": (
-        "The split of the training dataset to evaluate on, as in TRL's dpo script: used when eval_strategy is "
-        "steps or epoch (TRL's default, no, evaluates nothing). With eval_data unset the eval pairs are this "
-        "split of train_data; with eval_data set, its split (TRL's name for eval_split).")})
+        "The split of the training dataset to evaluate on, as in TRL's dpo script: used when evaluation is asked "
+        "for (eval_strategy steps or epoch, or eval_steps) and eval_data is unset; None: test, TRL's default. A "
+        "training dataset without that split is then an error. With eval_data set, its split (TRL's name for "
+        "eval_split).")})
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -103,21 +104,64 @@ def _load_data(source: Any, split: str | None, config: str | None = None) -> Any
     return load_hub_dataset(source, split, config)[0]
 
 
-def _eval_source(run: RunArguments, config: Any) -> tuple[Any, str | None]:
-    """The eval data and its split. TRL's dpo script evaluates on dataset_test_split of the training
-    dataset unless eval_strategy is no, its default; here that is an explicit steps or epoch."""
+DEFAULT_TEST_SPLIT = "test"  # TRL's ScriptArguments.dataset_test_split default
+
+
+def _asks_for_evaluation(config: Any) -> str | None:
+    """The setting that asks for evaluation during training, named as the user wrote it; None if none does."""
+    if config.eval_strategy in ("steps", "epoch"):
+        return f"eval_strategy={config.eval_strategy!r}"
+    if config.eval_strategy is None and config.eval_steps is not None:
+        return f"eval_steps={config.eval_steps}"
+    return None
+
+
+def _eval_source(run: RunArguments, config: Any) -> tuple[Any, str | None, bool]:
+    """The eval data, its split, and whether that is a split of the training dataset. As in TRL's dpo
+    script: when evaluation is asked for (eval_strategy steps or epoch, or eval_steps alone) and
+    eval_data is unset, the eval pairs are dataset_test_split of the training dataset, `test` unless
+    set (TRL's default); a training dataset without that split is then an error, never a run that
+    silently does not evaluate."""
     split = run.eval_split
     if run.dataset_test_split is not None:
         if split is not None and split != run.dataset_test_split:
             raise ValueError(f"dataset_test_split={run.dataset_test_split!r} is invalid: must be unset when "
                              f"eval_split is set ({split!r}); they are two names for one thing")
         split = run.dataset_test_split
-        if run.eval_data is None and config.eval_strategy in ("steps", "epoch"):
-            if Path(run.train_data).is_file():
-                raise ValueError(f"dataset_test_split={split!r} is invalid: the training data {run.train_data} is "
-                                 "one file, without splits; give the eval pairs as eval_data")
-            return run.train_data, split
-    return run.eval_data, split
+    asked = _asks_for_evaluation(config)
+    if run.eval_data is not None or asked is None:
+        return run.eval_data, split, False
+    if Path(run.train_data).is_file():
+        if run.dataset_test_split is not None:
+            raise ValueError(f"dataset_test_split={split!r} is invalid: the training data {run.train_data} is "
+                             "one file, without splits; give the eval pairs as eval_data")
+        raise ValueError(f"{asked} asks for evaluation, but there is no eval data: the training data "
+                         f"{run.train_data} is one file, without a {DEFAULT_TEST_SPLIT!r} split (dataset_test_split's "
+                         "default); set eval_data, or eval_strategy: no")
+    return run.train_data, split or DEFAULT_TEST_SPLIT, True
+
+
+def _load_test_split(source: str, split: str, config: str | None) -> Any:
+    """`split` of the training dataset (a save_to_disk folder or a hub id), which must have it: a
+    folder holding one dataset without splits would otherwise evaluate on the training pairs."""
+    import datasets
+
+    from epsdpo.data.sources import DataSourceError, load_hub_dataset
+
+    path = Path(source)
+    where = f"dataset_test_split={split!r}"
+    if path.is_dir():
+        loaded = datasets.load_from_disk(str(path))
+        if not isinstance(loaded, datasets.DatasetDict) or split not in loaded:
+            names = list(loaded.keys()) if isinstance(loaded, datasets.DatasetDict) else []
+            raise DataSourceError(f"{where}: the training dataset {source} has no split {split!r} "
+                                  f"({'its splits: ' + ', '.join(names) if names else 'it has no splits'}) to evaluate "
+                                  "on; set eval_data or dataset_test_split, or eval_strategy: no")
+        return loaded[split]
+    try:
+        return load_hub_dataset(source, split, config)[0]
+    except DataSourceError as error:
+        raise DataSourceError(f"{where} (the split evaluated on): {error}") from None
 
 
 def _train_fields() -> dict[str, Any]:
@@ -282,15 +326,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     from epsdpo.trainer import Trainer
 
     try:
-        eval_data, eval_split = _eval_source(run_args, config)
+        eval_data, eval_split, of_training_data = _eval_source(run_args, config)
     except ValueError as error:
         parser.error(_usage_message(error, args.config, given))
 
     try:
+        if of_training_data:
+            eval_dataset = _load_test_split(eval_data, eval_split, run_args.dataset_config)
+        else:
+            eval_dataset = None if eval_data is None else _load_data(eval_data, eval_split, run_args.dataset_config)
         trainer = Trainer(
             run_args.model, config, _load_data(run_args.train_data, run_args.train_split, run_args.dataset_config),
-            tokenizer=run_args.tokenizer, ref_model=run_args.ref_model,
-            eval_dataset=None if eval_data is None else _load_data(eval_data, eval_split, run_args.dataset_config),
+            tokenizer=run_args.tokenizer, ref_model=run_args.ref_model, eval_dataset=eval_dataset,
         )
         trainer.train(resume_from_checkpoint=True if args.resume else args.resume_from_checkpoint)
     except (FileExistsError, FileNotFoundError, CheckpointError, DataSourceError) as error:

@@ -83,6 +83,22 @@ class PairLosses(NamedTuple):
     reward_rejected: Tensor
 
 
+def _check_evaluation_has_data(config: TrainConfig, eval_dataset: Any) -> None:
+    """Evaluation asked for without eval data is an error, as in transformers' Trainer: a run that
+    was told to evaluate must not train to the end without a word and without one evaluation."""
+    if eval_dataset is not None:
+        return
+    if config.eval_strategy in ("steps", "epoch"):
+        asked = f"eval_strategy={config.eval_strategy!r}"
+    elif config.eval_strategy is None and config.eval_steps is not None:
+        asked = f"eval_steps={config.eval_steps}"
+    else:
+        return
+    raise ValueError(f"{asked} asks for evaluation, but no eval_dataset was given: pass eval_dataset (epsdpo "
+                     "train: eval_data, or dataset_test_split for a split of the training dataset), or set "
+                     "eval_strategy='no'")
+
+
 class Trainer:
     """Trains a causal LM on preference pairs with ε-DPO (or DPO, TR-DPO, β-DPO: `config.method`).
 
@@ -117,6 +133,7 @@ class Trainer:
         eval_dataset: Any = None,
     ) -> None:
         self.config = config
+        _check_evaluation_has_data(config, eval_dataset)
         self.dist: DistInfo = init_from_env()
         torch.manual_seed(config.seed)
         auto = f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"
