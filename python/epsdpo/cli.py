@@ -323,6 +323,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from epsdpo.checkpoint import CheckpointError
     from epsdpo.data.sources import DataSourceError
+    from epsdpo.launcher import LauncherSettingError
     from epsdpo.trainer import Trainer
 
     try:
@@ -340,8 +341,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             tokenizer=run_args.tokenizer, ref_model=run_args.ref_model, eval_dataset=eval_dataset,
         )
         trainer.train(resume_from_checkpoint=True if args.resume else args.resume_from_checkpoint)
-    except (FileExistsError, FileNotFoundError, CheckpointError, DataSourceError) as error:
-        # What the user fixes by choosing another folder or checkpoint: one line, no traceback
+    except (FileExistsError, FileNotFoundError, CheckpointError, DataSourceError, LauncherSettingError) as error:
+        # What the user fixes by choosing another folder, checkpoint or launcher config: one line, no traceback
         raise SystemExit(f"epsdpo train: {error}") from None
     if trainer.dist.is_main:
         print(f"done: {trainer.state.global_step} steps, β {trainer.kl.beta:.6g}; outputs in {config.output_dir}")

@@ -19,6 +19,7 @@ Every micro-batch of a cycle uses the same base β, and the `kl/beta` logged for
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from epsdpo.checkpoint import list_checkpoints, resolve_checkpoint, write_file
 from epsdpo.config import TrainConfig
 from epsdpo.distributed import DistInfo, all_reduce_sum, barrier, gradient_sync, init_from_env, replicate
 from epsdpo.feed import CycleFeed, as_store, check_vocabulary, filler_batch, make_collator, make_sampler
+from epsdpo.launcher import apply_launcher_settings
 from epsdpo.loss import epsilon_dpo_loss, kl_steps, pair_log_ratio
 from epsdpo.methods import build_method
 from epsdpo.model_card import describe_source, write_run_card
@@ -132,7 +134,8 @@ class Trainer:
         ref_model: nn.Module | str | Path | None = None,
         eval_dataset: Any = None,
     ) -> None:
-        self.config = config
+        # what the launcher (accelerate launch) asks for is part of the run's settings, recorded with them
+        self.config = config = apply_launcher_settings(config, os.environ)
         _check_evaluation_has_data(config, eval_dataset)
         self.dist: DistInfo = init_from_env()
         torch.manual_seed(config.seed)
