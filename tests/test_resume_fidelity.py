@@ -136,8 +136,13 @@ def test_free_settings_change_without_a_word(runs, tmp_path):
 def test_total_steps_may_change_under_a_constant_schedule(tmp_path):
     Trainer(tiny_llama(0), config(tmp_path / "run", lr_scheduler_type="constant"), toy_store(),
             tokenizer=tokenizer()).train()
-    trainer = resume(tmp_path / "run" / "checkpoint-2", tmp_path / "resumed", lr_scheduler_type="constant", max_steps=6)
+    # transformers' constant schedule has no warm-up, so a warm-up setting changes nothing either
+    trainer = resume(tmp_path / "run" / "checkpoint-2", tmp_path / "resumed", lr_scheduler_type="constant", max_steps=6,
+                     warmup_ratio=0.5)
     assert trainer.state.global_step == 6
+    assert set(learning_rates(trainer).values()) == {3e-3}
+    assert "| learning rate | 0.003, constant schedule, 0 warm-up steps |" in (
+        tmp_path / "resumed" / "final" / "README.md").read_text()
 
 
 def learning_rates(trainer) -> dict[int, float]:

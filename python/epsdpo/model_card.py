@@ -102,7 +102,9 @@ def _settings(config: TrainConfig, run: RunFacts) -> list[str]:
          f"variable: a budget of {config.max_tokens_per_batch} tokens per device batch × "
          f"{config.gradient_accumulation_steps} accumulated × {run.world_size} processes"),
         ("learning rate", f"{config.learning_rate:g}, {config.lr_scheduler_type} schedule, "
-                          f"{config.warmup_steps_for(run.steps)} warm-up steps"),
+                          # transformers' constant schedule has no warm-up, whatever warmup_steps says
+                          f"{0 if config.lr_scheduler_type == 'constant' else config.warmup_steps_for(run.steps)} "
+                          "warm-up steps"),
     ]
     for resume in run.resumes:
         changed = "; ".join(f"{k} {old} → {new}" for k, (old, new) in resume.get("changed", {}).items())

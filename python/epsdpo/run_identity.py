@@ -100,7 +100,8 @@ def identity(config: TrainConfig, *, total_steps: int, world_size: int, train_da
     if not config.moves_reference:
         values["ref_model_sync_steps"] = values["ref_model_mixup_alpha"] = None
     values["max_steps"] = total_steps if config.lr_scheduler_type in TOTAL_DEPENDENT_SCHEDULES else None
-    values["warmup_steps"] = config.warmup_steps_for(total_steps)
+    # transformers' constant schedule has no warm-up, whatever warmup_steps says
+    values["warmup_steps"] = None if config.lr_scheduler_type == "constant" else config.warmup_steps_for(total_steps)
     values.update(world_size=world_size, train_data=train_data, tokenizer=tokenizer)
     return json.loads(json.dumps(values))
 
