@@ -61,7 +61,7 @@ def resume_run(trainer: Trainer, path: Path) -> None:
     """Restore everything a checkpoint holds into the trainer, after checking that it is whole, that
     it was written by a run of the same world size, and that its step count agrees with its β state."""
     t = trainer
-    _verify_once(path, t.dist)
+    _verify_once(path, t.dist, reference=t.method.moves_reference)
     saved_world = json.loads((path / TRAINER_STATE).read_text()).get("world_size", 1)
     if saved_world != t.dist.world_size:
         raise CheckpointError(
@@ -104,13 +104,13 @@ def claim_output_dir(output_dir: Path, overwrite: bool, dist: DistInfo) -> None:
     barrier(dist)
 
 
-def _verify_once(path: Path, dist: DistInfo) -> None:
+def _verify_once(path: Path, dist: DistInfo, reference: bool) -> None:
     """Rank 0 checks the manifest (hashing a large checkpoint once, not once per rank); every rank
-    learns the verdict."""
+    learns the verdict. `reference`: resume reads the moved reference's weights too."""
     error = None
     if dist.is_main:
         try:
-            verify_checkpoint(path)
+            verify_checkpoint(path, reference)
         except CheckpointError as caught:
             error = caught
     failed = all_reduce_sum(torch.tensor([float(error is not None)], dtype=torch.float64), dist).item()
