@@ -243,9 +243,11 @@ def billion_laughs(levels: int = 9) -> str:
 
 
 HOSTILE_YAML = {
-    "alias bomb": (billion_laughs(), "stands for more than 100,000 values once its aliases are expanded"),
+    "alias bomb": (billion_laughs(), "expands to more than 4,194,304 characters once its aliases are expanded"),
     "alias bomb under a field": ("model: m\ntrain_data: d\n" + billion_laughs().replace("a0: &a0", "x: &a0", 1)
-                                 .replace("a8: &a8", "model_init_kwargs: &a8", 1), "stands for more than 100,000"),
+                                 .replace("a8: &a8", "model_init_kwargs: &a8", 1), "expands to more than 4,194,304 characters"),
+    "one long string repeated": ("model: &s " + "x" * 500_000 + "\ntrain_data: [" + ", ".join(["*s"] * 20) + "]\n",
+                                 "expands to more than 4,194,304 characters"),
     "deep nesting": ("model_init_kwargs: " + "[" * 10_000 + "]" * 10_000 + "\n", "nested more than 64 levels deep"),
     "deep mappings": ("a:\n" + "".join(" " * k + "b:\n" for k in range(1, 200)), "nested more than 64 levels deep"),
     "huge file": ("# " + "x" * (1 << 20) + "\n", "too large for a config file"),
@@ -274,6 +276,8 @@ def test_hostile_yaml_is_refused_fast_in_one_short_line(capsys, tmp_path, name):
     "model_init_kwargs: {x: &b [" + ", ".join(["lol"] * 1000) + "]}\nbeta: [" + ", ".join(["*b"] * 50) + "]\n",
     "".join(f"key{k}: 1\n" for k in range(5000)),  # thousands of unknown keys
     "lora_r: " + "9" * 4000 + "\n",  # a number whose digits alone are 4 kB
+    "train_data: [" + ", ".join(["x" * 1000] * 500) + "]\n",  # a run key of the wrong type
+    "dataset_name: " + "y" * 100_000 + "\n",  # two names for one thing, one of them huge
 ])
 def test_a_huge_bad_value_is_never_echoed_in_full(capsys, tmp_path, text):
     path = tmp_path / "run.yaml"

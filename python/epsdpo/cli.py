@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from epsdpo import __version__
+from epsdpo.safe_yaml import shown
 
 
 @dataclass
@@ -64,14 +65,14 @@ class RunArguments:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value is not None and not isinstance(value, str):
-                raise ValueError(f"{f.name}={value!r} is invalid: must be a path or hub id (a string)")
+                raise ValueError(f"{f.name}={shown(value)} is invalid: must be a path or hub id (a string)")
         # TRL's spellings fill ours; both at once would leave it unclear which one trains
         for trl_name, name in (("model_name_or_path", "model"), ("dataset_name", "train_data"),
                                ("dataset_train_split", "train_split")):
             given = getattr(self, trl_name)
             if given is not None and getattr(self, name) is not None and given != getattr(self, name):
-                raise ValueError(f"{trl_name}={given!r} is invalid: must be unset when {name} is set "
-                                 f"({getattr(self, name)!r}); they are two names for one thing")
+                raise ValueError(f"{trl_name}={shown(given)} is invalid: must be unset when {name} is set "
+                                 f"({shown(getattr(self, name))}); they are two names for one thing")
             if given is not None:
                 setattr(self, name, given)
 

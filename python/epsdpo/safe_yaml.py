@@ -1,12 +1,13 @@
 """Reading a config YAML with bounded cost, and showing its values in one short line.
 
 `yaml.safe_load` executes nothing, but it is not bounded: aliases make a few hundred bytes stand
-for billions of values (the "billion laughs": each level repeats the previous one's alias ten
-times), which cost nothing while shared but gigabytes as soon as anything walks or prints them, and
-a deeply nested document overflows Python's recursion limit. `load_config_yaml` counts, while the
-document is composed, how many values it would hold with every alias expanded, and how deep it
-nests, and refuses either over its bound before any Python object is built. `shown` caps what an
-error message echoes of a value.
+for billions of values (the "billion laughs": each level repeats the previous one's alias nine
+times), or one long string repeated thousands of times, which cost nothing while shared but
+gigabytes as soon as anything walks or prints them, and a deeply nested document overflows Python's
+recursion limit. `load_config_yaml` measures, while the document is composed, how large it would be
+with every alias expanded (a value counts 1 plus its characters) and how deep it nests, and refuses
+either over its bound before any Python object is built. `shown` caps what an error message echoes
+of a value.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import yaml
 
 # A config holds a few dozen keys; these bounds are far above any real one and far below harm.
-MAX_NODES = 100_000  # values in the document, every alias counted as a full copy of what it names
+MAX_EXPANDED = 4 << 20  # size of the document, every alias counted as a full copy of what it names
 MAX_DEPTH = 64  # nesting of mappings and lists
 MAX_BYTES = 1 << 20  # the file itself
 MAX_SHOWN = 200  # characters of a value an error message repeats
@@ -28,12 +29,12 @@ class ConfigFileError(ValueError):
 
 
 class _BoundedLoader(yaml.SafeLoader):
-    """SafeLoader that counts, per composed node, its size with aliases expanded, and its depth."""
+    """SafeLoader that measures, per composed node, its size with aliases expanded, and its depth."""
 
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
         self._depth = 0
-        self._weights: dict[int, int] = {}  # id(node) → values it stands for, aliases expanded
+        self._weights: dict[int, int] = {}  # id(node) → its size, aliases expanded
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         self._depth += 1
@@ -45,11 +46,12 @@ class _BoundedLoader(yaml.SafeLoader):
         finally:
             self._depth -= 1
         if id(node) not in self._weights:  # an alias returns a node already weighed
-            self._weights[id(node)] = 1 + sum(self._weight(child) for child in _children(node))
-        # An alias counts in full every time it is used: that is what walking the loaded value costs.
-        if self._weights[id(node)] > MAX_NODES:
-            raise ConfigFileError(f"stands for more than {MAX_NODES:,} values once its aliases are expanded "
-                                  f"(line {node.start_mark.line + 1}): a config needs a few dozen")
+            own = len(node.value) if isinstance(node, yaml.ScalarNode) else 0
+            self._weights[id(node)] = 1 + own + sum(self._weight(child) for child in _children(node))
+        # An alias counts in full every time it is used: that is what walking or printing the loaded value costs.
+        if self._weights[id(node)] > MAX_EXPANDED:
+            raise ConfigFileError(f"expands to more than {MAX_EXPANDED:,} characters once its aliases are expanded "
+                                  f"(line {node.start_mark.line + 1}): a config is a few kilobytes")
         return node
 
     def _weight(self, node: Any) -> int:
@@ -66,8 +68,8 @@ def _children(node: Any) -> list[Any]:
 
 def load_config_yaml(path: str | Path) -> Any:
     """The YAML document at `path`, as `yaml.safe_load` reads it, refused (ConfigFileError naming the
-    file) when it is over MAX_BYTES, nests deeper than MAX_DEPTH or expands to more than MAX_NODES
-    values. Invalid YAML raises yaml.YAMLError, as safe_load does."""
+    file) when it is over MAX_BYTES, nests deeper than MAX_DEPTH or expands to more than MAX_EXPANDED
+    characters. Invalid YAML raises yaml.YAMLError, as safe_load does."""
     path = Path(path)
     with open(path, "rb") as handle:
         raw = handle.read(MAX_BYTES + 1)
