@@ -108,6 +108,8 @@ BAD_VALUES = [
     # not a device torch trains on, or not one this machine has
     ("device", "banana"), ("device", "meta"), ("device", "cuda:99"), ("device", ""),
     ("lora_target_modules", []), ("lora_target_modules", [""]), ("lora_target_modules", 5),
+    # the command line's JSON form: nested past the recursion limit, an integer over Python's 4300 digits
+    ("model_init_kwargs", "[" * 100_000 + "]" * 100_000), ("model_init_kwargs", '{"a": ' + "1" * 5000 + "}"),
 ]
 
 

@@ -291,9 +291,10 @@ class TrainConfig:
         if isinstance(self.model_init_kwargs, str):  # the command line's JSON form
             try:
                 self.model_init_kwargs = json.loads(self.model_init_kwargs)
-            except json.JSONDecodeError as error:
+            # not JSON, an integer over Python's 4300 digits (ValueError), nested past the recursion limit
+            except (ValueError, RecursionError) as error:
                 raise ValueError(f"model_init_kwargs={shown(self.model_init_kwargs)} is invalid: must be a JSON object "
-                                 f"({error})") from None
+                                 f"({shown(str(error))[1:-1]})") from None
         _check(self.model_init_kwargs is None or isinstance(self.model_init_kwargs, dict), "model_init_kwargs",
                self.model_init_kwargs, "a mapping (or its JSON string) or None")
         _check(self.lora_r >= 1 and self.lora_alpha >= 1, "lora_r", (self.lora_r, self.lora_alpha),
