@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from epsdpo.checkpoint import MANIFEST, MAX_MANIFEST_BYTES, CheckpointError, _write_manifest, resume_reads
+from epsdpo.checkpoint import (
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    CheckpointError,
+    _write_manifest,
+    resume_reads,
+    verify_checkpoint,
+)
 from epsdpo.config import TrainConfig
 from epsdpo.trainer import Trainer
 from hostile_files import HOSTILE_KINDS, finishes_within, make_hostile
@@ -205,3 +212,29 @@ def test_a_file_the_manifest_does_not_list_is_ignored(checkpoint, tmp_path):
     path = tampered(checkpoint, tmp_path)
     (path / "NOTES.txt").write_text("tried lr 3e-3")
     resume(path, tmp_path)
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, "[1, 2]", "not json"])
+def test_an_unreadable_trainer_state_with_recomputed_checksums_is_a_checkpoint_error(checkpoint, tmp_path, text):
+    path = tampered(checkpoint, tmp_path)
+    (path / "trainer_state.json").write_text(text)
+    _write_manifest(path)  # the checksums agree: only reading it can tell
+    with pytest.raises(CheckpointError, match=re.escape("trainer_state.json is unreadable")):
+        resume(path, tmp_path)
+
+
+def test_a_sharded_checkpoint_must_list_every_shard(tmp_path):
+    """DCP reads whatever its (pickled) metadata names under sharded/: every file there is read."""
+    path = tmp_path / "checkpoint-4"
+    (path / "sharded").mkdir(parents=True)
+    for name in (".metadata", "__0_0.distcp", "__1_0.distcp"):
+        (path / "sharded" / name).write_bytes(b"x")
+    assert resume_reads(path) == ["sharded/.metadata", "sharded/__0_0.distcp", "sharded/__1_0.distcp",
+                                  "training_state.pt", "kl_controller.bin", "sampler.bin", "trainer_state.json",
+                                  "training_config.json"]
+    for name in resume_reads(path):
+        (path / name).write_bytes(b"x")
+    _write_manifest(path)
+    rewrite_manifest(path, lambda files: files.pop("sharded/__1_0.distcp"))
+    with pytest.raises(CheckpointError, match=re.escape("does not list sharded/__1_0.distcp, which resuming reads")):
+        verify_checkpoint(path)

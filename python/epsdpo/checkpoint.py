@@ -415,6 +415,19 @@ def resolve_checkpoint(output_dir: Path, resume: str | Path | bool) -> Path:
     return path
 
 
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """trainer_state.json of a verified checkpoint, as a mapping; anything else (nested past the
+    recursion limit, not an object: checksums can be recomputed) is a CheckpointError naming it."""
+    file = path / TRAINER_STATE
+    try:
+        state = json.loads(file.read_bytes())
+    except (ValueError, RecursionError) as error:
+        raise CheckpointError(f"{file} is unreadable: {type(error).__name__}: {str(error)[:200]}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file} is unreadable: a JSON {type(state).__name__}, not an object")
+    return state
+
+
 def _load_training_state(path: Path) -> dict[str, Any]:
     file = path / "training_state.pt"
     try:
@@ -453,6 +466,6 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     return {
         "kl_state": (path / "kl_controller.bin").read_bytes(),
         "sampler_state": (path / "sampler.bin").read_bytes(),
-        "trainer_state": json.loads((path / TRAINER_STATE).read_text()),
+        "trainer_state": read_trainer_state(path),
         "extra_state": training.get("extra", {}),
     }

@@ -6,7 +6,6 @@ and keeps every rank in step while rank 0 writes.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +18,7 @@ from epsdpo.checkpoint import (
     begin_checkpoint,
     load_checkpoint,
     previous_run_outputs,
+    read_trainer_state,
     save_checkpoint,
     save_sharded,
     staging_dir,
@@ -62,7 +62,7 @@ def resume_run(trainer: Trainer, path: Path) -> None:
     it was written by a run of the same world size, and that its step count agrees with its β state."""
     t = trainer
     _verify_once(path, t.dist, reference=t.method.moves_reference)
-    saved_world = json.loads((path / TRAINER_STATE).read_text()).get("world_size", 1)
+    saved_world = read_trainer_state(path).get("world_size", 1)
     if saved_world != t.dist.world_size:
         raise CheckpointError(
             f"{path} was written by a run of {saved_world} rank(s), this run has {t.dist.world_size}: the data "
