@@ -1,18 +1,29 @@
 """Checkpoints are verified before use and never executed: a flipped byte, a truncated file, an edited
-step or a planted pickle payload is refused with the file named, and the payload never runs."""
+step or a planted pickle payload is refused with the file named, and the payload never runs. The
+manifest itself is read only as a regular file of bounded size, and must list every file resume reads."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
-from epsdpo.checkpoint import MANIFEST, CheckpointError, _write_manifest
+from epsdpo.checkpoint import (
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    CheckpointError,
+    _write_manifest,
+    resume_reads,
+    verify_checkpoint,
+)
 from epsdpo.config import TrainConfig
 from epsdpo.trainer import Trainer
+from hostile_files import HOSTILE_KINDS, finishes_within, make_hostile
 from tiny import tiny_llama, toy_store
 
 
@@ -98,3 +109,132 @@ def test_an_edited_global_step_is_refused(checkpoint, tmp_path):
     _write_manifest(path)  # consistent checksums: only the cross-check with the KL state can tell
     with pytest.raises(CheckpointError, match="says step 1 .* holds 2 steps"):
         resume(path, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# The manifest itself: a regular file of bounded size that lists every file resume reads
+# --------------------------------------------------------------------------------------------
+
+
+def rewrite_manifest(path, edit) -> None:
+    manifest = json.loads((path / MANIFEST).read_text())
+    edit(manifest["files"])
+    (path / MANIFEST).write_text(json.dumps(manifest))
+
+
+def resume_within(path, tmp_path, fifo=None):
+    """Resume, failing the test (not hanging the suite) if it blocks on a file."""
+    finishes_within(60, lambda: resume(path, tmp_path), fifo=fifo)
+
+
+@pytest.mark.parametrize("kind", list(HOSTILE_KINDS))
+def test_a_manifest_that_is_not_a_regular_file_is_refused_unread(checkpoint, tmp_path, kind):
+    """Before: a FIFO blocked resume forever, a link to /dev/zero read until memory ran out."""
+    path = tampered(checkpoint, tmp_path)
+    reason = make_hostile(kind, path / MANIFEST)
+    with pytest.raises(CheckpointError, match=re.escape(f"{MANIFEST} {reason}, so it is not read")):
+        resume_within(path, tmp_path, fifo=path / MANIFEST if kind == "fifo" else None)
+
+
+@pytest.mark.parametrize("kind", list(HOSTILE_KINDS))
+def test_a_listed_file_that_is_not_a_regular_file_is_refused_unread(checkpoint, tmp_path, kind):
+    """The manifest lists sampler.bin, but a FIFO (or a device, or a folder) stands there: the hash
+    would block or never end."""
+    path = tampered(checkpoint, tmp_path)
+    reason = make_hostile(kind, path / "sampler.bin")
+    with pytest.raises(CheckpointError, match=re.escape(f"sampler.bin is listed in {MANIFEST} but "
+                                                        f"{reason.removeprefix('is ')}")):
+        resume_within(path, tmp_path, fifo=path / "sampler.bin" if kind == "fifo" else None)
+
+
+def test_an_oversize_manifest_is_refused_unread(checkpoint, tmp_path):
+    path = tampered(checkpoint, tmp_path)
+    with open(path / MANIFEST, "a") as handle:
+        handle.write(" " * MAX_MANIFEST_BYTES)  # still valid JSON, but too large to be read
+    with pytest.raises(CheckpointError, match=re.escape(f"{MANIFEST} is over {MAX_MANIFEST_BYTES:,} bytes")):
+        resume(path, tmp_path)
+
+
+def test_an_empty_manifest_verifies_nothing_and_is_refused(checkpoint, tmp_path):
+    """Before: {"files": {}} passed verification, and every file was then loaded unchecked."""
+    path = tampered(checkpoint, tmp_path)
+    (path / MANIFEST).write_text('{"format": 1, "files": {}}')
+    with pytest.raises(CheckpointError, match=r"does not list model.safetensors, training_state.pt, kl_controller.bin, "
+                                              r"sampler.bin, trainer_state.json and 1 more, which resuming reads"):
+        resume(path, tmp_path)
+
+
+@pytest.mark.parametrize("name", resume_reads(Path("no-such-checkpoint")))
+def test_a_manifest_omitting_a_file_resume_reads_is_refused(checkpoint, tmp_path, name):
+    path = tampered(checkpoint, tmp_path)
+    data = bytearray((path / name).read_bytes())
+    data[len(data) // 2] ^= 0x01  # altered, and the manifest no longer mentions it
+    (path / name).write_bytes(bytes(data))
+    rewrite_manifest(path, lambda files: files.pop(name))
+    with pytest.raises(CheckpointError, match=re.escape(f"{MANIFEST} does not list {name}, which resuming reads")):
+        resume(path, tmp_path)
+
+
+def test_a_moving_reference_must_be_listed_too(tmp_path):
+    out = tmp_path / "run"
+    Trainer(tiny_llama(0), config(out, method="tr_dpo", ref_model_sync_steps=1), toy_store()).train()
+    path = out / "checkpoint-2"
+    assert "reference.safetensors" in resume_reads(path, reference=True)
+    rewrite_manifest(path, lambda files: files.pop("reference.safetensors"))
+    with pytest.raises(CheckpointError, match=re.escape(f"does not list reference.safetensors, which resuming reads")):
+        Trainer(tiny_llama(0), config(tmp_path / "resumed", method="tr_dpo", ref_model_sync_steps=1),
+                toy_store()).train(resume_from_checkpoint=path)
+
+
+@pytest.mark.parametrize("entry, message", [
+    (("../../etc/passwd", {"size": 1, "sha256": "0"}), "lists '../../etc/passwd', which is not a file inside"),
+    (("/etc/passwd", {"size": 1, "sha256": "0"}), "lists '/etc/passwd', which is not a file inside"),
+    (("sampler.bin", {"size": "12", "sha256": "0"}), "the entry of 'sampler.bin' is not {size: an integer"),
+    (("sampler.bin", ["size", 12]), "the entry of 'sampler.bin' is not {size: an integer"),
+], ids=["parent", "absolute", "size a string", "entry a list"])
+def test_a_malformed_manifest_entry_is_refused_by_name(checkpoint, tmp_path, entry, message):
+    path = tampered(checkpoint, tmp_path)
+    rewrite_manifest(path, lambda files: files.update([entry]))
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        resume(path, tmp_path)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '{"files": [1]}', "not json", "[" * 100_000 + "]" * 100_000, "\xff"])
+def test_an_unreadable_manifest_is_a_checkpoint_error(checkpoint, tmp_path, text):
+    path = tampered(checkpoint, tmp_path)
+    (path / MANIFEST).write_bytes(text.encode("latin-1") if text == "\xff" else text.encode())
+    with pytest.raises(CheckpointError, match=re.escape(f"{MANIFEST} is unreadable")):
+        resume(path, tmp_path)
+
+
+def test_a_file_the_manifest_does_not_list_is_ignored(checkpoint, tmp_path):
+    """Resume never reads it, so it needs no checksum (a note a user left, say)."""
+    path = tampered(checkpoint, tmp_path)
+    (path / "NOTES.txt").write_text("tried lr 3e-3")
+    resume(path, tmp_path)
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, "[1, 2]", "not json"])
+def test_an_unreadable_trainer_state_with_recomputed_checksums_is_a_checkpoint_error(checkpoint, tmp_path, text):
+    path = tampered(checkpoint, tmp_path)
+    (path / "trainer_state.json").write_text(text)
+    _write_manifest(path)  # the checksums agree: only reading it can tell
+    with pytest.raises(CheckpointError, match=re.escape("trainer_state.json is unreadable")):
+        resume(path, tmp_path)
+
+
+def test_a_sharded_checkpoint_must_list_every_shard(tmp_path):
+    """DCP reads whatever its (pickled) metadata names under sharded/: every file there is read."""
+    path = tmp_path / "checkpoint-4"
+    (path / "sharded").mkdir(parents=True)
+    for name in (".metadata", "__0_0.distcp", "__1_0.distcp"):
+        (path / "sharded" / name).write_bytes(b"x")
+    assert resume_reads(path) == ["sharded/.metadata", "sharded/__0_0.distcp", "sharded/__1_0.distcp",
+                                  "training_state.pt", "kl_controller.bin", "sampler.bin", "trainer_state.json",
+                                  "training_config.json"]
+    for name in resume_reads(path):
+        (path / name).write_bytes(b"x")
+    _write_manifest(path)
+    rewrite_manifest(path, lambda files: files.pop("sharded/__1_0.distcp"))
+    with pytest.raises(CheckpointError, match=re.escape("does not list sharded/__1_0.distcp, which resuming reads")):
+        verify_checkpoint(path)

@@ -35,7 +35,8 @@ NON_DEFAULT = dict(
     dataset_num_proc=4, seed=7, device="cpu", dtype="bfloat16",
     bf16=True, fp16=False, model_init_kwargs={"attn_implementation": "eager"},
     trust_remote_code=True, attn_implementation="sdpa", model_revision="v1", use_peft=True, lora_r=8,
-    lora_alpha=16, lora_dropout=0.1, lora_target_modules=["q_proj", "v_proj"], disable_dropout=False,
+    lora_alpha=16, lora_dropout=0.1, lora_target_modules=["q_proj", "v_proj"], chat_template_path="chat.jinja",
+    max_row_bytes=4096, disable_dropout=False,
     gradient_checkpointing=True, fsdp=True, chunk_size=256, precompute_ref_log_probs=False, precompute_ref_batch_size=16,
     logging_strategy="epoch", logging_steps=5,
     eval_strategy="epoch", eval_steps=10, save_strategy="steps", save_steps=20, save_total_limit=2, overwrite_output_dir=True, run_name="r1", report_to="none",
@@ -209,6 +210,14 @@ def test_flag_errors_are_one_line_usage_errors_naming_the_key(capsys, cfg, argv,
     ("beta: abc\n", "beta='abc' is invalid: must be a finite number"),
     ("learning_rate: .inf\n", "learning_rate=inf is invalid"),
     ("train_data: [a, b]\n", "train_data=['a', 'b'] is invalid: must be a path or hub id"),
+    ("max_length: 1000000000000000000000000000000\n", "max_length=1000000000000000000000000000000 is invalid: "
+                                                      "must be an integer of at most 2147483647"),
+    ("per_device_train_batch_size: 1000000000000000000000000000000\n", "per_device_train_batch_size=1"),
+    ("max_tokens_per_batch: 1000000000000000000000000000000\n", "max_tokens_per_batch=1"),
+    ("device: banana\n", "device='banana' is invalid: must be None or a torch device"),
+    ("lora_target_modules: []\n", "lora_target_modules=[] is invalid"),
+    ("chat_template_path: tokenizer_dir\n", "chat_template_path='tokenizer_dir' is invalid: must be None or a .jinja or .j2"),
+    ("seed: 1" + "0" * 5000 + "\n", "a value cannot be read"),  # over Python's 4300-digit int limit
 ])
 def test_yaml_errors_are_one_line_usage_errors_naming_the_key(capsys, tmp_path, text, message):
     path = tmp_path / "run.yaml"
@@ -227,6 +236,58 @@ def test_other_config_file_errors(capsys, tmp_path):
     line = usage_error(capsys, "train", str(tmp_path / "empty.yaml"))
     assert "model and train_data required" in line and "--model --train_data" in line
     assert "the following arguments are required: CONFIG.yaml" in usage_error(capsys, "train")
+
+
+def billion_laughs(levels: int = 9) -> str:
+    """A few hundred bytes that stand for 9**levels strings once every alias is expanded."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{k}: &a{k} [" + ", ".join([f"*a{k - 1}"] * 9) + "]" for k in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+HOSTILE_YAML = {
+    "alias bomb": (billion_laughs(), "expands to more than 4,194,304 characters once its aliases are expanded"),
+    "alias bomb under a field": ("model: m\ntrain_data: d\n" + billion_laughs().replace("a0: &a0", "x: &a0", 1)
+                                 .replace("a8: &a8", "model_init_kwargs: &a8", 1), "expands to more than 4,194,304 characters"),
+    "one long string repeated": ("model: &s " + "x" * 500_000 + "\ntrain_data: [" + ", ".join(["*s"] * 20) + "]\n",
+                                 "expands to more than 4,194,304 characters"),
+    "deep nesting": ("model_init_kwargs: " + "[" * 10_000 + "]" * 10_000 + "\n", "nested more than 64 levels deep"),
+    "deep mappings": ("a:\n" + "".join(" " * k + "b:\n" for k in range(1, 200)), "nested more than 64 levels deep"),
+    "huge file": ("# " + "x" * (1 << 20) + "\n", "too large for a config file"),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_YAML)
+def test_hostile_yaml_is_refused_fast_in_one_short_line(capsys, tmp_path, name):
+    import time
+
+    text, message = HOSTILE_YAML[name]
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=message) as error:
+        TrainConfig.from_yaml(path, extras=dict.fromkeys(RUN_KEYS))
+    assert len(str(error.value)) < 400 + len(str(path))
+    line = usage_error(capsys, "train", str(path))  # exit 2, one line, no traceback
+    assert message in line and len(line) < 500 + len(str(path))
+    assert time.perf_counter() - start < 10  # unbounded, the alias bomb takes gigabytes and minutes
+
+
+@pytest.mark.parametrize("text", [
+    "beta: " + "x" * 100_000 + "\n",  # a huge wrong value
+    "beta: [" + ", ".join(["lol"] * 20_000) + "]\n",
+    "model_init_kwargs: {x: &b [" + ", ".join(["lol"] * 1000) + "]}\nbeta: [" + ", ".join(["*b"] * 50) + "]\n",
+    "".join(f"key{k}: 1\n" for k in range(5000)),  # thousands of unknown keys
+    "lora_r: " + "9" * 4000 + "\n",  # a number whose digits alone are 4 kB
+    "train_data: [" + ", ".join(["x" * 1000] * 500) + "]\n",  # a run key of the wrong type
+    "dataset_name: " + "y" * 100_000 + "\n",  # two names for one thing, one of them huge
+])
+def test_a_huge_bad_value_is_never_echoed_in_full(capsys, tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\ntrain_data: d\n" + text)
+    line = usage_error(capsys, "train", str(path))
+    assert "is invalid" in line or "unknown config keys" in line
+    assert len(line) < 800 + len(str(path))
 
 
 def test_resume_flags_keep_the_config_path(trainer, cfg):
@@ -268,7 +329,8 @@ def test_prepare_takes_the_underscore_flags_and_the_dashed_ones(monkeypatch, cap
     out = str(tmp_path / "pairs.store")
     assert main(["prepare", str(tmp_path / "pairs.jsonl"), "--tokenizer", "tok", *flags, "--output", out]) == 0
     assert seen == dict(data=str(tmp_path / "pairs.jsonl"), tokenizer="tokenizer of tok", max_length=64,
-                        max_prompt_length=32, max_completion_length=16, cache_dir="c", skip_invalid=True, saved=out)
+                        max_prompt_length=32, max_completion_length=16, cache_dir="c", skip_invalid=True, saved=out,
+                        max_row_bytes=None, chat_template=None)
     assert "a report" in capsys.readouterr().out
 
 

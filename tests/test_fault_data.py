@@ -292,6 +292,9 @@ ROW_CASES: dict[str, tuple[bytes, str, str]] = {
     "a JSON string, not an object": (b'"just text"', "not_an_object", "string"),
     "wrong type": (b'{"prompt": "p", "chosen": 5, "rejected": " b"}', "non_string_content", "int"),
     "missing field": (b'{"prompt": "p", "rejected": " b"}', "missing_field", "'chosen'"),
+    # Python refuses to convert an int of over 4300 digits: a bare ValueError with no file or line, before
+    "an integer of 5000 digits": (b'{"prompt": "p", "chosen": ' + b"7" * 5000 + b', "rejected": " b"}', "number_too_long", "5,000 digits"),
+    "an integer of 5000 digits in another column": (b'{"prompt": "p", "chosen": " a", "rejected": " b", "score": -' + b"7" * 5000 + b"}", "number_too_long", "5,000 digits"),
 }
 
 
@@ -370,6 +373,7 @@ FILE_CASES: dict[str, tuple[str, Callable[[], bytes], tuple[str, ...]]] = {
     "a corrupt .jsonl.gz": ("rows.jsonl.gz", lambda: gzip.compress(b"\n".join(line(good_row(i)) for i in range(50)))[:-30], ("rows.jsonl.gz", "gzip")),
     "not gzip at all": ("rows.jsonl.gz", lambda: b"plain text, not gzip", ("rows.jsonl.gz", "gzip")),
     "not a parquet file": ("rows.parquet", lambda: b"PAR1 but not really", ("rows.parquet", "Parquet")),
+    "an integer of 5000 digits in a .json file": ("rows.json", lambda: b'[{"prompt": "p", "chosen": ' + b"7" * 5000 + b', "rejected": " b"}]', ("rows.json", "5,000 digits")),
     "every line unreadable": ("rows.jsonl", lambda: b"\xff\xfe\n{broken\n", ("rows.jsonl", "line 1", "UTF-8", "no readable row")),
 }
 
@@ -381,6 +385,70 @@ def test_unreadable_file_names_the_file(case: str, tok: Any, tmp_path: Path) -> 
     path.write_bytes(data())
     for skip in (False, True):  # a file that cannot be read is not a bad row: skipping does not hide it
         expect(lambda: load_preferences(path, tok, cache_dir=None, progress=False, skip_invalid=skip), DataSourceError, *names)
+
+
+def as_source(kind: str, tmp_path: Path, rows: list[dict[str, Any]]) -> Any:
+    """`rows` as a datasets.Dataset or a file of the suffix `kind`."""
+    if kind == "dataset":
+        return datasets.Dataset.from_list(rows)
+    path = tmp_path / f"rows.{kind}"
+    text = json.dumps(rows) if kind == "json" else "".join(json.dumps(r) + "\n" for r in rows)
+    path.write_bytes(gzip.compress(text.encode(), compresslevel=1) if kind.endswith(".gz") else text.encode())
+    return path
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "jsonl.gz", "json", "dataset"])
+@pytest.mark.parametrize("field", ["prompt", "chosen", "message content"])
+def test_an_oversize_row_is_a_named_skippable_bad_row(kind: str, field: str, tok: Any, tmp_path: Path) -> None:
+    """A row far longer than max_length could use (here 3 MB with max_length=64: the limit is 1 MiB)
+    is refused before it is parsed (JSON Lines) or tokenized (every source), named, and skippable."""
+    text = "lol " * 750_000
+    if field == "message content":
+        rows = [conv_row(i) for i in range(4)]
+        rows[1]["chosen"] = [{"role": "assistant", "content": text}]
+    else:
+        rows = [good_row(i) for i in range(4)]
+        rows[1][field] = text
+    source = as_source(kind, tmp_path, rows)
+    where = "Dataset" if kind == "dataset" else f"rows.{kind}"
+    start = time.perf_counter()
+    err = expect(lambda: load_preferences(source, tok, max_length=64, cache_dir=None, progress=False), InvalidRowError,
+                 where, "row 1", "over the row limit of 1,048,576 (max_row_bytes")
+    assert err.row == 1  # type: ignore[attr-defined]
+    store, report = load_preferences(source, tok, max_length=64, cache_dir=None, progress=False, skip_invalid=True)
+    assert report.skipped == {"row_too_large": 1} and store.ids().tolist() == [0, 2, 3]
+    assert time.perf_counter() - start < 10  # before: the whole row went through the template and tokenizer
+
+
+def test_an_oversize_jsonl_line_is_never_held_whole(tok: Any, tmp_path: Path) -> None:
+    """A 24 MB line (in a 25 kB .jsonl.gz) is read in chunks and dropped: peak Python memory stays
+    a few MB; before, the line, its text and its parse were each held whole."""
+    import tracemalloc
+
+    big = json.dumps({"prompt": "p" * (24 << 20), "chosen": " a", "rejected": " b"}).encode()
+    path = tmp_path / "rows.jsonl.gz"
+    path.write_bytes(gzip.compress(b"\n".join([line(good_row(0)), big, line(good_row(2))]) + b"\n"))
+    tracemalloc.start()
+    try:
+        store, report = load_preferences(path, tok, max_length=64, cache_dir=None, progress=False, skip_invalid=True)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert report.skipped == {"row_too_large": 1} and store.ids().tolist() == [0, 2]
+    assert peak < 8 << 20, f"peak {peak / 2**20:.0f} MiB"
+
+
+def test_max_row_bytes_overrides_the_limit_and_keys_the_cache(tok: Any, tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    rows = [good_row(0), {**good_row(1), "prompt": "word " * 40}, good_row(2)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    size = len(json.dumps(rows[1]))
+    for limit, kept in ((size - 1, [0, 2]), (size, [0, 1, 2]), (None, [0, 1, 2])):
+        store, report = load_preferences(path, tok, max_row_bytes=limit, cache_dir=tmp_path / "cache", progress=False,
+                                         skip_invalid=True)
+        assert store.ids().tolist() == kept, limit  # a cached store of another limit is never reused
+    with pytest.raises(InvalidRowError, match=rf"row 1 \(line 2\): {size:,} bytes, over the row limit of {size - 1:,}"):
+        load_preferences(path, tok, max_row_bytes=size - 1, cache_dir=None, progress=False)
 
 
 def test_a_byte_order_mark_is_not_an_error(tok: Any, tmp_path: Path) -> None:
@@ -449,3 +517,37 @@ def test_an_unwritable_cache_dir_loads_without_caching(where: str, tok: Any, tmp
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert not load_preferences(ds, tok, cache_dir=cache_dir, progress=False)[1].cache_hit
+
+
+# --------------------------------------------------------------------------------------------
+# `epsdpo prepare`: the same bad rows, as one line
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad, flags, message", [
+    (b'{"prompt": "p", "chosen": ' + b"7" * 5000 + b', "rejected": " b"}', [], "holds an integer of 5,000 digits"),
+    (line({**good_row(1), "prompt": "x" * 2000}), ["--max_row_bytes", "1000"], "2,076 bytes, over the row limit of 1,000"),
+], ids=["5000-digit integer", "oversize row"])
+def test_prepare_names_a_bad_row_in_one_line_and_skips_it_when_asked(bad, flags, message, tok, tmp_path, capsys):
+    from epsdpo.cli import main
+
+    tok.save_pretrained(tmp_path / "tok")
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\n".join([line(good_row(0)), bad, line(good_row(2))]) + b"\n")
+    argv = ["prepare", str(path), "--tokenizer", str(tmp_path / "tok"), "--cache_dir", "disabled", *flags]
+    with pytest.raises(SystemExit, match=rf"^epsdpo prepare: rows.jsonl: row 1 \(line 2\): {message}"):
+        main(argv)  # before: a bare ValueError and its traceback, naming no file
+    assert main([*argv, "--skip_invalid"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--max_length", "--max_prompt_length", "--max_completion_length", "--max_row_bytes"])
+@pytest.mark.parametrize("value", ["0", str(10**30)])
+def test_prepare_refuses_an_out_of_range_size_as_a_usage_error(flag, value, tmp_path, capsys):
+    from epsdpo.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare", str(tmp_path / "rows.jsonl"), "--tokenizer", "tok", flag, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"error: argument {flag}: {flag[2:]}={value} is invalid" in err.splitlines()[-1]

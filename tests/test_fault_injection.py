@@ -11,6 +11,7 @@ Tampered checkpoint files are tests/test_checkpoint_safety.py's subject.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -368,6 +369,44 @@ def test_a_full_disk_fails_the_checkpoint_naming_the_file_and_keeps_the_last_one
 
     if not (isinstance(error, OSError) and str(written) in str(error)):
         raise UnnamedFileError(f"writing {written} on a full disk raised {type(error).__name__}: {error}")
+
+
+def _raise(error: BaseException):
+    def writer(path: Path) -> None:
+        raise error
+    return writer
+
+
+WRITE_FAILURES = {
+    # what a full filesystem or a file-size limit raises: errno and strerror must survive
+    "file too large": (_raise(OSError(errno.EFBIG, "File too large")), errno.EFBIG, "File too large"),
+    "disk full": (_raise(OSError(errno.ENOSPC, "No space left on device", "/elsewhere")), errno.ENOSPC,
+                  "No space left on device"),
+    "a real write into a missing folder": (lambda path: (path.parent / "gone" / "x").write_bytes(b"x"), errno.ENOENT,
+                                           "No such file or directory"),
+    # torch.save on a full disk: no errno at all, only the library's words
+    "torch's iostream error": (_raise(RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")),
+                               None, "RuntimeError: [enforce fail at inline_container.cc:603]"),
+    "an OSError without errno": (_raise(OSError("iostream error")), None, "OSError: iostream error"),
+}
+
+
+@pytest.mark.parametrize("case", list(WRITE_FAILURES))
+def test_a_failed_write_keeps_errno_and_strerror_and_names_the_file(tmp_path, case):
+    """Before: `[Errno 27] None: '.../model.safetensors'` for a file too large, and `[Errno None] None: ...`
+    for an error without errno; the reason was lost from the message."""
+    from epsdpo.checkpoint import write_file
+
+    writer, code, reason = WRITE_FAILURES[case]
+    path = tmp_path / "model.safetensors"
+    with pytest.raises(OSError) as failed:
+        write_file(path, writer)
+    error = failed.value
+    assert error.errno == code and error.filename == str(path)
+    assert str(path) in str(error) and reason in str(error) and "None" not in str(error), str(error)
+    if code is not None:
+        assert str(error) == f"[Errno {code}] {reason}: '{path}'" and error.strerror == reason
+    assert isinstance(error.__cause__, BaseException)  # the library's own error stays attached
 
 
 def toy_big_store(pairs: int, seed: int, length: int = 100) -> epsdpo.PreferenceStore:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import epsdpo
-from epsdpo.checkpoint import TRAINER_STATE, CheckpointError, _write_manifest
+from epsdpo.checkpoint import TRAINER_STATE, CheckpointError, _load_training_state, _write_manifest
 from epsdpo.config import TrainConfig
 from epsdpo.run_identity import UnverifiedResumeWarning
 from epsdpo.trainer import Trainer
@@ -224,5 +224,8 @@ def test_a_missing_training_state_is_named_missing(runs, tmp_path):
     (copy / "training_state.pt").unlink()
     (copy / "manifest.json").unlink()
     _write_manifest(copy)  # as if the manifest never listed it
-    with pytest.raises(CheckpointError, match=r"training_state\.pt is missing: the checkpoint has no optimizer"):
+    # the manifest check names it first; the loader, reached without one, names it too
+    with pytest.raises(CheckpointError, match=r"does not list training_state\.pt, which resuming reads"):
         resume(copy, tmp_path / "resumed")
+    with pytest.raises(CheckpointError, match=r"training_state\.pt is missing: the checkpoint has no optimizer"):
+        _load_training_state(copy)

@@ -101,6 +101,15 @@ BAD_VALUES = [
     ("bf16", "nope"), ("bf16", 1), ("beta", "abc"), ("layout", "ragged"), ("dtype", "int8"), ("max_steps", 0),
     ("adam_beta2", 1.0), ("max_grad_norm", math.inf), ("output_dir", ""), ("report_to", "comet_ml"),
     ("save_total_limit", 0), ("epsilon_check", 1.0), ("overwrite_output_dir", "yes"),
+    # too large for the Rust core or torch: refused by name instead of an OverflowError deep inside
+    ("max_length", 10**30), ("per_device_train_batch_size", 10**30), ("max_tokens_per_batch", 10**30),
+    ("gradient_accumulation_steps", 2**31), ("max_steps", 10**30), ("lora_r", 10**30), ("seed", 2**32),
+    ("num_train_epochs", 1e300), ("warmup_steps", 1e300), ("max_row_bytes", 0),
+    # not a device torch trains on
+    ("device", "banana"), ("device", "meta"), ("device", ""),
+    ("lora_target_modules", []), ("lora_target_modules", [""]), ("lora_target_modules", 5),
+    # the command line's JSON form: nested past the recursion limit, an integer over Python's 4300 digits
+    ("model_init_kwargs", "[" * 100_000 + "]" * 100_000), ("model_init_kwargs", '{"a": ' + "1" * 5000 + "}"),
 ]
 
 
@@ -108,6 +117,29 @@ BAD_VALUES = [
 def test_every_bad_value_is_refused_naming_the_field(field, value):
     with pytest.raises(ValueError, match=rf"^{field}=.* is invalid: must be "):
         TrainConfig(**{field: value})
+
+
+def test_a_device_this_machine_lacks_is_refused_by_the_trainer_naming_the_field(tmp_path):
+    """A config naming a GPU is valid where it is written (a GPU cell checked on a laptop); the run that
+    would train on it is refused before loading anything."""
+    config = TrainConfig(output_dir=str(tmp_path), device="cuda:99")
+    with pytest.raises(ValueError, match=r"^device='cuda:99' is invalid: must be a device this machine has"):
+        Trainer(tiny_llama(0), config, toy_store())
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("all-linear", "all-linear"), (["all-linear"], "all-linear"),  # TRL's value, as a string or one-name list
+    (["q_proj", "v_proj"], ["q_proj", "v_proj"]), (".*proj", ".*proj"), (None, None)])
+def test_lora_target_modules_take_peft_strings_and_lists(value, expected):
+    assert TrainConfig(lora_target_modules=value).lora_target_modules == expected
+
+
+def test_all_linear_adapts_every_linear_layer_but_the_head():
+    from epsdpo.models import with_lora
+
+    model = with_lora(tiny_llama(0), TrainConfig(use_peft=True, lora_target_modules="all-linear"))
+    adapted = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
 def test_numbers_are_widened_and_kept():

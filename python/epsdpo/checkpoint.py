@@ -23,7 +23,12 @@ whole checkpoint or none.
 - Outside `sharded/`, nothing is unpickled with arbitrary classes: `training_state.pt` is read with
   `torch.load(weights_only=True)`, which accepts tensors and plain containers only.
 - `manifest.json`, written last, lists every file's size and SHA-256. Its presence marks a finished
-  checkpoint, and resuming verifies every entry and names the file that does not match.
+  checkpoint, and resuming verifies every entry and names the file that does not match. The manifest
+  must be a regular file of at most 16 MiB (a FIFO would block resume forever, a link to /dev/zero
+  fill memory) and must list every file resume reads (`resume_reads`: the weights, every file of
+  `sharded/`, the training, KL, sampler, trainer and config state): a manifest listing less (`{"files":
+  {}}`) would verify nothing and leave those files loaded unchecked. Each listed file must be a regular
+  file inside the checkpoint. A file the manifest does not list is ignored: resume never reads it.
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ MANIFEST = "manifest.json"  # written last: its presence marks a finished checkp
 TRAINER_STATE = "trainer_state.json"
 TRAINING_CONFIG = "training_config.json"  # the TrainConfig; config.json is the model's, as from_pretrained expects
 SHARDED = "sharded"
+# What resume reads besides the weights (`resume_reads`): each must be in the manifest, or it is read unchecked.
+RESUME_STATE_FILES = ("training_state.pt", "kl_controller.bin", "sampler.bin", TRAINER_STATE, TRAINING_CONFIG)
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest lists a few dozen files (thousands for FSDP shards): kilobytes
 # what save_pretrained writes in a safetensors header; transformers 4.x's from_pretrained refuses a file
 # whose metadata lacks it (safetensors' save_model writes metadata of its own for tied weights)
 SAFETENSORS_METADATA = {"format": "pt"}
@@ -261,13 +269,27 @@ def previous_run_outputs(output_dir: Path) -> list[Path]:
 def write_file(path: Path, writer: Any) -> None:
     """Run a writer, naming the file when it fails: on a full disk torch.save says only 'iostream
     error', safetensors raises its own SafetensorError, and Path.write_bytes an OSError without the
-    file's name."""
+    file's name. An OSError keeps its errno and strerror (ENOSPC, EFBIG: `error.errno` tells a full
+    disk from the rest) and gets this file as its filename, so that its message shows all three; an
+    error with no errno becomes a FileWriteError naming the file and quoting the writer's error."""
     try:
         writer(path)
     except Exception as error:  # noqa: BLE001 - each library fails in its own type; all mean "not written"
-        failure = OSError(f"could not write {path}: {error}")
-        failure.errno, failure.filename = getattr(error, "errno", None), str(path)
+        code = getattr(error, "errno", None)
+        if isinstance(error, OSError) and isinstance(code, int):
+            failure = OSError(code, error.strerror or os.strerror(code), str(path))  # "[Errno 28] No space left on device: '<file>'"
+        else:
+            failure = FileWriteError(f"could not write {path}: {type(error).__name__}: {error}")
+            failure.filename = str(path)
         raise failure from error
+
+
+class FileWriteError(OSError):
+    """A write failed with no errno (torch.save's 'iostream error', safetensors' own errors): an OSError
+    naming the file in `filename`, whose message is never OSError's '[Errno None] None: <file>'."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.errno is None and self.args else super().__str__()
 
 
 def _files(root: Path) -> list[Path]:
@@ -294,28 +316,85 @@ def _write_manifest(root: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def verify_checkpoint(path: Path) -> None:
-    """Every file of the manifest is present with its size and SHA-256; raises CheckpointError naming
-    the first that is not."""
+def resume_reads(path: Path, reference: bool = False) -> list[str]:
+    """Every file (relative to `path`) that resuming from checkpoint `path` reads: its weights
+    (`reference`: also the moved reference's, as TR-DPO resumes it; FSDP: every file of `sharded/`,
+    which DCP reads as its pickled metadata says) and its state files."""
+    if (path / SHARDED).is_dir():
+        weights = sorted(p.relative_to(path).as_posix() for p in (path / SHARDED).rglob("*") if not p.is_dir())
+    else:
+        weights = ["model.safetensors", *(["reference.safetensors"] if reference else [])]
+    return [*weights, *RESUME_STATE_FILES]
+
+
+def _read_manifest(path: Path) -> dict[str, dict[str, Any]]:
+    """The manifest's `files` mapping, read as a regular file of bounded size and checked entry by entry."""
+    from epsdpo.safe_files import FileRefused, read_regular_file
+
     manifest_path = path / MANIFEST
     try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-        if not isinstance(files, dict):
-            raise TypeError("'files' is not a mapping")
+        manifest = json.loads(read_regular_file(manifest_path, MAX_MANIFEST_BYTES))
     except FileNotFoundError:
         raise CheckpointError(f"{path} is not a complete epsdpo checkpoint (no {MANIFEST})") from None
-    except (ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{manifest_path} is unreadable: {error}") from None
+    except FileRefused as error:
+        raise CheckpointError(f"{manifest_path} {error.reason}, so it is not read") from None
+    except (OSError, ValueError, RecursionError) as error:  # unreadable, not UTF-8, not JSON, nested too deeply
+        raise CheckpointError(f"{manifest_path} is unreadable: {type(error).__name__}: {str(error)[:200]}") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{manifest_path} is unreadable: it holds no 'files' mapping")
     for name, entry in files.items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{file} is listed in {MANIFEST} but missing")
-        size = file.stat().st_size
-        if size != entry.get("size"):
-            raise CheckpointError(f"{file} has {size} bytes, the manifest says {entry.get('size')}: truncated or replaced")
-        if _sha256(file) != entry.get("sha256"):
-            raise CheckpointError(f"{file} does not match its SHA-256 in {MANIFEST}: the file was altered or corrupted")
+        inside = not name.startswith("/") and ".." not in name.split("/") and "\\" not in name and name != ""
+        if not inside:
+            raise CheckpointError(f"{manifest_path} lists {name[:200]!r}, which is not a file inside the checkpoint")
+        if not (isinstance(entry, dict) and type(entry.get("size")) is int and isinstance(entry.get("sha256"), str)):
+            raise CheckpointError(f"{manifest_path}: the entry of {name!r} is not {{size: an integer, sha256: a string}}")
+    return files
+
+
+def verify_checkpoint(path: Path, reference: bool = False) -> None:
+    """The manifest is a regular file of bounded size that lists every file resuming reads
+    (`resume_reads`; `reference`: the run resumes a moving reference), and every file it lists is a
+    regular file with its size and SHA-256; raises CheckpointError naming the first that is not."""
+    files = require_listed(path, resume_reads(path, reference))
+    for name, entry in files.items():
+        _verify_file(path / name, entry)
+
+
+def require_listed(path: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """The manifest's entries, after checking that it lists every one of `names` (a file resume reads
+    that the manifest leaves out would be loaded unverified)."""
+    files = _read_manifest(path)
+    unlisted = [name for name in names if name not in files]
+    if unlisted:
+        raise CheckpointError(f"{path / MANIFEST} does not list {', '.join(unlisted[:5])}"
+                              f"{f' and {len(unlisted) - 5} more' if len(unlisted) > 5 else ''}, which resuming reads: "
+                              "the checkpoint is incomplete or its manifest was replaced")
+    return files
+
+
+def _verify_file(file: Path, entry: dict[str, Any]) -> None:
+    """One listed file: opened without blocking and refused unless regular (a FIFO or a device listed
+    in a manifest would hang or never end the hash), then its size and SHA-256."""
+    from epsdpo.safe_files import FileRefused, open_regular_file
+
+    try:
+        fd = open_regular_file(file)
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} is listed in {MANIFEST} but missing") from None
+    except FileRefused as error:
+        raise CheckpointError(f"{file} is listed in {MANIFEST} but {error.reason.removeprefix('is ')}") from None
+    except OSError as error:
+        raise CheckpointError(f"{file} is listed in {MANIFEST} but cannot be read ({error.strerror})") from None
+    with os.fdopen(fd, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size != entry["size"]:
+            raise CheckpointError(f"{file} has {size} bytes, the manifest says {entry['size']}: truncated or replaced")
+        digest = hashlib.sha256()
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    if digest.hexdigest() != entry["sha256"]:
+        raise CheckpointError(f"{file} does not match its SHA-256 in {MANIFEST}: the file was altered or corrupted")
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -341,6 +420,19 @@ def resolve_checkpoint(output_dir: Path, resume: str | Path | bool) -> Path:
     if not (path / MANIFEST).exists():
         raise FileNotFoundError(f"{path} is not a complete epsdpo checkpoint (no {MANIFEST})")
     return path
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """trainer_state.json of a verified checkpoint, as a mapping; anything else (nested past the
+    recursion limit, not an object: checksums can be recomputed) is a CheckpointError naming it."""
+    file = path / TRAINER_STATE
+    try:
+        state = json.loads(file.read_bytes())
+    except (ValueError, RecursionError) as error:
+        raise CheckpointError(f"{file} is unreadable: {type(error).__name__}: {str(error)[:200]}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file} is unreadable: a JSON {type(state).__name__}, not an object")
+    return state
 
 
 def _load_training_state(path: Path) -> dict[str, Any]:
@@ -384,6 +476,6 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     return {
         "kl_state": (path / "kl_controller.bin").read_bytes(),
         "sampler_state": (path / "sampler.bin").read_bytes(),
-        "trainer_state": json.loads((path / TRAINER_STATE).read_text()),
+        "trainer_state": read_trainer_state(path),
         "extra_state": training.get("extra", {}),
     }

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from epsdpo import __version__
+from epsdpo.safe_yaml import shown
 
 
 @dataclass
@@ -65,14 +66,14 @@ class RunArguments:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value is not None and not isinstance(value, str):
-                raise ValueError(f"{f.name}={value!r} is invalid: must be a path or hub id (a string)")
+                raise ValueError(f"{f.name}={shown(value)} is invalid: must be a path or hub id (a string)")
         # TRL's spellings fill ours; both at once would leave it unclear which one trains
         for trl_name, name in (("model_name_or_path", "model"), ("dataset_name", "train_data"),
                                ("dataset_train_split", "train_split")):
             given = getattr(self, trl_name)
             if given is not None and getattr(self, name) is not None and given != getattr(self, name):
-                raise ValueError(f"{trl_name}={given!r} is invalid: must be unset when {name} is set "
-                                 f"({getattr(self, name)!r}); they are two names for one thing")
+                raise ValueError(f"{trl_name}={shown(given)} is invalid: must be unset when {name} is set "
+                                 f"({shown(getattr(self, name))}); they are two names for one thing")
             if given is not None:
                 setattr(self, name, given)
 
@@ -324,6 +325,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from epsdpo.checkpoint import CheckpointError
     from epsdpo.data.sources import DataSourceError
     from epsdpo.launcher import LauncherSettingError
+    from epsdpo.models import ChatTemplateError
     from epsdpo.trainer import Trainer
 
     try:
@@ -341,8 +343,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             tokenizer=run_args.tokenizer, ref_model=run_args.ref_model, eval_dataset=eval_dataset,
         )
         trainer.train(resume_from_checkpoint=True if args.resume else args.resume_from_checkpoint)
-    except (FileExistsError, FileNotFoundError, CheckpointError, DataSourceError, LauncherSettingError) as error:
-        # What the user fixes by choosing another folder, checkpoint or launcher config: one line, no traceback
+    except (FileExistsError, FileNotFoundError, CheckpointError, DataSourceError, LauncherSettingError,
+            ChatTemplateError) as error:
+        # What the user fixes by choosing another folder, checkpoint, launcher config or template: one line,
+        # no traceback
         raise SystemExit(f"epsdpo train: {error}") from None
     if trainer.dist.is_main:
         print(f"done: {trainer.state.global_step} steps, β {trainer.kl.beta:.6g}; outputs in {config.output_dir}")
@@ -350,23 +354,30 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from epsdpo.config import MAX_INT
     from epsdpo.data import DataSourceError, InvalidRowError, load_preferences
     from epsdpo.data.cache import DEFAULT, resolve_cache_dir
-    from epsdpo.models import load_tokenizer
+    from epsdpo.models import ChatTemplateError, load_tokenizer, read_chat_template
 
     cache_dir = DEFAULT if args.cache_dir is None else args.cache_dir
     try:
         resolve_cache_dir(cache_dir)  # a word like "none" is refused before any work
     except ValueError as error:
         args.parser.error(f"argument --cache_dir: {error}")
+    for name in ("max_length", "max_prompt_length", "max_completion_length", "max_row_bytes"):
+        value = getattr(args, name)
+        if value is not None and not 1 <= value <= MAX_INT:  # before the Rust core sees it, as TrainConfig checks
+            args.parser.error(f"argument --{name}: {name}={value} is invalid: must be an integer in [1, {MAX_INT}]")
     try:
+        chat_template = None if args.chat_template_path is None else read_chat_template(args.chat_template_path)
         tokenizer = load_tokenizer(args.tokenizer)
         store, report = load_preferences(
             _load_data(args.data, args.split, args.dataset_config), tokenizer, max_length=args.max_length,
             max_prompt_length=args.max_prompt_length, max_completion_length=args.max_completion_length,
-            cache_dir=cache_dir, skip_invalid=args.skip_invalid,
+            cache_dir=cache_dir, skip_invalid=args.skip_invalid, max_row_bytes=args.max_row_bytes,
+            chat_template=chat_template,
         )
-    except (DataSourceError, InvalidRowError, OSError) as error:
+    except (DataSourceError, InvalidRowError, OSError, ChatTemplateError) as error:
         # What the user fixes in the data, the path or the network: one line, no traceback
         raise SystemExit(f"epsdpo prepare: {error}") from None
     print(report)  # it names the cache file, which train_data may name too
@@ -415,6 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     _option(prepare, "cache_dir", "dataset_cache_dir", default=None,
             help="cache the tokenized store here; 'disabled': no caching (default: $EPSDPO_CACHE, else "
                  "$XDG_CACHE_HOME/epsdpo, else ~/.cache/epsdpo)")
+    _option(prepare, "chat_template_path", default=None,
+            help="a .jinja chat template file that replaces the tokenizer's, for conversational data (TRL's name)")
+    _option(prepare, "max_row_bytes", type=int, default=None,
+            help="largest raw row in bytes; a larger one is a bad row (default: 1 KiB per token of max_length, at "
+                 "least 1 MiB; 64 MiB without max_length)")
     _option(prepare, "skip_invalid", action="store_true", help="skip and count rows that cannot become pairs")
     _option(prepare, "output", help="also save the store to this file (train on it with train_data: FILE.store)")
     prepare.set_defaults(func=cmd_prepare, parser=prepare)

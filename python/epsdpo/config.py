@@ -15,12 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from epsdpo.safe_yaml import MAX_SHOWN, load_config_yaml, shown
+
 REPORTER_ALONE = ("jsonl", "none", "all")
 REPORTER_BACKENDS = ("tensorboard", "wandb", "trackio", "mlflow")
 REPORTERS = REPORTER_ALONE + REPORTER_BACKENDS
 
 Layout = Literal["padded", "packed", "shared_prompt"]
 LAYOUTS: tuple[str, ...] = typing.get_args(Layout)  # the batch layouts of the Rust collator
+
+# The largest value of any integer field (and of the step and epoch counts given as floats): the Rust core
+# and torch hold these as 32- or 64-bit integers, so a larger one would fail deep inside them, unnamed.
+MAX_INT = 2**31 - 1
+# Device types a run can train on; anything else torch.device parses (meta, ...) holds no real data.
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+CHAT_TEMPLATE_SUFFIXES = (".jinja", ".j2")  # what TRL reads as a template file rather than a tokenizer
 
 
 @dataclass
@@ -189,9 +198,22 @@ class TrainConfig:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank, >= 1 (TRL's default)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling α, >= 1 (TRL's default)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input, in [0, 1) (TRL's default)."})
+    # Also holds one string (all-linear, a pattern), as TRL's field of the same annotation does: `str | list[str]`
+    # would make HfArgumentParser read the flag as one word, not a list of names.
     lora_target_modules: list[str] | None = field(default=None, metadata={"help": (
-        "Module names LoRA adapts, e.g. q_proj v_proj; None: PEFT's default for the architecture (TRL's "
-        "meaning).")})
+        "Module names LoRA adapts, e.g. q_proj v_proj, or one string in PEFT's meaning: all-linear (every "
+        "linear layer but the output head) or a regular expression the full module name must match. None: "
+        "PEFT's default for the architecture (TRL's meaning; a one-name list is that string, as in TRL).")})
+    chat_template_path: str | None = field(default=None, metadata={"help": (
+        "A Jinja chat template file (.jinja or .j2) that replaces the tokenizer's, for conversational data whose "
+        "tokenizer has none or the wrong one (TRL's SFT/reward meaning for a template file; TRL's other form, "
+        "a tokenizer to clone the template and its special tokens from, is not supported). None: the "
+        "tokenizer's own template.")})
+    max_row_bytes: int | None = field(default=None, metadata={"help": (
+        "Largest raw row of the data, in bytes (a JSON Lines line; for other sources the characters of a "
+        "row's texts), >= 1: a larger row is a bad row (row_too_large), an error or skipped with skip_invalid, "
+        "and is never parsed or tokenized. None: 1 KiB per token of max_length, at least 1 MiB (64 MiB without "
+        "max_length). See docs/data.md.")})
     disable_dropout: bool = field(default=True, metadata={"help": (
         "Turn every dropout of the policy and the reference off, so that both score a sequence the same way "
         "and the implicit rewards are not noise (TRL's meaning and default).")})
@@ -276,14 +298,25 @@ class TrainConfig:
         if isinstance(self.model_init_kwargs, str):  # the command line's JSON form
             try:
                 self.model_init_kwargs = json.loads(self.model_init_kwargs)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"model_init_kwargs={self.model_init_kwargs!r} is invalid: must be a JSON object "
-                                 f"({error})") from None
+            # not JSON, an integer over Python's 4300 digits (ValueError), nested past the recursion limit
+            except (ValueError, RecursionError) as error:
+                raise ValueError(f"model_init_kwargs={shown(self.model_init_kwargs)} is invalid: must be a JSON object "
+                                 f"({shown(str(error))[1:-1]})") from None
         _check(self.model_init_kwargs is None or isinstance(self.model_init_kwargs, dict), "model_init_kwargs",
                self.model_init_kwargs, "a mapping (or its JSON string) or None")
         _check(self.lora_r >= 1 and self.lora_alpha >= 1, "lora_r", (self.lora_r, self.lora_alpha),
                "lora_r and lora_alpha integers >= 1")
         _check(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "in [0, 1)")
+        if isinstance(self.lora_target_modules, list) and len(self.lora_target_modules) == 1:
+            self.lora_target_modules = self.lora_target_modules[0]  # TRL's ModelConfig does the same
+        _check(self.lora_target_modules is None or bool(self.lora_target_modules)
+               and all(self.lora_target_modules), "lora_target_modules", self.lora_target_modules,
+               "None, a module name pattern such as 'all-linear', or a non-empty list of module names")
+        self._check_device()
+        _check(self.chat_template_path is None or self.chat_template_path.endswith(CHAT_TEMPLATE_SUFFIXES),
+               "chat_template_path", self.chat_template_path,
+               "None or a .jinja or .j2 template file (TRL's other form, a tokenizer to clone the template from, "
+               "is not supported: save that tokenizer's chat_template to a .jinja file)")
         if isinstance(self.report_to, list) and len(self.report_to) == 1:
             self.report_to = self.report_to[0]  # one name as a list (what `--report_to wandb` parses to)
         reporters = [self.report_to] if isinstance(self.report_to, str) else self.report_to
@@ -323,7 +356,8 @@ class TrainConfig:
         _check(self.num_train_epochs > 0 or self.max_steps > 0, "num_train_epochs", self.num_train_epochs,
                "a finite number > 0 (or set max_steps >= 1)")
         _check(0 <= self.warmup_ratio <= 1, "warmup_ratio", self.warmup_ratio, "in [0, 1]")
-        _check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "a finite number >= 0")
+        _check(0 <= self.warmup_steps <= MAX_INT, "warmup_steps", self.warmup_steps, f"in [0, {MAX_INT}]")
+        _check(self.num_train_epochs <= MAX_INT, "num_train_epochs", self.num_train_epochs, f"at most {MAX_INT}")
         _check(not (self.warmup_steps and self.warmup_ratio), "warmup_ratio", self.warmup_ratio,
                f"0 when warmup_steps is set ({self.warmup_steps:g}): they are two spellings of one warm-up")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a finite number >= 0")
@@ -332,7 +366,7 @@ class TrainConfig:
         _check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "a finite number >= 0 (0 disables clipping)")
         for name in ("max_length", "max_prompt_length", "max_completion_length", "eval_steps", "save_steps",
                      "save_total_limit", "max_tokens_per_batch", "chunk_size", "precompute_ref_batch_size",
-                     "dataset_num_proc"):
+                     "dataset_num_proc", "max_row_bytes"):
             value = getattr(self, name)
             _check(value is None or value >= 1, name, value, "None or an integer >= 1")
         _check(0 <= self.seed < 2**32, "seed", self.seed, "an integer in [0, 2**32)")
@@ -346,6 +380,38 @@ class TrainConfig:
         if self.max_length is not None and self.max_prompt_length is not None:
             _check(self.max_prompt_length < self.max_length, "max_prompt_length", self.max_prompt_length,
                    f"below max_length ({self.max_length})")
+
+    def _check_device(self) -> None:
+        """A device torch can name, of a kind that trains: checked here so that the error names the
+        field instead of surfacing from torch at the first tensor moved. Whether this machine has it is
+        `check_device_present`'s, called by the Trainer: a config for a GPU run may be written and
+        checked on a machine without one."""
+        if self.device is None:
+            return
+        import torch
+
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, ValueError):
+            device = None
+        _check(device is not None and device.type in DEVICE_TYPES, "device", self.device,
+               "None or a torch device such as 'cpu', 'cuda' or 'cuda:1' (types: " + ", ".join(DEVICE_TYPES) + ")")
+
+    def check_device_present(self) -> None:
+        """The configured device exists on this machine (the Trainer calls this before loading
+        anything); the error names the field."""
+        if self.device is None:
+            return
+        import torch
+
+        device = torch.device(self.device)
+        if device.type == "cpu":
+            return
+        count = _device_count(device.type)
+        _check(count > 0, "device", self.device, f"a device this machine has: torch sees no {device.type} device")
+        _check(device.index is None or device.index < count, "device", self.device,
+               f"a device this machine has: torch sees {count} {device.type} device(s), "
+               f"{device.type}:0 to {device.type}:{count - 1}")
 
     def _check_precompute(self) -> None:
         """precompute_ref_log_probs replaces the reference by numbers fixed before training; refused
@@ -379,14 +445,21 @@ class TrainConfig:
                 setattr(self, f.name, float(value))
             elif dict in allowed and isinstance(value, (dict, str)):  # model_init_kwargs, checked in __post_init__
                 continue
+            elif list[str] in allowed and isinstance(value, str):  # report_to, lora_target_modules: one name
+                continue
             elif list[str] in allowed and isinstance(value, (list, tuple)):  # report_to: a list of names
                 _check(all(isinstance(v, str) for v in value), f.name, value, "a string or a list of strings")
                 setattr(self, f.name, list(value))
+            elif list[str] in allowed:
+                _check(False, f.name, value, "a string or a list of strings" + (" or None" if type(None) in allowed else ""))
             else:
                 kind = next(a for a in allowed if a is not type(None))
                 ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
                 _check(ok, f.name, value, f"{'an integer' if kind is int else 'a ' + kind.__name__}"
                        + (" or None" if type(None) in allowed else ""))
+                if kind is int:  # seed's own range is checked in __post_init__
+                    limit = 2**32 - 1 if f.name == "seed" else MAX_INT
+                    _check(value <= limit, f.name, value, f"an integer of at most {limit} (2**{limit.bit_length()} - 1)")
 
     def warmup_steps_for(self, total_steps: int) -> int:
         """Warm-up steps of a run of `total_steps` (transformers' `get_warmup_steps`)."""
@@ -455,9 +528,7 @@ class TrainConfig:
         taking precedence. `extras`: a dict whose keys the YAML and `overrides` may hold besides the
         fields (the `epsdpo train` run keys: model, train_data, ...); their values are written into it.
         Any other key is an error naming it."""
-        import yaml
-
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = load_config_yaml(path) or {}  # bounded: no alias bomb, no recursion overflow
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
         data.update(overrides or {})
@@ -475,6 +546,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _device_count(kind: str) -> int:
+    """How many devices of a kind torch sees here (mps: one or none)."""
+    import torch
+
+    if kind == "mps":
+        return int(torch.backends.mps.is_available())
+    backend = getattr(torch, kind, None)
+    return backend.device_count() if backend is not None and backend.is_available() else 0
 
 
 def _numeric(value: Any, hint: Any) -> Any:
@@ -498,9 +579,10 @@ def _refuse_unknown(data: dict[Any, Any], known: list[str]) -> None:
     if unknown:
         import difflib
 
-        close = {k: difflib.get_close_matches(str(k), known, n=1) for k in unknown}
-        hints = ", ".join(f"{m[0]!r}" + (f" for {k!r}" if len(unknown) > 1 else "") for k, m in close.items() if m)
-        raise ValueError(f"unknown config keys {unknown}" + (f" (did you mean {hints}?)" if hints else "")
+        unknown = unknown[:10]  # a file of a million keys gets a message of ten
+        close = {k: difflib.get_close_matches(str(k)[:MAX_SHOWN], known, n=1) for k in unknown}
+        hints = ", ".join(f"{m[0]!r}" + (f" for {shown(k)}" if len(unknown) > 1 else "") for k, m in close.items() if m)
+        raise ValueError(f"unknown config keys {shown(unknown)}" + (f" (did you mean {hints}?)" if hints else "")
                          + f"; known keys: {sorted(known)}")
 
 
@@ -513,4 +595,4 @@ def _allowed_types(hint: Any) -> tuple[Any, ...]:
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise ValueError(f"{name}={value!r} is invalid: must be {allowed}")
+        raise ValueError(f"{name}={shown(value)} is invalid: must be {allowed}")

@@ -56,7 +56,7 @@ def as_store(dataset: Any, config: TrainConfig, tokenizer: Any, collator: Collat
             dataset, tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
             max_completion_length=config.max_completion_length, prompt_truncation_mode=config.prompt_truncation_mode,
             cache_dir=DEFAULT if config.dataset_cache_dir is None else config.dataset_cache_dir,
-            skip_invalid=config.skip_invalid, progress=progress,
+            skip_invalid=config.skip_invalid, max_row_bytes=config.max_row_bytes, progress=progress,
         )
     if len(store) == 0:
         raise ValueError("the preference dataset is empty")

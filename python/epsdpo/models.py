@@ -129,6 +129,33 @@ def load_tokenizer(source: str | Path | nn.Module, init_kwargs: dict[str, Any] |
     return _from_pretrained(AutoTokenizer.from_pretrained, source, name, _LOCAL_ONLY, **kwargs)
 
 
+MAX_CHAT_TEMPLATE_BYTES = 1 << 20  # real templates are a few kB
+
+
+class ChatTemplateError(ValueError):
+    """chat_template_path names no readable template file; the message names the field and the file."""
+
+
+def read_chat_template(path: str | Path) -> str:
+    """The template that chat_template_path names (TRL's meaning for a .jinja/.j2 file: its text
+    replaces the tokenizer's chat template). Read as a regular UTF-8 file of at most 1 MiB."""
+    from epsdpo.safe_files import FileRefused, read_regular_file
+
+    where = f"chat_template_path={str(path)!r}"
+    try:
+        raw = read_regular_file(path, MAX_CHAT_TEMPLATE_BYTES)
+    except FileNotFoundError:
+        raise ChatTemplateError(f"{where}: no such file") from None
+    except FileRefused as error:
+        raise ChatTemplateError(f"{where}: {error.reason}") from None
+    except OSError as error:
+        raise ChatTemplateError(f"{where}: cannot be read ({error.strerror})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ChatTemplateError(f"{where}: not UTF-8 text (byte 0x{raw[error.start]:02x} at {error.start})") from None
+
+
 def is_peft_model(model: Any) -> bool:
     """True for a PEFT-wrapped model (one whose adapters can be switched off)."""
     return callable(getattr(model, "disable_adapter", None)) and callable(getattr(model, "get_base_model", None))

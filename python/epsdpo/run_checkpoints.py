@@ -21,6 +21,9 @@ from epsdpo.checkpoint import (
     begin_checkpoint,
     load_checkpoint,
     previous_run_outputs,
+    read_trainer_state,
+    require_listed,
+    resume_reads,
     save_checkpoint,
     save_sharded,
     staging_dir,
@@ -74,8 +77,10 @@ def resume_run(trainer: Trainer, path: Path) -> None:
     first), and that its step count agrees with its β state. Changes `resume_allow_changes` lets
     through are applied over the restored optimizer and scheduler, and recorded."""
     t = trainer
-    _verify_once(path, t.dist)
-    saved_state = json.loads((path / TRAINER_STATE).read_text())
+    # A moved reference is required only once the settings check has shown that the checkpoint's run
+    # moved it too (else the settings differ, and that is the message to give)
+    _verify_once(path, t.dist, reference=False)
+    saved_state = read_trainer_state(path)
     saved_world = saved_state.get("world_size", 1)
     if saved_world != t.dist.world_size:
         raise CheckpointError(
@@ -90,6 +95,8 @@ def resume_run(trainer: Trainer, path: Path) -> None:
             f"{t.config.method!r}, sync_ref_model={t.config.sync_ref_model}), but the run that wrote the checkpoint "
             "kept a fixed reference, so the moved reference to resume from does not exist"
         )
+    if t.method.moves_reference:
+        require_listed(path, resume_reads(path, reference=True))
     restored = load_checkpoint(path, t.model, t.optimizer, t.scheduler,
                                reference=t.ref_model if t.method.moves_reference else None,
                                sharded=t.sharded)
@@ -161,13 +168,13 @@ def claim_output_dir(output_dir: Path, overwrite: bool, dist: DistInfo) -> None:
     barrier(dist)
 
 
-def _verify_once(path: Path, dist: DistInfo) -> None:
+def _verify_once(path: Path, dist: DistInfo, reference: bool) -> None:
     """Rank 0 checks the manifest (hashing a large checkpoint once, not once per rank); every rank
-    learns the verdict."""
+    learns the verdict. `reference`: resume reads the moved reference's weights too."""
     error = None
     if dist.is_main:
         try:
-            verify_checkpoint(path)
+            verify_checkpoint(path, reference)
         except CheckpointError as caught:
             error = caught
     failed = all_reduce_sum(torch.tensor([float(error is not None)], dtype=torch.float64), dist).item()

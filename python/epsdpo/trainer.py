@@ -42,10 +42,12 @@ from epsdpo.methods import build_method
 from epsdpo.model_card import describe_source, write_run_card
 from epsdpo.models import (
     AdapterFreeReference,
+    ChatTemplateError,
     default_reference,
     disable_dropout,
     load_causal_lm,
     load_tokenizer,
+    read_chat_template,
     with_lora,
 )
 from epsdpo.precision import Precision, check_trainable_precision, fsdp_mixed_precision, torch_dtype
@@ -137,6 +139,7 @@ class Trainer:
         # what the launcher (accelerate launch) asks for is part of the run's settings, recorded with them
         self.config = config = apply_launcher_settings(config, os.environ)
         _check_evaluation_has_data(config, eval_dataset)
+        config.check_device_present()
         self.dist: DistInfo = init_from_env()
         torch.manual_seed(config.seed)
         auto = f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"
@@ -163,6 +166,16 @@ class Trainer:
 
     # --------------------------------------------------------------------------------- setup
     def _setup_tokenizer(self, tokenizer: Any, model: Any) -> Any:
+        tokenizer = self._find_tokenizer(tokenizer, model)
+        path = self.config.chat_template_path
+        if path is not None:  # as TRL's SFT and reward trainers apply a template file
+            if tokenizer is None:
+                raise ChatTemplateError(f"chat_template_path={path!r} is set but there is no tokenizer to give it to: "
+                                        "pass tokenizer=")
+            tokenizer.chat_template = read_chat_template(path)
+        return tokenizer
+
+    def _find_tokenizer(self, tokenizer: Any, model: Any) -> Any:
         if isinstance(tokenizer, (str, Path)):
             same = isinstance(model, (str, Path)) and str(tokenizer) == str(model)
             return load_tokenizer(tokenizer, self.config.tokenizer_load_kwargs(same_source=same))

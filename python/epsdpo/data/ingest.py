@@ -6,6 +6,8 @@ The path a row takes:
    local ``.jsonl`` / ``.json`` / ``.parquet`` file (optionally ``.gz``), a ``save_to_disk``
    folder, or a hub id.
 2. **Validate** (`_normalize_rows`): every bad row gets a reason code; nothing is dropped silently.
+   A row whose texts together exceed the row limit (`sources.row_byte_limit`, from ``max_length`` or
+   ``max_row_bytes``) is ``row_too_large`` before it reaches the template or the tokenizer.
 3. **Render** (`_render`): conversational rows go through the chat template once per text —
    prompt with the generation prompt, prompt + chosen, prompt + rejected — in bulk.
 4. **Tokenize** (`_split_tokenize`, :mod:`epsdpo.data.encoder`): each prompt is tokenized once,
@@ -38,7 +40,15 @@ import numpy as np
 from epsdpo._core import Collator, PreferenceStore
 from epsdpo.data import cache as _cache
 from epsdpo.data.encoder import BatchEncoder
-from epsdpo.data.sources import COLUMNS, DataSourceError, UnreadableRow, check_columns, open_source
+from epsdpo.data.sources import (
+    COLUMNS,
+    DataSourceError,
+    UnreadableRow,
+    check_columns,
+    open_source,
+    row_byte_limit,
+    too_large_message,
+)
 from epsdpo.data.stats import DataReport, compute_stats
 
 __all__ = ["DataSourceError", "InvalidRowError", "load_preferences"]
@@ -219,7 +229,18 @@ def _normalize_row(prompt: Any, chosen: Any, rejected: Any, fmt: Format, implici
     return p, c, r
 
 
-def _normalize_rows(batch: dict[str, list[Any]], first_row: int, fmt: Format, implicit: bool, bad: list[tuple[int, str, str]]) -> _Rows:
+def _text_size(value: Any) -> int:
+    """Characters of a row's value: a string, or every string field of its messages (what the
+    template may render)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, (list, tuple)):
+        return sum(len(v) for m in value if isinstance(m, Mapping) for v in m.values() if isinstance(v, str))
+    return 0
+
+
+def _normalize_rows(batch: dict[str, list[Any]], first_row: int, fmt: Format, implicit: bool, bad: list[tuple[int, str, str]],
+                    max_chars: int | None = None) -> _Rows:
     n = len(batch["chosen"])
     prompts = batch.get("prompt", [None] * n)
     rows = _Rows()
@@ -229,6 +250,11 @@ def _normalize_rows(batch: dict[str, list[Any]], first_row: int, fmt: Format, im
         if isinstance(unreadable, UnreadableRow):
             bad.append((row, unreadable.code, unreadable.message))
             continue
+        if max_chars is not None:  # a JSON Lines line is bounded in bytes before parsing; every source here
+            size = sum(_text_size(v) for v in (prompts[k], batch["chosen"][k], batch["rejected"][k]))
+            if size > max_chars:
+                bad.append((row, "row_too_large", too_large_message(size, max_chars, "characters of text")))
+                continue
         try:
             p, c, r = _normalize_row(prompts[k], batch["chosen"][k], batch["rejected"][k], fmt, implicit)
         except _Bad as e:
@@ -622,6 +648,7 @@ def load_preferences(
     prompt_truncation_mode: TruncationMode = "keep_end",
     chat_template: str | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
+    max_row_bytes: int | None = None,
     cache_dir: str | os.PathLike[str] | None | Any = _cache.DEFAULT,
     skip_invalid: bool = False,
     batch_size: int = 1000,
@@ -639,6 +666,10 @@ def load_preferences(
             Rust collator truncates; the store keeps full sequences). They drive the report's
             truncation and padding figures and are part of the cache key.
         chat_template_kwargs: extra variables for the template (e.g. ``enable_thinking``).
+        max_row_bytes: the largest raw row: a JSON Lines line over it (or, from any source, a row
+            whose texts hold more characters) is the bad row ``row_too_large``, never parsed nor
+            tokenized. None: 1 KiB per token of ``max_length``, at least 1 MiB (64 MiB without
+            ``max_length``).
         cache_dir: where the tokenized store and its report are cached. Default:
             ``$EPSDPO_CACHE``, else ``$XDG_CACHE_HOME/epsdpo``, else ``~/.cache/epsdpo``.
             ``None`` or ``"disabled"`` turns caching off (``TrainConfig.dataset_cache_dir=None``
@@ -659,7 +690,8 @@ def load_preferences(
              prompt_truncation_mode=prompt_truncation_mode)
     root = _cache.resolve_cache_dir(cache_dir)  # likewise a cache_dir that is no directory
     tokenizer = _resolve_tokenizer(tokenizer)
-    src = open_source(source, split)
+    row_limit = row_byte_limit(max_length, max_row_bytes)
+    src = open_source(source, split, row_limit)
     implicit = check_columns(src)
     template = _chat_template_of(tokenizer, chat_template)
     kwargs = dict(chat_template_kwargs or {})
@@ -671,6 +703,8 @@ def load_preferences(
     }
     if max_completion_length is not None:  # only when set, so that entries cached before it existed stay valid
         settings["max_completion_length"] = max_completion_length
+    if max_row_bytes is not None:  # likewise; the default limit follows max_length, already in the key
+        settings["max_row_bytes"] = max_row_bytes
     key = None
     if root is not None:
         used = [c for c in COLUMNS if c in src.column_names]
@@ -705,12 +739,14 @@ def load_preferences(
                 fmt = _detect_format(batch)
                 if fmt == "conversational":
                     if template is None:
-                        raise ValueError(
-                            "the data is conversational but the tokenizer has no chat template; pass chat_template=..."
+                        raise DataSourceError(  # the data and the tokenizer do not fit: one line from the CLI
+                            f"{src.description}: the data is conversational but the tokenizer has no chat template: set "
+                            "chat_template_path to a .jinja template file (TrainConfig, `epsdpo train` and "
+                            "`epsdpo prepare`), or pass chat_template=... to load_preferences"
                         )
                     templater = _Templater(tokenizer, chat_template, kwargs)
             before = len(bad)
-            rows = _normalize_rows(batch, row, fmt, implicit, bad)
+            rows = _normalize_rows(batch, row, fmt, implicit, bad, row_limit)
             _tokenize_batch(rows, fmt, enc, templater, built, bad)
             if len(bad) > before and not skip_invalid:
                 raise InvalidRowError(sorted((r, msg) for r, _, msg in bad[before:]), src.description, src.locate)

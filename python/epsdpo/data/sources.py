@@ -4,8 +4,10 @@ Every source is read as batches of Python objects (a dict of column lists), and 
 content for the cache without being parsed. Local JSON files are parsed with the standard library
 rather than Arrow, so a row whose value has the wrong type becomes a per-row error, not a failed load.
 Likewise a JSON Lines line that is not a row at all (not UTF-8, not JSON, nested too deeply, not an
-object) keeps its place as an :class:`UnreadableRow`, which ingestion reports (or skips) like any
-other bad row.
+object, holding an integer too long for Python to convert, longer than the row byte limit) keeps its
+place as an :class:`UnreadableRow`, which ingestion reports (or skips) like any other bad row. A line
+over the limit is read in bounded chunks and dropped, never held whole nor parsed
+(`row_byte_limit`: a 60 MB line costs a pass over its bytes, not gigabytes of parsed text).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import sys
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -22,7 +25,7 @@ from epsdpo.data import cache as _cache
 
 __all__ = [
     "COLUMNS", "FILE_SUFFIXES", "DataSourceError", "RowSource", "UnreadableRow", "STORE_SUFFIXES", "check_columns",
-    "is_store_path", "load_hub_dataset", "open_source", "pick_split",
+    "is_store_path", "load_hub_dataset", "open_source", "pick_split", "row_byte_limit",
 ]
 
 COLUMNS = ("prompt", "chosen", "rejected")
@@ -30,6 +33,49 @@ FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
 # Files that are already a tokenized PreferenceStore: `epsdpo prepare --output` (.store by convention)
 # and cache entries (.epsdpo) are the same format, written by `PreferenceStore.save`.
 STORE_SUFFIXES = (".store", ".epsdpo")
+
+# The default largest raw row (row_byte_limit): generous for any text max_length tokens can come from
+# (a token rarely takes more than a few bytes, even JSON-escaped), and far below what costs gigabytes.
+ROW_BYTES_PER_TOKEN = 1024
+MIN_ROW_BYTES = 1 << 20
+ROW_BYTES_WITHOUT_MAX_LENGTH = 64 << 20
+_CHUNK = 1 << 20  # how much of an oversize line is read at a time while it is skipped
+
+
+def row_byte_limit(max_length: int | None, max_row_bytes: int | None = None) -> int:
+    """The largest raw row read: `max_row_bytes` when given, else 1 KiB per token of `max_length`
+    and at least 1 MiB, else (no max_length) 64 MiB. Text past max_length tokens is cut off in
+    training anyway, so a larger row is almost surely not a preference pair but a broken file."""
+    if max_row_bytes is not None:
+        return max_row_bytes
+    if max_length is None:
+        return ROW_BYTES_WITHOUT_MAX_LENGTH
+    return max(MIN_ROW_BYTES, ROW_BYTES_PER_TOKEN * max_length)
+
+
+def too_large_message(size: int, limit: int, unit: str = "bytes") -> str:
+    return (f"{size:,} {unit}, over the row limit of {limit:,} (max_row_bytes; by default 1 KiB per token of "
+            "max_length, at least 1 MiB)")
+
+
+def _max_int_digits() -> int:
+    """Python's limit on the digits of an int parsed from text (0: none; Pythons before 3.10.7 have none)."""
+    return getattr(sys, "get_int_max_str_digits", lambda: 0)()
+
+
+class _NumberTooLong(ValueError):
+    """json's parse_int met more digits than Python converts (sys.get_int_max_str_digits)."""
+
+    def __init__(self, digits: int) -> None:
+        super().__init__(f"an integer of {digits:,} digits, more than Python converts "
+                         f"({_max_int_digits():,}, sys.get_int_max_str_digits)")
+
+
+def _json_int(text: str) -> int:
+    limit = _max_int_digits()
+    if limit and len(text.lstrip("-")) > limit:
+        raise _NumberTooLong(len(text.lstrip("-")))
+    return int(text)
 
 
 class DataSourceError(ValueError):
@@ -88,8 +134,9 @@ class _FileSource(RowSource):
     """A local JSON Lines / JSON / Parquet file. A cache hit only needs its column names and its
     bytes' hash, so rows are parsed on first use (for JSON Lines, the names come from a peek)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_row_bytes: int = ROW_BYTES_WITHOUT_MAX_LENGTH) -> None:
         self.path = path
+        self.max_row_bytes = max_row_bytes
         self.description = path.name
         self._rows: list[dict[str, Any] | UnreadableRow] | None = None
         self._lines: list[int] | None = None
@@ -103,7 +150,7 @@ class _FileSource(RowSource):
                 raise DataSourceError(f"{path.name}: not a readable Parquet file ({e})") from e
             self.column_names = list(self._parquet.schema_arrow.names)
         else:
-            rows, self._lines = _read_json_rows(path, limit=1000 if _is_jsonl(path) else None)
+            rows, self._lines = _read_json_rows(path, max_row_bytes, limit=1000 if _is_jsonl(path) else None)
             if not _is_jsonl(path):
                 self._rows = rows
             names: dict[str, None] = {}
@@ -119,7 +166,7 @@ class _FileSource(RowSource):
 
     def _all_rows(self) -> list[dict[str, Any] | UnreadableRow]:
         if self._rows is None:
-            self._rows, self._lines = _read_json_rows(self.path)
+            self._rows, self._lines = _read_json_rows(self.path, self.max_row_bytes)
         return self._rows
 
     def locate(self, row: int) -> str | None:
@@ -161,11 +208,12 @@ def _is_parquet(path: Path) -> bool:
     return path.name.endswith(".parquet")
 
 
-def _read_json_rows(path: Path, limit: int | None = None) -> tuple[list[dict[str, Any] | UnreadableRow], list[int] | None]:
+def _read_json_rows(path: Path, max_row_bytes: int,
+                    limit: int | None = None) -> tuple[list[dict[str, Any] | UnreadableRow], list[int] | None]:
     """Parse with the standard library, not pyarrow: Arrow refuses a column whose type changes
     between rows, and such a row must become a per-row error, not a failed load. ``limit``
-    stops a JSON Lines file after that many rows. Returns the rows and, for JSON Lines, the line
-    number of each (blank lines are not rows)."""
+    stops a JSON Lines file after that many rows; a line over ``max_row_bytes`` is a bad row. Returns
+    the rows and, for JSON Lines, the line number of each (blank lines are not rows)."""
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
@@ -173,12 +221,15 @@ def _read_json_rows(path: Path, limit: int | None = None) -> tuple[list[dict[str
                 rows: list[dict[str, Any] | UnreadableRow] = []
                 lines: list[int] = []
                 # Bytes, decoded line by line, so that a bad byte costs its line, not the file.
-                for lineno, raw in enumerate(f, 1):
+                for lineno, raw in _lines_within(f, max_row_bytes):
                     if limit is not None and len(rows) >= limit:
                         break
-                    if not raw.strip():
+                    if isinstance(raw, int):  # the size of a line too long to keep
+                        rows.append(UnreadableRow("row_too_large", too_large_message(raw, max_row_bytes)))
+                    elif not raw.strip():
                         continue
-                    rows.append(_parse_line(raw, lineno))
+                    else:
+                        rows.append(_parse_line(raw, lineno))
                     lines.append(lineno)
                 return rows, lines
             data = _parse_document(path, f.read())
@@ -195,6 +246,22 @@ def _read_json_rows(path: Path, limit: int | None = None) -> tuple[list[dict[str
     return [row if isinstance(row, dict) else UnreadableRow("not_an_object", f"a JSON {_json_type(row)}, not an object") for row in data], None
 
 
+def _lines_within(f: Any, max_bytes: int) -> Iterator[tuple[int, bytes | int]]:
+    """Each line of a binary file with its number: its bytes, or, when it holds more than
+    `max_bytes` (its newline aside), its size, counted while it is read in chunks and dropped."""
+    lineno = 0
+    while raw := f.readline(max_bytes + 1):
+        lineno += 1
+        if len(raw) <= max_bytes or raw.endswith(b"\n"):
+            yield lineno, raw
+            continue
+        size = len(raw)
+        while raw and not raw.endswith(b"\n"):
+            raw = f.readline(_CHUNK)
+            size += len(raw)
+        yield lineno, size - raw.endswith(b"\n")
+
+
 def _parse_line(raw: bytes, lineno: int) -> dict[str, Any] | UnreadableRow:
     """One JSON Lines line as a row, or why it is none (the caller adds the file and line)."""
     try:
@@ -203,9 +270,11 @@ def _parse_line(raw: bytes, lineno: int) -> dict[str, Any] | UnreadableRow:
     except UnicodeDecodeError as e:
         return UnreadableRow("invalid_utf8", f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)")
     try:
-        row = json.loads(text)
+        row = json.loads(text, parse_int=_json_int)
     except json.JSONDecodeError as e:
         return UnreadableRow("invalid_json", f"not valid JSON ({e.msg} at column {e.colno})")
+    except _NumberTooLong as e:
+        return UnreadableRow("number_too_long", f"holds {e}")
     except RecursionError:
         # The parser recurses per nesting level; Python's recursion limit stops it.
         return UnreadableRow("too_deep", "JSON nested too deeply to parse (over the interpreter's recursion limit)")
@@ -223,9 +292,11 @@ def _parse_document(path: Path, raw: bytes) -> Any:
         column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
         raise DataSourceError(f"{path.name}, line {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {column} of the line)") from None
     try:
-        return json.loads(text)
+        return json.loads(text, parse_int=_json_int)
     except json.JSONDecodeError as e:
         raise DataSourceError(f"{path.name}, line {e.lineno}: not valid JSON ({e.msg})") from None
+    except _NumberTooLong as e:  # one document: no row to blame, so the file's error, as invalid JSON is
+        raise DataSourceError(f"{path.name}: holds {e}") from None
     except RecursionError:
         raise DataSourceError(f"{path.name}: JSON nested too deeply to parse (over the interpreter's recursion limit)") from None
 
@@ -259,7 +330,8 @@ def _hub_offline_mode() -> bool:
     return bool(datasets.config.HF_HUB_OFFLINE) or hub.offline_mode()
 
 
-def open_source(source: Any, split: str | None) -> RowSource:
+def open_source(source: Any, split: str | None, max_row_bytes: int = ROW_BYTES_WITHOUT_MAX_LENGTH) -> RowSource:
+    """The rows of `source`; a JSON Lines line over `max_row_bytes` becomes a bad row unread."""
     import datasets
 
     if isinstance(source, datasets.Dataset):
@@ -300,7 +372,7 @@ def open_source(source: Any, split: str | None) -> RowSource:
             )
         if split is not None:
             raise DataSourceError("split= applies to a DatasetDict or a hub id, not to a file")
-        return _FileSource(path)
+        return _FileSource(path, max_row_bytes)
     if looks_like_file and not _looks_like_hub_id(text):
         raise DataSourceError(f"{text}: no such file")
     return _DatasetSource(*load_hub_dataset(text, split))
