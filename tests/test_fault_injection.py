@@ -14,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import select
+import threading
 import shutil
 import signal
 import subprocess
@@ -429,9 +431,53 @@ def test_sigkill_during_store_save_leaves_the_old_or_the_new_store(tmp_path):
         assert digest in digests, f"killed after {delay} s, the store file is neither the old nor the new one"
         assert len(epsdpo.PreferenceStore.load(target)) == digests[digest]
         leftovers = [p for p in target_dir.iterdir() if p != target]
-        assert [p.name for p in leftovers] in ([], [f"pairs.store.epsdpo-tmp{saver.pid}"])
+        assert len(leftovers) <= 1 and all(
+            re.fullmatch(rf"pairs\.store\.epsdpo-tmp{saver.pid}\.[0-9a-f]+-[0-9a-f]+", p.name) for p in leftovers
+        ), [p.name for p in leftovers]
         torn += len(leftovers)
         for p in leftovers:
             p.unlink()
     # the kills did land inside saves (a temporary file was being written), so the check saw them
     assert torn >= 1
+
+
+def test_two_threads_saving_one_store_path_never_tear_it(tmp_path):
+    """Two threads save different stores over one path many times while a third loads it: every save
+    succeeds, every load finds one of the stores whole (the valid file there before is never
+    destroyed), and no temporary file is left. Saves of one process used to share one temporary
+    name, so one writer truncated the file the other was about to rename into place."""
+    stores = [toy_big_store(3000, seed=0), toy_big_store(2000, seed=1)]
+    sizes = {len(s): s.ids().tolist() for s in stores}
+    path = tmp_path / "pairs.store"
+    stores[0].save(path)
+    failures: list[BaseException] = []
+    done = threading.Event()
+
+    def save_many(store):
+        try:
+            for _ in range(40):
+                store.save(path)
+        except BaseException as error:  # noqa: BLE001 - collected and reported by the main thread
+            failures.append(error)
+
+    def load_until_done():
+        try:
+            while not done.is_set():
+                loaded = epsdpo.PreferenceStore.load(path)
+                assert loaded.ids().tolist() == sizes[len(loaded)]
+        except BaseException as error:  # noqa: BLE001 - collected and reported by the main thread
+            failures.append(error)
+
+    reader = threading.Thread(target=load_until_done)
+    reader.start()
+    writers = [threading.Thread(target=save_many, args=(s,)) for s in stores]
+    for thread in writers:
+        thread.start()
+    for thread in writers:
+        thread.join()
+    done.set()
+    reader.join()
+    assert not failures, failures
+    loaded = epsdpo.PreferenceStore.load(path)
+    assert loaded.ids().tolist() == sizes[len(loaded)]
+    assert [p.name for p in tmp_path.iterdir()] == ["pairs.store"], "a temporary file was left behind"
