@@ -52,6 +52,7 @@ from epsdpo.reporting import MetricsLog, eval_summary
 from epsdpo.run_checkpoints import claim_output_dir, resume_run, save_run
 from epsdpo.scoring import batch_logps
 from epsdpo.sharding import full_model_state, grad_norm_value, shard
+from epsdpo.staged import replace_file, write_folder
 from epsdpo.step_metrics import StepSums
 
 if TYPE_CHECKING:
@@ -413,9 +414,9 @@ class Trainer:
         if self.eval_store is not None and c.eval_strategy != "no" and evaluated != self.state.global_step:
             self._evaluate_and_log(self.state.global_step)
         self.state.log_history = self.metrics.history
-        self.save_model(self.output_dir / "final")
+        state = full_model_state(self.model) if self.sharded else None  # every rank: a collective
         if self.dist.is_main:
-            self._write_outputs()
+            self._write_outputs(state)
         barrier(self.dist)  # no rank leaves (and tears down its process group) while rank 0 writes
         return self.state
 
@@ -473,10 +474,10 @@ class Trainer:
         state = full_model_state(self.model) if self.sharded else None
         if not self.dist.is_main:
             return
-        write_file(Path(path), lambda folder: self._write_model(folder, state))
+        # staged and renamed into place, so that `path` is never a model folder half written
+        write_file(Path(path), lambda folder: write_folder(folder, lambda staging: self._write_model(staging, state)))
 
     def _write_model(self, path: Path, state: dict[str, Tensor] | None) -> None:
-        path.mkdir(parents=True, exist_ok=True)
         if hasattr(self.model, "save_pretrained"):
             self.model.save_pretrained(path, state_dict=state)
         else:
@@ -494,14 +495,21 @@ class Trainer:
         return list_checkpoints(self.output_dir)
 
     # ------------------------------------------------------------------------------ outputs
-    def _write_outputs(self) -> None:
-        """Rank 0, after `final/` is written: the β ledger, the plots and final/'s model card."""
+    def _write_outputs(self, state: dict[str, Tensor] | None) -> None:
+        """Rank 0, at the end of the run: the β ledger, the plots, then `final/` (the policy gathered
+        in `state` under FSDP) with its model card. The ledger and `final/` appear whole or not at
+        all (`epsdpo.staged`): final/ is complete, card included, before it is renamed into place."""
         ledger = self.kl.ledger()
-        write_file(self.output_dir / "beta_ledger.npz",
-                   lambda path: np.savez(path, beta_history=self.kl.beta_history(), **ledger))
+        write_file(self.output_dir / "beta_ledger.npz", lambda path: replace_file(
+            path, lambda handle: np.savez(handle, beta_history=self.kl.beta_history(), **ledger)))
         if self.config.plots:
             from epsdpo.plots import plot_run
 
             plot_run(self.metrics.history, self.output_dir / "plots")
-        write_run_card(self)
+
+        def write_final(staging: Path) -> None:
+            self._write_model(staging, state)
+            write_run_card(self, staging)
+
+        write_file(self.output_dir / "final", lambda folder: write_folder(folder, write_final))
         self.metrics.close()
