@@ -279,6 +279,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from epsdpo.checkpoint import CheckpointError
     from epsdpo.data.sources import DataSourceError
+    from epsdpo.run_lock import OutputDirBusyError
     from epsdpo.trainer import Trainer
 
     try:
@@ -293,7 +294,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             eval_dataset=None if eval_data is None else _load_data(eval_data, eval_split, run_args.dataset_config),
         )
         trainer.train(resume_from_checkpoint=True if args.resume else args.resume_from_checkpoint)
-    except (FileExistsError, FileNotFoundError, CheckpointError, DataSourceError) as error:
+    except (FileExistsError, FileNotFoundError, CheckpointError, DataSourceError, OutputDirBusyError) as error:
         # What the user fixes by choosing another folder or checkpoint: one line, no traceback
         raise SystemExit(f"epsdpo train: {error}") from None
     if trainer.dist.is_main:

@@ -50,6 +50,7 @@ from epsdpo.precision import Precision, check_trainable_precision, fsdp_mixed_pr
 from epsdpo.reference_logps import lookup, precompute_reference_logps
 from epsdpo.reporting import MetricsLog, eval_summary
 from epsdpo.run_checkpoints import claim_output_dir, resume_run, save_run
+from epsdpo.run_lock import lock_output_dir
 from epsdpo.scoring import batch_logps
 from epsdpo.sharding import full_model_state, grad_norm_value, shard
 from epsdpo.staged import replace_file, write_folder
@@ -376,7 +377,17 @@ class Trainer:
         evaluate once more at the end when there is eval data (unless the last step just was, or
         eval_strategy is no), then
         write `final/` with its model card, `beta_ledger.npz` and plots. `resume_from_checkpoint`: a
-        checkpoint folder, or True for the newest in `output_dir`; the run then continues exactly."""
+        checkpoint folder, or True for the newest in `output_dir`; the run then continues exactly.
+
+        The run holds `output_dir` for itself until it returns (`epsdpo.run_lock`: a second run there
+        raises `OutputDirBusyError`)."""
+        lock = lock_output_dir(self.output_dir, self.dist)
+        try:
+            return self._train(resume_from_checkpoint)
+        finally:
+            lock.release()
+
+    def _train(self, resume_from_checkpoint: str | Path | bool | None) -> TrainerState:
         c = self.config
         if resume_from_checkpoint:
             resume_run(self, resolve_checkpoint(self.output_dir, resume_from_checkpoint))
