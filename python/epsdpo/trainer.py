@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -31,10 +32,11 @@ from torch import Tensor, nn
 from epsdpo._core import KlController
 from epsdpo.attention import use_segment_attention
 from epsdpo.beta_rules import PairBetas, PairLogps
-from epsdpo.checkpoint import list_checkpoints, resolve_checkpoint, write_file
+from epsdpo.checkpoint import PREFIX, list_checkpoints, resolve_checkpoint, write_file
 from epsdpo.config import TrainConfig
 from epsdpo.distributed import DistInfo, all_reduce_sum, barrier, gradient_sync, init_from_env, replicate
 from epsdpo.feed import CycleFeed, as_store, check_vocabulary, filler_batch, make_collator, make_sampler
+from epsdpo.interrupt import StopOnSignal, TrainingInterrupted
 from epsdpo.loss import epsilon_dpo_loss, kl_steps, pair_log_ratio
 from epsdpo.methods import build_method
 from epsdpo.model_card import describe_source, write_run_card
@@ -380,14 +382,17 @@ class Trainer:
         checkpoint folder, or True for the newest in `output_dir`; the run then continues exactly.
 
         The run holds `output_dir` for itself until it returns (`epsdpo.run_lock`: a second run there
-        raises `OutputDirBusyError`)."""
+        raises `OutputDirBusyError`). On the main thread, a first SIGTERM/SIGINT stops it after the
+        current optimizer step with a checkpoint of that step, raising `TrainingInterrupted`; a
+        second one ends the process at once (`epsdpo.interrupt`)."""
         lock = lock_output_dir(self.output_dir, self.dist)
         try:
-            return self._train(resume_from_checkpoint)
+            with StopOnSignal() as stop:
+                return self._train(resume_from_checkpoint, stop)
         finally:
             lock.release()
 
-    def _train(self, resume_from_checkpoint: str | Path | bool | None) -> TrainerState:
+    def _train(self, resume_from_checkpoint: str | Path | bool | None, stop: StopOnSignal) -> TrainerState:
         c = self.config
         if resume_from_checkpoint:
             resume_run(self, resolve_checkpoint(self.output_dir, resume_from_checkpoint))
@@ -413,8 +418,14 @@ class Trainer:
                 # An explicit steps/epoch strategy also saves the last step, as transformers'
                 # DefaultFlowCallback does at global_step == max_steps
                 last_save = c.save_strategy in ("steps", "epoch") and step == self.state.max_steps
-                if last_save or self._due(c.save_strategy, c.save_every(), step, ends_epoch):
+                saved = last_save or self._due(c.save_strategy, c.save_every(), step, ends_epoch)
+                if saved:
                     save_run(self, sampler_state)
+                signum = stop.agreed(self.dist)
+                if signum is not None:
+                    if not saved:
+                        save_run(self, sampler_state)
+                    raise TrainingInterrupted(signum, step, self.output_dir / f"{PREFIX}{step}")
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", beta=f"{self.kl.beta:.5f}")
@@ -424,6 +435,9 @@ class Trainer:
                 progress.close()
         if self.eval_store is not None and c.eval_strategy != "no" and evaluated != self.state.global_step:
             self._evaluate_and_log(self.state.global_step)
+        if stop.signum is not None:
+            warnings.warn("a stop signal came after the last optimizer step: the run's outputs are written as usual",
+                          stacklevel=3)
         self.state.log_history = self.metrics.history
         state = full_model_state(self.model) if self.sharded else None  # every rank: a collective
         if self.dist.is_main:
