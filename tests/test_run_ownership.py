@@ -91,6 +91,21 @@ def test_a_run_that_fails_releases_the_output_dir(tmp_path):
     assert steps_logged(out) == [1, 2, 3]
 
 
+def test_train_restores_the_signal_handlers_and_keeps_an_ignored_signal_ignored(tmp_path):
+    def mine(signum, frame):
+        raise AssertionError("not expected to run")
+
+    previous = signal.signal(signal.SIGTERM, mine), signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        Trainer(tiny_llama(0), config(tmp_path / "a"), toy_store()).train()
+        with pytest.raises(FileNotFoundError):
+            Trainer(tiny_llama(0), config(tmp_path / "b"), toy_store()).train(resume_from_checkpoint=True)
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == (mine, signal.SIG_IGN)
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+
+
 # ------------------------------------------------------------------- item 9: whole or absent
 def test_a_failed_final_write_leaves_the_earlier_final_whole(tmp_path, monkeypatch):
     """Writing final/'s model card fails: the final/ of the run before is still there, whole, and

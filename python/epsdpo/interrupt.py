@@ -10,7 +10,8 @@ exit code 128 + the signal's number (143 for SIGTERM, 130 for SIGINT). A second 
 wait: the default action is restored and the signal re-sent, so the process dies at once.
 
 Handlers can only be installed on the main thread; `train()` on another thread keeps the process's
-own handlers (and so the old behaviour). They are restored when `train()` returns or raises.
+own handlers (and so the old behaviour), and a signal the process ignores stays ignored. The
+previous handlers are restored when `train()` returns or raises.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class StopOnSignal:
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
             for signum in SIGNALS:
+                if signal.getsignal(signum) == signal.SIG_IGN:
+                    continue  # ignored on purpose (`nohup`, a background job's SIGINT): still ignored
                 self._previous[signum] = signal.signal(signum, self._handle)
                 # The kernel may deliver the signal to any thread (gloo's, the feed's); restart the
                 # system call it interrupts there instead of failing it with EINTR. Python's own
