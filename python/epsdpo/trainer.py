@@ -499,10 +499,12 @@ class Trainer:
         state = full_model_state(self.model) if self.sharded else None
         if not self.dist.is_main:
             return
-        # staged and renamed into place, so that `path` is never a model folder half written
-        write_file(Path(path), lambda folder: write_folder(folder, lambda staging: self._write_model(staging, state)))
+        # Written in place, not staged like final/: `path` may be a folder holding other files (the
+        # output_dir itself, as transformers' save_model() defaults to), which a staged replace would delete.
+        write_file(Path(path), lambda folder: self._write_model(folder, state))
 
     def _write_model(self, path: Path, state: dict[str, Tensor] | None) -> None:
+        path.mkdir(parents=True, exist_ok=True)
         if hasattr(self.model, "save_pretrained"):
             self.model.save_pretrained(path, state_dict=state)
         else:
