@@ -23,6 +23,7 @@ import pytest
 
 from epsdpo.checkpoint import list_checkpoints, previous_run_outputs, verify_checkpoint
 from epsdpo.config import TrainConfig
+from epsdpo.interrupt import TrainingInterrupted
 from epsdpo.run_lock import LOCK_FILE, OutputDirBusyError
 from epsdpo.trainer import Trainer
 from tiny import tiny_llama, toy_store
@@ -104,6 +105,44 @@ def test_train_restores_the_signal_handlers_and_keeps_an_ignored_signal_ignored(
     finally:
         signal.signal(signal.SIGTERM, previous[0])
         signal.signal(signal.SIGINT, previous[1])
+
+
+def signals_at_step(monkeypatch, step: int, *signums: int) -> None:
+    """Send this process `signums` (real signals) as optimizer step `step` starts."""
+    real = Trainer._train_step
+
+    def train_step(self, batches):
+        if self.state.global_step + 1 == step:
+            for signum in signums:
+                os.kill(os.getpid(), signum)
+        return real(self, batches)
+
+    monkeypatch.setattr(Trainer, "_train_step", train_step)
+
+
+def test_sigint_in_process_stops_after_the_step_with_a_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    signals_at_step(monkeypatch, 2, signal.SIGINT)
+    with pytest.raises(TrainingInterrupted, match=r"stopped by SIGINT after step 2; .*checkpoint-2 was written") as e:
+        Trainer(tiny_llama(0), config(out, max_steps=5), toy_store()).train()
+    assert (e.value.exit_code, e.value.step, e.value.checkpoint) == (130, 2, out / "checkpoint-2")
+    assert list_checkpoints(out) == [out / "checkpoint-2"]
+    verify_checkpoint(out / "checkpoint-2")
+    assert steps_logged(out) == [1, 2]
+    assert not (out / LOCK_FILE).exists()
+
+
+def test_a_second_sigint_raises_keyboard_interrupt_at_once(tmp_path, monkeypatch):
+    """The second Ctrl-C gets Python's own KeyboardInterrupt (a notebook's kernel is interrupted, not
+    killed): the step in progress is neither finished nor saved, and the output_dir is let go."""
+    out = tmp_path / "run"
+    signals_at_step(monkeypatch, 2, signal.SIGINT, signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_llama(0), config(out, max_steps=5), toy_store()).train()
+    assert list_checkpoints(out) == []
+    assert steps_logged(out) == [1]
+    assert not (out / LOCK_FILE).exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 # ------------------------------------------------------------------- item 9: whole or absent

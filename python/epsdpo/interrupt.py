@@ -7,7 +7,8 @@ sets a flag; the loop reads it after each optimizer step, every rank agrees (one
 step under torchrun, since the signal may reach only some ranks), every rank saves that step's
 checkpoint together, and `train()` raises `TrainingInterrupted`, which `epsdpo train` turns into
 exit code 128 + the signal's number (143 for SIGTERM, 130 for SIGINT). A second signal does not
-wait: the default action is restored and the signal re-sent, so the process dies at once.
+wait: it gets what it would have got without epsdpo, at once (SIGTERM's default action ends the
+process; SIGINT raises Python's KeyboardInterrupt, or runs whatever handler the process had).
 
 Handlers can only be installed on the main thread; `train()` on another thread keeps the process's
 own handlers (and so the old behaviour), and a signal the process ignores stays ignored. The
@@ -73,10 +74,16 @@ class StopOnSignal:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self.signum is not None:
-            # A second signal: the user (or the cluster) will not wait for the checkpoint.
+            # A second signal: the user (or the cluster) will not wait for the checkpoint. It gets
+            # what it would have got without epsdpo: Python's KeyboardInterrupt for SIGINT (so a
+            # notebook's kernel is interrupted, not killed), the default action (death) for SIGTERM.
+            previous = self._previous.get(signum)
             self._restore()
-            signal.signal(signum, signal.SIG_DFL)
             os.write(2, f"\nepsdpo: second {name}: stopping at once, without a checkpoint\n".encode())
+            if callable(previous):
+                previous(signum, frame)
+                return
+            signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
         self.signum = signum
