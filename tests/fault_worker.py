@@ -22,6 +22,14 @@ cleanup, no flush) during the k-th checkpoint write of the job, at `point`:
 - "after_rename":   just after the rename, before older checkpoints are pruned
 - "rmtree":         while an existing `checkpoint-N` directory is removed (one data file gone, the
                     rest, manifest included, still there), as overwriting or pruning does
+- "final_card":     at the end of the run, as final/'s model card is about to be written (the
+                    weights and config of final/ written); k is unused
+- "ledger":         at the end of the run, beta_ledger.npz half written; k is unused
+
+Not a kill: {"point": "signal", "k": k, "signals": ["SIGTERM", ...]} sends the process itself those
+signals (real ones, through the kernel) at the start of optimizer step k, as a cluster preempting
+the job does. A job that `train()` ends with `TrainingInterrupted` exits as `epsdpo train` does,
+with its `exit_code` (128 + the signal's number).
 """
 
 from __future__ import annotations
@@ -37,7 +45,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-POINTS = ("weights", "training_state", "manifest", "before_rename", "after_rename", "rmtree")
+POINTS = ("weights", "training_state", "manifest", "before_rename", "after_rename", "rmtree", "final_card", "ledger",
+          "signal")
 
 
 def _die() -> None:
@@ -51,7 +60,7 @@ def _truncate_half(path: Path) -> None:
         handle.truncate(size // 2)
 
 
-def install_fault(point: str, k: int) -> None:
+def install_fault(point: str, k: int, signals: list[str] | None = None) -> None:
     """Arm `point` for the k-th checkpoint write (1-based) of this process."""
     import shutil
 
@@ -101,6 +110,42 @@ def install_fault(point: str, k: int) -> None:
                 _die()
 
         ckpt._write_manifest = write_manifest
+    elif point == "final_card":
+        import epsdpo.model_card as model_card
+
+        def write_model_card(folder, *args, **kwargs):
+            _die()
+
+        model_card.write_model_card = write_model_card
+    elif point == "ledger":
+        import numpy as np
+
+        real_savez = np.savez
+
+        def savez(file, *args, **kwargs):
+            real_savez(file, *args, **kwargs)
+            if isinstance(file, (str, os.PathLike)):
+                _truncate_half(Path(file))
+            else:  # an open file (of a descriptor: it has no name to truncate by)
+                file.flush()
+                os.ftruncate(file.fileno(), os.fstat(file.fileno()).st_size // 2)
+            _die()
+
+        np.savez = savez
+    elif point == "signal":
+        from epsdpo.trainer import Trainer
+
+        real_train_step = Trainer._train_step
+        steps = {"n": 0}
+
+        def train_step(self, batches):
+            steps["n"] += 1
+            if steps["n"] == k:
+                for name in signals or ["SIGTERM"]:
+                    os.kill(os.getpid(), getattr(signal, name))
+            return real_train_step(self, batches)
+
+        Trainer._train_step = train_step
     elif point in ("before_rename", "after_rename"):
         real_replace = os.replace
 
@@ -139,7 +184,7 @@ def run_job(job: dict) -> None:
     from tiny import tiny_llama, toy_store
 
     if job.get("fault"):
-        install_fault(job["fault"]["point"], int(job["fault"]["k"]))
+        install_fault(job["fault"]["point"], int(job["fault"]["k"]), job["fault"].get("signals"))
     trainer = Trainer(tiny_llama(0), TrainConfig(**job["config"]), toy_store())
     state = trainer.train(resume_from_checkpoint=job.get("resume"))
     if job.get("result"):
@@ -162,6 +207,7 @@ def serve() -> None:
     # the heavy imports, once; every job forks from here
     import epsdpo.trainer  # noqa: F401
     import torch
+    from epsdpo.interrupt import TrainingInterrupted
     import transformers.models.llama.modeling_llama  # noqa: F401
 
     torch.set_num_threads(1)
@@ -179,6 +225,9 @@ def serve() -> None:
                 _redirect(job.get("log"))
                 run_job(job)
                 code = 0
+            except TrainingInterrupted as stopped:
+                print(stopped, file=sys.stderr)
+                code = stopped.exit_code
             except BaseException:  # noqa: BLE001 - the job's failure is reported by its exit code and log
                 traceback.print_exc()
             finally:

@@ -102,3 +102,47 @@ def test_fsdp_moves_a_sharded_tr_dpo_reference_like_one_process(tmp_path, single
     dpo = launch(tmp_path / "dpo", 1, 4, "ddp", "fresh", "dpo")
     tr_losses, dpo_losses = ([r["loss"] for r in run["history"] if "loss" in r] for run in (one, dpo))
     assert tr_losses[:2] == dpo_losses[:2] and abs(tr_losses[2] - dpo_losses[2]) > 1e-6
+
+
+def launch_stop(out: Path, signal_rank: int) -> list[dict]:
+    """tests/dist_stop_worker.py on 2 gloo ranks; how each rank's train() ended. A hang is a failure."""
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    if not Path(torchrun).exists():
+        pytest.skip("torchrun is not installed")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [torchrun, "--standalone", "--nproc_per_node=2", str(HERE / "dist_stop_worker.py"), str(out),
+               str(signal_rank)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+@pytest.mark.slow
+def test_a_sigterm_reaching_one_rank_stops_every_rank_at_one_checkpoint(tmp_path):
+    from epsdpo.checkpoint import list_checkpoints, verify_checkpoint
+
+    out = tmp_path / "run"
+    ranks = launch_stop(out, signal_rank=1)
+    assert [(r["ended"], r["step"]) for r in ranks] == [("TrainingInterrupted", 2)] * 2, ranks
+    assert "stopped by SIGTERM after step 2" in ranks[0]["message"]
+    assert list_checkpoints(out) == [out / "checkpoint-2"]
+    verify_checkpoint(out / "checkpoint-2")
+    assert not (out / "final").exists()
+
+
+@pytest.mark.slow
+def test_a_held_output_dir_stops_every_rank_without_a_hang(tmp_path):
+    from epsdpo.run_lock import RunLock
+
+    out = tmp_path / "run"
+    held = RunLock(out)
+    held.acquire()
+    try:
+        ranks = launch_stop(out, signal_rank=-1)
+    finally:
+        held.release()
+    assert [r["ended"] for r in ranks] == ["OutputDirBusyError"] * 2, ranks
+    assert f"in use by another run (pid {os.getpid()} on host" in ranks[0]["message"]
+    assert "rank 0 could not lock output_dir" in ranks[1]["message"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["rank0.json", "rank1.json"])

@@ -488,7 +488,8 @@ def test_temporary_files_of_killed_writers_are_removed(tok: Any, tmp_path: Path)
     gone, mine = dead_pid(), os.getpid()
     minute, day = 60.0, 24 * 3600.0
     files = {  # name: (seconds since last write, removed?)
-        f"{key}.epsdpo.epsdpo-tmp{gone}": (2 * minute, True),  # the store write of a killed process
+        f"{key}.epsdpo.epsdpo-tmp{gone}": (2 * minute, True),  # the store write of a killed process (old name)
+        f"{key}.epsdpo.epsdpo-tmp{gone}.1f-0a3b4c5d": (2 * minute, True),  # the same, named as saves name it now
         f".{key}.json.epsdpo-tmp{gone}.x1y2z3": (2 * minute, True),  # its report write
         f"other.epsdpo.epsdpo-tmp{gone}": (5.0, False),  # recent: its writer may be on another machine
         f"other.epsdpo.epsdpo-tmp{mine}": (2 * minute, False),  # a live writer

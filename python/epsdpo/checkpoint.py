@@ -262,8 +262,10 @@ def previous_run_outputs(output_dir: Path) -> list[Path]:
     if not output_dir.is_dir():
         return []
     names = ("metrics.jsonl", "final", "beta_ledger.npz", "plots")
-    return sorted(p for p in output_dir.iterdir()
-                  if p.name in names or re.fullmatch(rf"\.?{PREFIX}\d+(\.tmp|\.trash)?", p.name))
+    # what a killed run leaves too: staging and trash folders (checkpoints, final/), temporary
+    # ledgers (epsdpo.staged); not the run lock, which belongs to whichever run holds the folder
+    leftovers = rf"\.?{PREFIX}\d+(\.tmp|\.trash)?|\.final\.(tmp|trash)|\.beta_ledger\.npz\.tmp"
+    return sorted(p for p in output_dir.iterdir() if p.name in names or re.fullmatch(leftovers, p.name))
 
 
 def write_file(path: Path, writer: Any) -> None:

@@ -324,8 +324,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from epsdpo.checkpoint import CheckpointError
     from epsdpo.data.sources import DataSourceError
+    from epsdpo.interrupt import TrainingInterrupted
     from epsdpo.launcher import LauncherSettingError
     from epsdpo.models import ChatTemplateError
+    from epsdpo.run_lock import OutputDirBusyError
     from epsdpo.trainer import Trainer
 
     try:
@@ -344,10 +346,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         trainer.train(resume_from_checkpoint=True if args.resume else args.resume_from_checkpoint)
     except (FileExistsError, FileNotFoundError, CheckpointError, DataSourceError, LauncherSettingError,
-            ChatTemplateError) as error:
+            ChatTemplateError, OutputDirBusyError) as error:
         # What the user fixes by choosing another folder, checkpoint, launcher config or template: one line,
         # no traceback
         raise SystemExit(f"epsdpo train: {error}") from None
+    except TrainingInterrupted as stopped:
+        # Preempted (SIGTERM) or Ctrl-C: the checkpoint is written; the exit code says which signal,
+        # as a process killed by it would (128 + its number), so schedulers see a job that did not finish
+        if trainer.dist.is_main:
+            print(f"epsdpo train: {stopped}", file=sys.stderr)
+        return stopped.exit_code
     if trainer.dist.is_main:
         print(f"done: {trainer.state.global_step} steps, β {trainer.kl.beta:.6g}; outputs in {config.output_dir}")
     return 0

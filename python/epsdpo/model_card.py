@@ -157,11 +157,12 @@ def write_model_card(folder: Path, config: TrainConfig, run: RunFacts, plot: Pat
     return path
 
 
-def write_run_card(trainer: Trainer) -> None:
-    """`final/README.md` of a finished run (rank 0, after `final/`, the ledger and the plots)."""
+def write_run_card(trainer: Trainer, final: Path) -> None:
+    """`README.md` of a finished run's `final/` (rank 0, after the ledger and the plots), written into
+    `final`: the staging folder that becomes `final/` once complete."""
     from epsdpo.checkpoint import write_file
 
-    t, final = trainer, trainer.output_dir / "final"
+    t = trainer
     run = RunFacts(
         steps=t.state.global_step, beta_initial=float(t.kl.beta_history()[0]), beta_final=t.kl.beta,
         train_pairs=len(t.train_store), world_size=t.dist.world_size, history=t.metrics.history,

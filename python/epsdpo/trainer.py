@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -32,10 +33,11 @@ from torch import Tensor, nn
 from epsdpo._core import KlController
 from epsdpo.attention import use_segment_attention
 from epsdpo.beta_rules import PairBetas, PairLogps
-from epsdpo.checkpoint import list_checkpoints, resolve_checkpoint, write_file
+from epsdpo.checkpoint import PREFIX, list_checkpoints, resolve_checkpoint, write_file
 from epsdpo.config import TrainConfig
 from epsdpo.distributed import DistInfo, all_reduce_sum, barrier, gradient_sync, init_from_env, replicate
 from epsdpo.feed import CycleFeed, as_store, check_vocabulary, filler_batch, make_collator, make_sampler
+from epsdpo.interrupt import StopOnSignal, TrainingInterrupted
 from epsdpo.launcher import apply_launcher_settings
 from epsdpo.loss import epsilon_dpo_loss, kl_steps, pair_log_ratio
 from epsdpo.methods import build_method
@@ -54,8 +56,10 @@ from epsdpo.precision import Precision, check_trainable_precision, fsdp_mixed_pr
 from epsdpo.reference_logps import lookup, precompute_reference_logps
 from epsdpo.reporting import MetricsLog, eval_summary
 from epsdpo.run_checkpoints import claim_output_dir, resume_run, save_run
+from epsdpo.run_lock import lock_output_dir
 from epsdpo.scoring import batch_logps
 from epsdpo.sharding import full_model_state, grad_norm_value, shard
+from epsdpo.staged import replace_file, write_folder
 from epsdpo.step_metrics import StepSums
 
 if TYPE_CHECKING:
@@ -412,7 +416,20 @@ class Trainer:
         evaluate once more at the end when there is eval data (unless the last step just was, or
         eval_strategy is no), then
         write `final/` with its model card, `beta_ledger.npz` and plots. `resume_from_checkpoint`: a
-        checkpoint folder, or True for the newest in `output_dir`; the run then continues exactly."""
+        checkpoint folder, or True for the newest in `output_dir`; the run then continues exactly.
+
+        The run holds `output_dir` for itself until it returns (`epsdpo.run_lock`: a second run there
+        raises `OutputDirBusyError`). On the main thread, a first SIGTERM/SIGINT stops it after the
+        current optimizer step with a checkpoint of that step, raising `TrainingInterrupted`; a
+        second one ends the process at once (`epsdpo.interrupt`)."""
+        lock = lock_output_dir(self.output_dir, self.dist)
+        try:
+            with StopOnSignal() as stop:
+                return self._train(resume_from_checkpoint, stop)
+        finally:
+            lock.release()
+
+    def _train(self, resume_from_checkpoint: str | Path | bool | None, stop: StopOnSignal) -> TrainerState:
         c = self.config
         if resume_from_checkpoint:
             resume_run(self, resolve_checkpoint(self.output_dir, resume_from_checkpoint))
@@ -438,8 +455,14 @@ class Trainer:
                 # An explicit steps/epoch strategy also saves the last step, as transformers'
                 # DefaultFlowCallback does at global_step == max_steps
                 last_save = c.save_strategy in ("steps", "epoch") and step == self.state.max_steps
-                if last_save or self._due(c.save_strategy, c.save_every(), step, ends_epoch):
+                saved = last_save or self._due(c.save_strategy, c.save_every(), step, ends_epoch)
+                if saved:
                     save_run(self, sampler_state)
+                signum = stop.agreed(self.dist)
+                if signum is not None:
+                    if not saved:
+                        save_run(self, sampler_state)
+                    raise TrainingInterrupted(signum, step, self.output_dir / f"{PREFIX}{step}")
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", beta=f"{self.kl.beta:.5f}")
@@ -449,10 +472,13 @@ class Trainer:
                 progress.close()
         if self.eval_store is not None and c.eval_strategy != "no" and evaluated != self.state.global_step:
             self._evaluate_and_log(self.state.global_step)
+        if stop.signum is not None:
+            warnings.warn("a stop signal came after the last optimizer step: the run's outputs are written as usual",
+                          stacklevel=3)
         self.state.log_history = self.metrics.history
-        self.save_model(self.output_dir / "final")
+        state = full_model_state(self.model) if self.sharded else None  # every rank: a collective
         if self.dist.is_main:
-            self._write_outputs()
+            self._write_outputs(state)
         barrier(self.dist)  # no rank leaves (and tears down its process group) while rank 0 writes
         return self.state
 
@@ -510,6 +536,8 @@ class Trainer:
         state = full_model_state(self.model) if self.sharded else None
         if not self.dist.is_main:
             return
+        # Written in place, not staged like final/: `path` may be a folder holding other files (the
+        # output_dir itself, as transformers' save_model() defaults to), which a staged replace would delete.
         write_file(Path(path), lambda folder: self._write_model(folder, state))
 
     def _write_model(self, path: Path, state: dict[str, Tensor] | None) -> None:
@@ -531,14 +559,21 @@ class Trainer:
         return list_checkpoints(self.output_dir)
 
     # ------------------------------------------------------------------------------ outputs
-    def _write_outputs(self) -> None:
-        """Rank 0, after `final/` is written: the β ledger, the plots and final/'s model card."""
+    def _write_outputs(self, state: dict[str, Tensor] | None) -> None:
+        """Rank 0, at the end of the run: the β ledger, the plots, then `final/` (the policy gathered
+        in `state` under FSDP) with its model card. The ledger and `final/` appear whole or not at
+        all (`epsdpo.staged`): final/ is complete, card included, before it is renamed into place."""
         ledger = self.kl.ledger()
-        write_file(self.output_dir / "beta_ledger.npz",
-                   lambda path: np.savez(path, beta_history=self.kl.beta_history(), **ledger))
+        write_file(self.output_dir / "beta_ledger.npz", lambda path: replace_file(
+            path, lambda handle: np.savez(handle, beta_history=self.kl.beta_history(), **ledger)))
         if self.config.plots:
             from epsdpo.plots import plot_run
 
             plot_run(self.metrics.history, self.output_dir / "plots")
-        write_run_card(self)
+
+        def write_final(staging: Path) -> None:
+            self._write_model(staging, state)
+            write_run_card(self, staging)
+
+        write_file(self.output_dir / "final", lambda folder: write_folder(folder, write_final))
         self.metrics.close()

@@ -53,8 +53,9 @@ NO_CACHE = "disabled"
 # Words that read as "no cache" but would silently become a directory of that name: refused.
 _LOOKS_LIKE_NO_CACHE = frozenset({"", "none", "null", "off", "false", "no"})
 _CHUNK = 1 << 20
-# Temporary files of both writers: the store's (Rust, `<name>.epsdpo-tmp<pid>`) and the report's
-# (`.<key>.json.epsdpo-tmp<pid>.<random>`). The pid says whose it is.
+# Temporary files of both writers: the store's (Rust, `<name>.epsdpo-tmp<pid>.<unique>`) and the
+# report's (`.<key>.json.epsdpo-tmp<pid>.<random>`). The pid says whose it is; the suffix keeps two
+# writers of one process (threads) out of each other's file.
 _TEMP_FILE = re.compile(r"\.epsdpo-tmp(\d+)(?:\.|$)")
 # A temporary file whose writer process is gone is removed once it is this old, so that a writer
 # on another machine sharing the directory (whose pid means nothing here) is never raced: a write

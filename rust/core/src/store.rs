@@ -25,6 +25,7 @@ use std::fs::File;
 use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use memmap2::Mmap;
@@ -385,13 +386,15 @@ impl PreferenceStore {
     }
 
     /// Write the store to `path` atomically: a temporary file beside it, synced, then renamed.
+    /// Every save writes a temporary file of its own (see [`create_temp`]), so concurrent saves to
+    /// one path never write into each other's file: the last one to finish is the file left.
     pub fn save(&self, path: &Path) -> Result<()> {
         // Never write out a mapped file that changed under us.
         self.check_file()?;
-        let tmp = temp_path(path);
+        let (tmp, file) = create_temp(path).map_err(Error::file(path, "save the preference store"))?;
         let io = Error::file(path, "save the preference store");
         let result = (|| -> std::io::Result<()> {
-            let mut file = std::io::BufWriter::new(File::create(&tmp)?);
+            let mut file = std::io::BufWriter::new(file);
             let mut crc = crc32fast::Hasher::new();
             let mut put = |bytes: &[u8]| -> std::io::Result<()> {
                 crc.update(bytes);
@@ -511,10 +514,29 @@ impl PreferenceStore {
     }
 }
 
-fn temp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(format!(".epsdpo-tmp{}", std::process::id()));
-    path.with_file_name(name)
+/// Distinguishes the saves of one process (threads included) from one another.
+static SAVES: AtomicU64 = AtomicU64::new(0);
+
+/// `<name>.epsdpo-tmp<pid>.<unique>` beside `path`, created exclusively. The pid comes first because
+/// the dataset cache removes temporary files whose writer process is gone by it; the suffix (this
+/// process's save counter and the clock) keeps two threads of one process, or two hosts whose pids
+/// coincide on a shared filesystem, from sharing a file. `create_new` makes a collision an error
+/// (retried under another name) rather than two writers in one file.
+fn create_temp(path: &Path) -> std::io::Result<(PathBuf, File)> {
+    let base = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut attempt = 0;
+    loop {
+        let count = SAVES.fetch_add(1, Ordering::Relaxed);
+        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let mut name = base.clone();
+        name.push(format!(".epsdpo-tmp{}.{count:x}-{nanos:08x}", std::process::id()));
+        let tmp = path.with_file_name(name);
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp) {
+            Ok(file) => return Ok((tmp, file)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 16 => attempt += 1,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 fn put_le_u64s(put: &mut impl FnMut(&[u8]) -> std::io::Result<()>, values: &[u64]) -> std::io::Result<()> {

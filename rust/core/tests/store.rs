@@ -153,3 +153,40 @@ proptest! {
         }
     }
 }
+
+fn store_of(pairs: usize, first_token: u32) -> PreferenceStore {
+    let mut store = PreferenceStore::new(Some(1 << 20)).unwrap();
+    let pairs: Pairs = (0..pairs as u32)
+        .map(|i| (vec![first_token + i; 40], vec![first_token + 1; 30], vec![first_token + 2; 30]))
+        .collect();
+    append_all(&mut store, &pairs, None).unwrap();
+    store
+}
+
+#[test]
+fn concurrent_saves_to_one_path_leave_one_whole_store() {
+    // Two threads of one process save different stores over one path, again and again, while a
+    // valid file is already there: every save must succeed, and after each round the path holds one
+    // of the two stores whole (a shared temporary file used to tear it: one writer truncating
+    // the file the other was about to rename into place).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pairs.store");
+    let stores = [store_of(3000, 10), store_of(2000, 50_000)];
+    stores[0].save(&path).unwrap();
+    for _ in 0..10 {
+        std::thread::scope(|scope| {
+            for store in &stores {
+                let path = &path;
+                scope.spawn(move || {
+                    for _ in 0..5 {
+                        store.save(path).unwrap();
+                    }
+                });
+            }
+        });
+        let loaded = PreferenceStore::load(&path).unwrap();
+        assert!(stores.iter().any(|s| contents(s) == contents(&loaded)), "the saved file is neither store");
+    }
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("pairs.store")], "a temporary file was left behind");
+}
