@@ -206,7 +206,8 @@ class Trainer:
         self.train_store, train_lengths = as_store(train_dataset, c, self.tokenizer, self.collator, progress=progress)
         self.eval_store = None
         if eval_dataset is not None:
-            self.eval_store = as_store(eval_dataset, c, self.tokenizer, self.collator, progress=progress)[0]
+            self.eval_store = as_store(eval_dataset, c, self.tokenizer, self.collator, progress=progress,
+                                       split="eval")[0]
         for store in (self.train_store, self.eval_store):
             if store is not None:
                 check_vocabulary(store, self.model)
