@@ -9,7 +9,8 @@ One optimizer step, top to bottom (`_train_step`):
    the method's β rule (`epsdpo.beta_rules`) gives β_i; the ε-DPO loss, divided by the cycle's
    global pair count, is backpropagated;
 3. DDP averages (FSDP reduce-scatters) gradients during the last micro-batch's backward; clip,
-   AdamW, scheduler; a non-finite weight stops the run here, before anything is saved;
+   AdamW, scheduler; a non-finite weight stops the run here, before anything is saved, and so does
+   fp16 loss scaling that keeps skipping steps (`Precision.stalled`);
 4. the method's post-step work: the β update β ← β / (1 + ε·s̄) over every pair of the cycle on
    every rank, TR-DPO's reference update.
 
@@ -328,6 +329,9 @@ class Trainer:
         # does; so with warm-up the first step logs 0.0, under TRL too (tests/test_outputs.py runs both).
         lr = self.scheduler.get_last_lr()[0]
         applied = self.precision.step(self.optimizer)
+        if not applied and (stalled := self.precision.stalled()):
+            # Skipping forever would train nothing while checkpoints and final/ are written
+            raise NonFiniteError(f"step {step}: {stalled}; nothing of this step was saved")
         if applied:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
