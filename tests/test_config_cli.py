@@ -23,7 +23,7 @@ FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 # precompute_ref_log_probs, which method="tr_dpo" excludes, and label_smoothing, loss_type and push_to_hub,
 # each accepted only as TRL's default).
 NON_DEFAULT = dict(
-    output_dir="runs/x", method="tr_dpo", beta=0.2, epsilon=0.05, epsilon_check=0.02, cdpo_smoothing=0.1,
+    output_dir="runs/x", method="tr_dpo", beta=0.2, beta_min=0.05, epsilon=0.05, epsilon_check=0.02, cdpo_smoothing=0.1,
     label_smoothing=0.0, loss_type="sigmoid",
     sync_ref_model=True, ref_model_sync_steps=16, ref_model_mixup_alpha=0.5, beta_dpo_alpha=0.3, beta_dpo_momentum=0.8, beta_dpo_filter=0.5,
     learning_rate=1e-5, per_device_train_batch_size=2, per_device_eval_batch_size=3, gradient_accumulation_steps=4,

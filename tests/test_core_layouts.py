@@ -43,7 +43,8 @@ def test_layouts_match_the_oracle(pairs, layout, max_length, max_prompt_length, 
                                   data):
     store = make_store(pairs)
     truncated = [oracle_truncate(*p, max_length, max_prompt_length, mode, max_completion_length) for p in pairs]
-    survivors = [i for i, t in enumerate(truncated) if t is not None]
+    # Pairs emptied by truncation fail or are skipped; pairs left identical are always dropped
+    survivors = [i for i, t in enumerate(truncated) if t is not None and t[1] != t[2]]
     if not survivors:
         return
     indices = data.draw(st.lists(st.sampled_from(survivors), min_size=1, max_size=8))
@@ -69,14 +70,17 @@ def test_truncated_lengths_match_the_oracle(pairs, max_length, max_prompt_length
     store = make_store(pairs)
     lengths = epsdpo.Collator(max_length=max_length, max_prompt_length=max_prompt_length,
                               max_completion_length=max_completion_length).truncated_lengths(store)
-    empty = []
+    empty, identical = [], []
     for i, p in enumerate(pairs):
         t = oracle_truncate(*p, max_length, max_prompt_length, max_completion_length=max_completion_length)
         if t is None:
             empty.append(i)
             continue
+        if t[1] == t[2]:
+            identical.append(i)
         assert (lengths["prompt"][i], lengths["chosen"][i], lengths["rejected"][i]) == tuple(map(len, t))
     assert lengths["empty"].tolist() == empty
+    assert lengths["identical"].tolist() == identical
 
 
 def test_emptied_completion_raises_or_is_skipped():

@@ -508,11 +508,25 @@ def test_report_statistics_match_the_store(tok: Any) -> None:
     assert "20 pairs" in str(report)
 
 
+def test_report_counts_pairs_left_identical_by_truncation(tok: Any, tmp_path: Path) -> None:
+    rows = [{"prompt": "what is the answer?", "chosen": " the answer is forty two.", "rejected": " the answer is forty one."},
+            {"prompt": "hello", "chosen": " hello world", "rejected": " the world is big"}]
+    store, whole = load(datasets.Dataset.from_list(rows), tok)
+    assert whole.identical_after_truncation == 0
+    _, cut = load(datasets.Dataset.from_list(rows), tok, max_completion_length=3, cache_dir=tmp_path)
+    chosen, rejected = store[0][1], store[0][2]
+    assert chosen[:3].tolist() == rejected[:3].tolist() and chosen.tolist() != rejected.tolist()
+    assert cut.identical_after_truncation == 1
+    assert "chosen identical to rejected (dropped): 1" in str(cut)
+    again = load(datasets.Dataset.from_list(rows), tok, max_completion_length=3, cache_dir=tmp_path)[1]
+    assert again.cache_hit and again.identical_after_truncation == 1  # the cached report keeps the count
+
+
 def test_padding_estimate_is_exact_for_a_known_store() -> None:
     store = epsdpo.PreferenceStore()
     lengths = [(3, 2, 2), (5, 4, 1), (2, 6, 3), (4, 1, 1)]
-    for p, c, r in lengths:
-        store.add_pair(list(range(1, p + 1)), list(range(1, c + 1)), list(range(1, r + 1)))
+    for p, c, r in lengths:  # rejected tokens differ from chosen ones: identical pairs would be dropped
+        store.add_pair(list(range(1, p + 1)), list(range(1, c + 1)), list(range(50, r + 50)))
     report = compute_stats(store, batch_pairs=4)  # one batch holding every pair
     seqs = [p + c for p, c, _ in lengths] + [p + r for p, _, r in lengths]
     assert report.padding["padded"] == pytest.approx(1 - sum(seqs) / (len(seqs) * max(seqs)))

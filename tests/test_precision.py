@@ -1,15 +1,20 @@
 """Mixed precision trains where pure half precision silently would not: bf16 compute over fp32 master
-weights moves the weights like fp32, half-precision trained weights are refused, fp16 is loss-scaled,
-and the fused kernel keeps fp32 statistics under autocast."""
+weights moves the weights like fp32, half-precision trained weights are refused, fp16 is loss-scaled
+(and a run whose fp16 gradients are never finite stops instead of skipping every step), and the fused
+kernel keeps fp32 statistics under autocast."""
 
 from __future__ import annotations
+
+import math
+import re
 
 import pytest
 import torch
 
+from epsdpo import precision
 from epsdpo.config import TrainConfig
 from epsdpo.ops import perturbed_logps
-from epsdpo.trainer import Trainer
+from epsdpo.trainer import NonFiniteError, Trainer
 from tiny import tiny_llama, toy_store
 
 LR = 5e-7  # the paper's learning rate, where a bf16 weight loses nearly every AdamW update
@@ -136,3 +141,33 @@ def test_a_step_the_fp16_scaler_skips_moves_neither_beta_nor_the_reference(tmp_p
     assert beta[2] == beta[1] and beta[3] != beta[2]
     assert moved == [1, 3]
     assert [r["skipped_step"] for r in history if "loss" in r] == [0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("init_scale, stops_at", [(2.0**16, 5), (2.0**-12, 3)],
+                         ids=["skipped steps in a row", "scale below the floor"])
+def test_fp16_that_never_steps_stops_naming_the_step_before_anything_is_saved(tmp_path, monkeypatch, init_scale,
+                                                                              stops_at):
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            torch.nn.Linear(2, 2)(torch.ones(1, 2))
+    except RuntimeError as error:  # pragma: no cover - depends on the torch build
+        pytest.skip(f"no fp16 autocast on this CPU build: {error}")
+    # fp16 forwards are slow on CPU (~0.3 s each here): the run of skips it takes is shortened to 5 (the
+    # default, MAX_CONSECUTIVE_SKIPPED_STEPS, is 20); the scale floor is the real one.
+    limit = 5
+    monkeypatch.setattr(precision, "MAX_CONSECUTIVE_SKIPPED_STEPS", limit)
+    out = tmp_path / "never"
+    trainer = Trainer(tiny_llama(0), config(tmp_path, "never", fp16=True, max_steps=limit + 3, save_steps=limit + 1,
+                                            per_device_train_batch_size=2, max_length=16, max_prompt_length=8),
+                      toy_store(8))
+    trainer.precision.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    # A gradient that is non-finite whatever the scale, as an inf from the forward pass would be
+    trainer.params[-1].register_hook(lambda grad: torch.full_like(grad, math.inf))
+    scale = init_scale / 2**stops_at
+    with pytest.raises(NonFiniteError, match=rf"^step {stops_at}: fp16 gradients were non-finite at {stops_at} "
+                                             rf"consecutive steps, so each was skipped, and the loss scale fell to "
+                                             rf"{re.escape(f'{scale:.3g}')} \(limits: {limit} skipped steps in "
+                                             rf"a row, scale 2\^-14\)"):
+        trainer.train()
+    assert trainer.checkpoints() == [] and not (out / "final").exists()
+

@@ -105,9 +105,11 @@ def test_collated_batch_matches_the_batch_typeddict(layout):
     store.add_pair([7, 8], [9, 10, 11, 12], [13, 14])
     store.add_pair([1] * 8, [2], [3])  # its prompt fills max_length: skipped
     store.add_pair([5, 6], list(range(20, 30)), [7])  # chosen answer truncated
+    store.add_pair([5, 6], [7, 8], [7, 8])  # chosen identical to rejected: dropped
     collator = core.Collator(layout, max_length=8, skip_empty=True, pad_to_multiple_of=4)
-    batch = collator(store, [0, 2, 3, 1])
-    assert len(batch["skipped"]) == 1 and batch["num_truncated"] == 1  # no key is trivially empty
+    batch = collator(store, [0, 2, 4, 3, 1])
+    # no key is trivially empty
+    assert len(batch["skipped"]) == 1 and len(batch["identical"]) == 1 and batch["num_truncated"] == 1
 
     stub = stub_typeddict("Batch")
     assert set(batch) == set(stub)

@@ -104,7 +104,8 @@ class Batch(TypedDict):
     """What a :class:`Collator` call returns: ``B`` pairs as ``2B`` sequences (sequence ``b`` is
     pair ``b``'s chosen answer, ``B + b`` its rejected one) in one layout. ``rows`` is ``2B``
     (padded), the number of packed rows (packed) or ``B`` (shared_prompt); ``T`` counts the
-    scored (completion) tokens, ``S`` the skipped pairs. ``[rows, cols]`` arrays are row-major.
+    scored (completion) tokens, ``S`` the skipped pairs, ``I`` the pairs dropped as identical.
+    ``[rows, cols]`` arrays are row-major.
 
     A type checker's view only: at run time the batch is a plain ``dict``, and ``Batch`` is
     not importable from ``epsdpo._core``."""
@@ -141,6 +142,9 @@ class Batch(TypedDict):
     """``[B]`` ids of those pairs."""
     skipped: npt.NDArray[np.int64]
     """``[S]`` store indices dropped as truncation emptied a completion (``skip_empty=True``)."""
+    identical: npt.NDArray[np.int64]
+    """``[I]`` store indices dropped (always) as their chosen and rejected are the same tokens after
+    truncation: such a pair has nothing to learn."""
     num_truncated: int
     """How many of the ``B`` pairs lost tokens to truncation."""
     sequence_lengths: npt.NDArray[np.int32]
@@ -218,11 +222,13 @@ class BatchSampler:
 class KlController:
     """The β bookkeeping of ε-DPO: per-pair β from steps, cycle sums, the β update."""
 
-    def __init__(self, beta: float, epsilon: float) -> None: ...
+    def __init__(self, beta: float, epsilon: float, beta_min: float | None = None) -> None: ...
     @property
     def beta(self) -> float: ...
     @property
     def epsilon(self) -> float: ...
+    @property
+    def beta_min(self) -> float | None: ...
     def betas_for(self, steps: npt.NDArray[np.int8]) -> npt.NDArray[np.float64]: ...
     def record(
         self, pair_ids: npt.NDArray[np.uint64], steps: npt.NDArray[np.int8]

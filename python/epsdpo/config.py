@@ -20,6 +20,11 @@ from epsdpo.safe_yaml import MAX_SHOWN, load_config_yaml, shown
 REPORTER_ALONE = ("jsonl", "none", "all")
 REPORTER_BACKENDS = ("tensorboard", "wandb", "trackio", "mlflow")
 REPORTERS = REPORTER_ALONE + REPORTER_BACKENDS
+# The smallest β (and beta_min) accepted. Every pair's gradient is β·σ(−β·gap) ≤ β times the gradient
+# of its log-ratio gap, so below this the per-weight gradients sit near AdamW's ε (1e-8) or under it
+# and the run trains little or nothing; four orders of magnitude below any β in use (TRL's default
+# 0.1, the paper's 0.01–0.5), so no real setting is refused.
+MIN_BETA = 1e-6
 
 Layout = Literal["padded", "packed", "shared_prompt"]
 LAYOUTS: tuple[str, ...] = typing.get_args(Layout)  # the batch layouts of the Rust collator
@@ -45,8 +50,12 @@ class TrainConfig:
         "Training rule: epsilon_dpo (β adapts per pair and per step), dpo (fixed β), tr_dpo (fixed β; the "
         "reference moves toward the policy) or beta_dpo (one β per batch). See docs/algorithm.md.")})
     beta: float = field(default=0.1, metadata={"help": (
-        "KL penalty β of the DPO loss, > 0 (TRL's beta). For epsilon_dpo the initial base β, which then "
-        "adapts; for beta_dpo the base β₀.")})
+        "KL penalty β of the DPO loss (TRL's beta). For epsilon_dpo the initial base β, which then "
+        "adapts; for beta_dpo the base β₀. At least 1e-6 (MIN_BETA): a smaller β trains nothing.")})
+    beta_min: float | None = field(default=None, metadata={"help": (
+        "Opt-in floor under ε-DPO's base β: after each optimizer step β becomes max(β/(1 + ε·mean s), "
+        "beta_min). None (the default) is the paper's rule, under which β can shrink toward 0 and training "
+        "stop; a floor is a departure from the paper (docs/algorithm.md). In [1e-6, beta].")})
     epsilon: float = field(default=0.01, metadata={"help": (
         "ε-DPO step size ε_s in [0, 1): a pair trains with β/(1 + ε·s), s in {-1, 0, +1}, and after each "
         "optimizer step the base β becomes β/(1 + ε·mean s). 0 trains exactly as DPO. Used only by "
@@ -326,7 +335,11 @@ class TrainConfig:
         _check(not self.push_to_hub, "push_to_hub", self.push_to_hub,
                "False: epsdpo has no hub upload; push output_dir/final with huggingface_hub's upload_folder")
         _check(not (self.bf16 and self.fp16), "fp16", self.fp16, "False when bf16=True (choose one compute precision)")
-        _check(self.beta > 0, "beta", self.beta, "a finite number > 0")
+        _check(self.beta >= MIN_BETA, "beta", self.beta, f"a finite number >= {MIN_BETA:g} (a smaller β trains nothing)")
+        _check(self.beta_min is None or MIN_BETA <= self.beta_min <= self.beta, "beta_min", self.beta_min,
+               f"None or between {MIN_BETA:g} and beta ({self.beta:g})")
+        _check(self.beta_min is None or self.method != "beta_dpo", "beta_min", self.beta_min,
+               "None with method='beta_dpo': it floors ε-DPO's base β, not β-DPO's batch β")
         _check(0 <= self.epsilon < 1, "epsilon", self.epsilon, "in [0, 1)")
         _check(self.epsilon_check is None or 0 <= self.epsilon_check < 1, "epsilon_check", self.epsilon_check,
                "None or in [0, 1)")

@@ -131,7 +131,9 @@ def sequence_log_ratios(
     vocab = policy.get_output_embeddings().weight.shape[0]
     store = PreferenceStore(vocab_size=vocab)
     for prompt_ids, answer in sequences:
-        store.add_pair(prompt_ids, answer, answer)  # scored once as "chosen"; the copy is ignored
+        # Scored as "chosen"; the rejected side is a one-token placeholder whose score is ignored (a copy
+        # of the answer would make a pair the collator drops, having nothing to learn)
+        store.add_pair(prompt_ids, answer, [0] if answer != [0] else [1])
     collator = Collator("padded")
     ratios: list[float] = []
     was_training = policy.training

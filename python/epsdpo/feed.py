@@ -7,6 +7,7 @@ the current one trains hides the data path behind the model.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -32,9 +33,11 @@ def make_collator(config: TrainConfig, tokenizer: Any) -> Collator:
 
 
 def as_store(dataset: Any, config: TrainConfig, tokenizer: Any, collator: Collator, *,
-             progress: bool) -> tuple[PreferenceStore, dict[str, Any]]:
+             progress: bool, split: str = "train") -> tuple[PreferenceStore, dict[str, Any]]:
     """The dataset as a store, and its truncated lengths (checked: no emptied completion unless
-    `skip_invalid`, and at least one pair to train on).
+    `skip_invalid`, and at least one pair to train on). Pairs whose chosen and rejected are the same
+    tokens after truncation are counted in `lengths["identical"]`, warned about, and dropped by the
+    collator in training and evaluation alike. `split` ("train" or "eval") names the data in messages.
 
     A path ending in .store or .epsdpo is a store file (`epsdpo prepare --output`, or a cache entry) and
     is mapped as it is; anything else goes through `load_preferences`, which caches the tokenized store
@@ -61,12 +64,19 @@ def as_store(dataset: Any, config: TrainConfig, tokenizer: Any, collator: Collat
     if len(store) == 0:
         raise ValueError("the preference dataset is empty")
     lengths = collator.truncated_lengths(store)
-    empty = lengths["empty"]
+    empty, identical = lengths["empty"], lengths["identical"]
     limits = (f"max_length={config.max_length}, max_prompt_length={config.max_prompt_length}"
               + (f", max_completion_length={config.max_completion_length}" if config.max_completion_length else ""))
     if len(empty) == len(store):
         raise ValueError(f"no pair can be trained on: every completion of all {len(store)} pairs is empty after "
                          f"truncation to {limits}")
+    if len(empty) + len(identical) == len(store):
+        others = f" and the other {len(empty)} an emptied completion" if len(empty) else ""
+        raise ValueError(
+            f"no pair can be {'trained' if split == 'train' else 'evaluated'} on: {len(identical)} of the {split} "
+            f"data's {len(store)} pairs have the same chosen and rejected tokens after truncation to {limits}{others} "
+            f"(first: pair {int(identical[0])}); such a pair has nothing to learn (its loss is ln 2 whatever the "
+            "weights): raise the limits or fix the data")
     if len(empty) and not config.skip_invalid:
         error = TruncationError(
             f"pair {int(empty[0])}: a completion is empty after truncation to {limits} ({len(empty)} pairs like it); "
@@ -74,6 +84,13 @@ def as_store(dataset: Any, config: TrainConfig, tokenizer: Any, collator: Collat
         )
         error.pair_index = int(empty[0])
         raise error
+    if len(identical):
+        # Dropped by the collator (never fed to the model), and said once here: a prepared store has no
+        # data report to count them in.
+        warnings.warn(
+            f"{split} data: {len(identical)} of {len(store)} pairs have the same chosen and rejected tokens after truncation to "
+            f"{limits} (first: pair {int(identical[0])}); they are dropped, having nothing to learn",
+            stacklevel=3)
     return store, lengths
 
 

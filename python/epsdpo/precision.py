@@ -7,12 +7,18 @@ AdamW update is below half a bf16 ulp of the weight it updates (a 0.02 weight ha
 so the weights never move while the run logs a loss and finishes normally. fp16's narrow exponent
 also needs the loss scaled up before backward and the gradients scaled back down before clipping.
 
+fp16 loss scaling skips a step whose gradients overflowed and halves the scale. A gradient that is
+non-finite whatever the scale (an inf from the forward pass itself) would be skipped forever while
+the run logs steps and writes checkpoints, so `Precision.stalled` gives up after
+`MAX_CONSECUTIVE_SKIPPED_STEPS` skipped steps in a row, or once the scale is below `MIN_LOSS_SCALE`.
+
 Under FSDP the same policy is FSDP's own `MixedPrecisionPolicy` (bf16 parameters gathered for
 compute, fp32 gradient reduction, fp32 sharded master weights) instead of autocast.
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -21,6 +27,13 @@ from torch import nn
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MASTER_DTYPES = (torch.float32, torch.float64)
+# From GradScaler's starting scale 2**16, 16 halvings reach 1, where unscaled fp16 gradients already fit;
+# 20 skips in a row is a scale 16× below that, no longer the range search loss scaling does at the start
+# of a run (a healthy run skips a handful of steps then, and about one in 2,000 later).
+MAX_CONSECUTIVE_SKIPPED_STEPS = 20
+# fp16's smallest normal number: below it a loss of order 1 times the scale is subnormal, so scaling
+# no longer protects small gradients from underflow and an overflow cannot have been caused by it.
+MIN_LOSS_SCALE = 2.0**-14
 
 
 def torch_dtype(name: str | None, default: torch.dtype | None = None) -> torch.dtype | None:
@@ -58,6 +71,7 @@ class Precision:
         self.device_type = device.type
         self.autocast_enabled = self.dtype is not None and not sharded
         self.scaler = torch.amp.GradScaler(device.type) if self.dtype == torch.float16 else None
+        self.consecutive_skips = 0
 
     def autocast(self) -> AbstractContextManager[Any]:
         if not self.autocast_enabled:
@@ -81,7 +95,22 @@ class Precision:
         scale = self.scaler.get_scale()
         self.scaler.step(optimizer)
         self.scaler.update()
-        return self.scaler.get_scale() >= scale
+        applied = self.scaler.get_scale() >= scale
+        self.consecutive_skips = 0 if applied else self.consecutive_skips + 1
+        return applied
+
+    def stalled(self) -> str | None:
+        """Why fp16 loss scaling has given up (too many skipped steps in a row, or a scale below
+        `MIN_LOSS_SCALE`), or None while it is still finding its range."""
+        if self.scaler is None or not self.consecutive_skips:
+            return None
+        scale = self.scaler.get_scale()
+        if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPPED_STEPS or scale < MIN_LOSS_SCALE:
+            return (f"fp16 gradients were non-finite at {self.consecutive_skips} consecutive steps, so each was "
+                    f"skipped, and the loss scale fell to {scale:.3g} (limits: {MAX_CONSECUTIVE_SKIPPED_STEPS} "
+                    f"skipped steps in a row, scale 2^{math.log2(MIN_LOSS_SCALE):g}); the gradient is non-finite whatever the "
+                    "scale: try bf16=True or fp32, or look for an inf in the forward pass")
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {} if self.scaler is None else self.scaler.state_dict()

@@ -9,9 +9,11 @@ One optimizer step, top to bottom (`_train_step`):
    the method's β rule (`epsdpo.beta_rules`) gives β_i; the ε-DPO loss, divided by the cycle's
    global pair count, is backpropagated;
 3. DDP averages (FSDP reduce-scatters) gradients during the last micro-batch's backward; clip,
-   AdamW, scheduler; a non-finite weight stops the run here, before anything is saved;
+   AdamW, scheduler; a non-finite weight stops the run here, before anything is saved, and so does
+   fp16 loss scaling that keeps skipping steps (`Precision.stalled`);
 4. the method's post-step work: the β update β ← β / (1 + ε·s̄) over every pair of the cycle on
-   every rank, TR-DPO's reference update.
+   every rank, TR-DPO's reference update; then `StallWatch` warns when β has shrunk below a
+   thousandth of its start and stops a run whose gradient has been exactly zero for ten steps.
 
 Every micro-batch of a cycle uses the same base β, and the `kl/beta` logged for step k is that β.
 """
@@ -60,6 +62,7 @@ from epsdpo.run_lock import lock_output_dir
 from epsdpo.scoring import batch_logps
 from epsdpo.sharding import full_model_state, grad_norm_value, shard
 from epsdpo.staged import replace_file, write_folder
+from epsdpo.stall_watch import StallWatch, StalledTrainingError  # noqa: F401  (raised from here)
 from epsdpo.step_metrics import StepSums
 
 if TYPE_CHECKING:
@@ -158,7 +161,7 @@ class Trainer:
         self.precision = Precision(config.compute_dtype, self.device, sharded=self.sharded)
         self._setup_data(train_dataset, eval_dataset)
         self._setup_reference_logps()
-        self.kl = KlController(config.beta, config.step_epsilon)
+        self.kl = KlController(config.beta, config.step_epsilon, config.beta_min)
         self.method = build_method(config, self.kl, self.dist, self.device, self.model, self.ref_model)
         self._setup_optimization()
         self.metrics = MetricsLog(self.output_dir, config.report_to, self.dist.is_main,
@@ -247,7 +250,8 @@ class Trainer:
         self.train_store, train_lengths = as_store(train_dataset, c, self.tokenizer, self.collator, progress=progress)
         self.eval_store = None
         if eval_dataset is not None:
-            self.eval_store = as_store(eval_dataset, c, self.tokenizer, self.collator, progress=progress)[0]
+            self.eval_store = as_store(eval_dataset, c, self.tokenizer, self.collator, progress=progress,
+                                       split="eval")[0]
         for store in (self.train_store, self.eval_store):
             if store is not None:
                 check_vocabulary(store, self.model)
@@ -292,6 +296,7 @@ class Trainer:
         self.scheduler = get_scheduler(c.lr_scheduler_type, self.optimizer,
                                        num_warmup_steps=c.warmup_steps_for(total), num_training_steps=total)
         self.state = TrainerState(max_steps=total, beta=self.kl.beta)
+        self.stall_watch = StallWatch(c.beta)
 
     # ---------------------------------------------------------------------------- one step
     def _score(self, batch: Batch, split: str = "train") -> PairLogps:
@@ -368,6 +373,9 @@ class Trainer:
         # does; so with warm-up the first step logs 0.0, under TRL too (tests/test_outputs.py runs both).
         lr = self.scheduler.get_last_lr()[0]
         applied = self.precision.step(self.optimizer)
+        if not applied and (stalled := self.precision.stalled()):
+            # Skipping forever would train nothing while checkpoints and final/ are written
+            raise NonFiniteError(f"step {step}: {stalled}; nothing of this step was saved")
         if applied:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -404,6 +412,7 @@ class Trainer:
                 hook(step)
         else:  # an fp16 overflow skipped the update: nothing that follows from it happens either
             self.method.beta_rule.skip_step()
+        self.stall_watch.after_step(step, grad_norm, global_pairs, self.kl.beta)
         metrics = sums.all_reduce(self.dist).metrics()
         metrics.update({"grad_norm": grad_norm, "learning_rate": lr, "kl/beta": beta, "real_tokens": sums["real_tokens"]})
         if self.precision.scaler is not None:

@@ -42,7 +42,8 @@ __all__ = [
 ]
 
 # Bump when the ingestion rules change what a given input produces, so old entries stop matching.
-INGEST_VERSION = 1
+# 2: the report counts identical_after_truncation (an older entry's report would say 0).
+INGEST_VERSION = 2
 ENV_VAR = "EPSDPO_CACHE"
 # Sentinel for "the default cache dir" (what `load_preferences` does when not told otherwise).
 DEFAULT: Any = object()

@@ -30,6 +30,7 @@ class DataReport:
     ``sequence`` (prompt + one completion) to ``min``, ``mean``, ``p50``…``p99``, ``max``.
     ``padding`` is the estimated fraction of batch cells that are padding, per layout, for
     random batches of ``padding_batch_pairs`` pairs under the truncation settings.
+    ``empty_after_truncation`` and ``identical_after_truncation`` count the pairs training drops.
     """
 
     source: str = ""
@@ -49,6 +50,9 @@ class DataReport:
     prompt_truncation_mode: str = "keep_end"
     num_truncated: int = 0
     empty_after_truncation: int = 0
+    identical_after_truncation: int = 0
+    """Pairs whose chosen and rejected are the same tokens after tokenization and truncation: they
+    have nothing to learn (loss ln 2, a gradient of rounding noise), so training drops them."""
     padding: dict[str, float] = field(default_factory=dict)
     padding_batch_pairs: int = 0
     fingerprint: str | None = None
@@ -89,7 +93,8 @@ class DataReport:
         limits = (f"max_length={self.max_length}, max_prompt_length={self.max_prompt_length}, "
                   + (f"max_completion_length={self.max_completion_length}, " if self.max_completion_length else "")
                   + self.prompt_truncation_mode)
-        lines.append(f"truncated: {self.num_truncated} pairs ({limits}); emptied by truncation: {self.empty_after_truncation}")
+        lines.append(f"truncated: {self.num_truncated} pairs ({limits}); emptied by truncation: {self.empty_after_truncation}; "
+                     f"chosen identical to rejected (dropped): {self.identical_after_truncation}")
         if self.padding:
             pads = ", ".join(f"{k} {v:.1%}" for k, v in self.padding.items())
             lines.append(f"padding at {self.padding_batch_pairs} pairs/batch: {pads}")
@@ -155,6 +160,7 @@ def compute_stats(
     t = Collator(**limits).truncated_lengths(store)
     report.num_truncated = int(t["num_truncated"])
     report.empty_after_truncation = len(t["empty"])
+    report.identical_after_truncation = len(t["identical"])
     if len(store):
         # Pairs a truncation empties are dropped by the collator (skip_empty), as training would.
         report.padding = {

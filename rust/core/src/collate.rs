@@ -113,6 +113,9 @@ pub struct Batch {
     pub pair_ids: Vec<u64>,
     /// Store indices dropped because truncation emptied a completion (`skip_empty`).
     pub skipped: Vec<i64>,
+    /// Store indices dropped, always, because their chosen and rejected completions are the same
+    /// tokens after truncation: such a pair trains on nothing but rounding noise.
+    pub identical: Vec<i64>,
     /// How many of the batch's pairs lost tokens to truncation.
     pub num_truncated: usize,
     /// Length (prompt + completion) of each of the `2B` sequences after truncation.
@@ -140,6 +143,10 @@ pub struct TruncatedLengths {
     pub rejected: Vec<u32>,
     /// Pairs whose completion truncation would empty (lengths reported as 0 for them).
     pub empty: Vec<u32>,
+    /// Pairs whose chosen and rejected completions are the same tokens after truncation; the
+    /// collator drops them (their lengths are reported as they are, so samplers see the same
+    /// lengths whether or not a pair is dropped).
+    pub identical: Vec<u32>,
     /// Pairs that lose at least one token.
     pub num_truncated: usize,
 }
@@ -159,6 +166,9 @@ pub fn truncated_lengths(store: &PreferenceStore, truncation: &Truncation) -> Re
         match truncation.apply(i, &pair) {
             Ok(t) => {
                 out.num_truncated += t.was_truncated(&pair) as usize;
+                if t.completions_identical(&pair) {
+                    out.identical.push(i as u32);
+                }
                 out.prompt.push(t.prompt.len() as u32);
                 out.chosen.push(t.chosen_len as u32);
                 out.rejected.push(t.rejected_len as u32);
@@ -198,6 +208,7 @@ pub fn collate(store: &PreferenceStore, indices: &[u32], config: &CollateConfig)
         let i = i as usize;
         let pair = store.pair_checked(i)?;
         match config.truncation.apply(i, &pair) {
+            Ok(t) if t.completions_identical(&pair) => batch.identical.push(i as i64),
             Ok(t) => {
                 batch.num_truncated += t.was_truncated(&pair) as usize;
                 kept.push((i, pair, t));

@@ -38,6 +38,9 @@ pub struct LedgerArrays {
 pub struct KlController {
     beta: f64,
     epsilon: f64,
+    /// The opt-in floor under the base β (`TrainConfig.beta_min`; `None` is the paper's rule). A
+    /// setting of the run, not of its state: it is not saved, and a resumed run takes its own.
+    beta_min: Option<f64>,
     cycle_sum: i64,
     cycle_count: u64,
     /// BTreeMap so that arrays and saved state come out sorted by id without a sort.
@@ -57,6 +60,7 @@ impl KlController {
         Ok(KlController {
             beta,
             epsilon,
+            beta_min: None,
             cycle_sum: 0,
             cycle_count: 0,
             ledger: BTreeMap::new(),
@@ -64,8 +68,30 @@ impl KlController {
         })
     }
 
+    /// The same controller with the base β floored at `beta_min` by every later update (`None`:
+    /// no floor, the paper's rule). A departure from the paper (docs/algorithm.md): the update is
+    /// `β ← max(β / (1 + ε·s̄), beta_min)`, applied here so the history, the ledger and the β
+    /// pairs train with all agree. `beta_min` must be finite, > 0 and at most the current β (on a resumed run,
+    /// the restored one).
+    pub fn with_beta_min(mut self, beta_min: Option<f64>) -> Result<Self> {
+        if let Some(m) = beta_min {
+            if !(m.is_finite() && m > 0.0) {
+                return Err(Error::arg(format!("beta_min must be finite and > 0, got {m}")));
+            }
+            if m > self.beta {
+                return Err(Error::arg(format!("beta_min = {m} is above beta = {}: the floor must be at most the current beta", self.beta)));
+            }
+        }
+        self.beta_min = beta_min;
+        Ok(self)
+    }
+
     pub fn beta(&self) -> f64 {
         self.beta
+    }
+
+    pub fn beta_min(&self) -> Option<f64> {
+        self.beta_min
     }
 
     pub fn epsilon(&self) -> f64 {
@@ -139,6 +165,9 @@ impl KlController {
         if global_count > 0 {
             let mean = global_sum as f64 / global_count as f64;
             self.beta /= 1.0 + self.epsilon * mean;
+            if let Some(floor) = self.beta_min {
+                self.beta = self.beta.max(floor);
+            }
         }
         self.beta_history.push(self.beta);
         self.cycle_sum = 0;
@@ -255,6 +284,7 @@ impl KlController {
         Ok(KlController {
             beta,
             epsilon,
+            beta_min: None,
             cycle_sum,
             cycle_count,
             ledger,
@@ -375,6 +405,26 @@ mod tests {
             k.apply_update(7, 7).unwrap();
         }
         assert!((k.beta() - new / 1.1f64.powi(10)).abs() < 1e-15);
+    }
+
+    #[test]
+    fn beta_min_floors_every_update_and_the_pairs_beta() {
+        let mut k = KlController::new(0.1, 0.5).unwrap().with_beta_min(Some(0.05)).unwrap();
+        for _ in 0..5 {
+            k.record(&[1, 2], &[1, 1]).unwrap();
+            k.apply_update(2, 2).unwrap();
+        }
+        assert_eq!(k.beta(), 0.05, "0.1 / 1.5^5 would be 0.013");
+        assert_eq!(k.beta_history(), &[0.1, 0.1 / 1.5, 0.05, 0.05, 0.05, 0.05]);
+        assert_eq!(k.record(&[1], &[0]).unwrap(), vec![0.05], "pairs train with the floored beta");
+        // Without a floor the paper's rule: no clamp.
+        let mut paper = KlController::new(0.1, 0.5).unwrap();
+        paper.apply_update(2, 2).unwrap();
+        paper.apply_update(2, 2).unwrap();
+        assert!(paper.beta() < 0.05);
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 0.2] {
+            assert!(matches!(KlController::new(0.1, 0.5).unwrap().with_beta_min(Some(bad)), Err(Error::InvalidArgument(_))), "{bad}");
+        }
     }
 
     #[test]

@@ -52,6 +52,12 @@ impl Truncated {
     pub fn was_truncated(&self, pair: &Pair<'_>) -> bool {
         self.prompt.len() < pair.prompt.len() || self.chosen_len < pair.chosen.len() || self.rejected_len < pair.rejected.len()
     }
+    /// Whether the truncated chosen and rejected completions are the same tokens. Such a pair has
+    /// nothing to learn: its log-ratio gap is zero by construction, so its loss is ln 2 and its
+    /// gradient is rounding noise. The prompt is shared, so only the completions are compared.
+    pub fn completions_identical(&self, pair: &Pair<'_>) -> bool {
+        self.chosen_len == self.rejected_len && pair.chosen[..self.chosen_len] == pair.rejected[..self.rejected_len]
+    }
 }
 
 impl Truncation {
@@ -150,6 +156,17 @@ mod tests {
             Err(Error::EmptyAfterTruncation { pair: 7, which: "chosen", .. }) => {}
             other => panic!("expected an empty-completion error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn identical_completions_are_found_after_truncation_only() {
+        let p = pair(&[1, 2], &[4, 5, 6], &[4, 5, 7]);
+        assert!(!Truncation::default().apply(0, &p).unwrap().completions_identical(&p));
+        let cut = Truncation { max_completion_length: Some(2), ..Default::default() };
+        assert!(cut.apply(0, &p).unwrap().completions_identical(&p));
+        // Same first tokens but different lengths still differ
+        let p = pair(&[1, 2], &[4, 5], &[4, 5, 6]);
+        assert!(!Truncation::default().apply(0, &p).unwrap().completions_identical(&p));
     }
 
     #[test]

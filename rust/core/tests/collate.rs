@@ -135,9 +135,11 @@ proptest! {
         pick in prop::collection::vec(any::<prop::sample::Index>(), 1..8),
     ) {
         let indices: Vec<u32> = pick.iter().map(|ix| ix.index(store.len()) as u32).collect();
-        // Pairs whose completion would be emptied are not this property's business.
+        // Pairs whose completion would be emptied, or whose completions are identical (always
+        // dropped), are not this property's business.
         let lengths = truncated_lengths(&store, &truncation).unwrap();
-        let indices: Vec<u32> = indices.into_iter().filter(|i| !lengths.empty.contains(i)).collect();
+        let indices: Vec<u32> =
+            indices.into_iter().filter(|i| !lengths.empty.contains(i) && !lengths.identical.contains(i)).collect();
         prop_assume!(!indices.is_empty());
         let expected = expected_sequences(&store, &indices, &truncation);
         for layout in LAYOUTS {
@@ -189,6 +191,28 @@ fn emptied_completions_fail_or_are_skipped_and_counted() {
     let batch = collate(&store, &[1, 0], &skipping).unwrap();
     assert_eq!((batch.pair_indices.clone(), batch.skipped.clone()), (vec![1], vec![0]));
     assert_eq!(truncated_lengths(&store, &truncation).unwrap().empty, vec![0]);
+}
+
+#[test]
+fn identical_completions_after_truncation_are_always_dropped_and_counted() {
+    let mut store = PreferenceStore::new(None).unwrap();
+    store.add_pair(&[1u32, 2], &[5, 6, 7], &[5, 6, 8], None).unwrap(); // identical once cut to 2
+    store.add_pair(&[1u32], &[2], &[3], None).unwrap();
+    store.add_pair(&[1u32], &[4, 4], &[4, 4], None).unwrap(); // identical as stored
+    let whole = Truncation::default();
+    assert_eq!(truncated_lengths(&store, &whole).unwrap().identical, vec![2]);
+    let cut = Truncation { max_completion_length: Some(2), ..Default::default() };
+    let lengths = truncated_lengths(&store, &cut).unwrap();
+    assert_eq!(lengths.identical, vec![0, 2]);
+    assert_eq!((lengths.chosen.clone(), lengths.rejected.clone()), (vec![2, 1, 2], vec![2, 1, 2]), "lengths kept");
+    for layout in LAYOUTS {
+        let config = CollateConfig { layout, truncation: cut, ..Default::default() };
+        let batch = collate(&store, &[2, 1, 0], &config).unwrap();
+        assert_eq!((batch.pair_indices.clone(), batch.identical.clone()), (vec![1], vec![2, 0]), "{layout:?}");
+        assert!(batch.skipped.is_empty());
+        let none_left = collate(&store, &[0, 2], &config).unwrap();
+        assert_eq!((none_left.num_pairs(), none_left.rows), (0, 0));
+    }
 }
 
 #[test]

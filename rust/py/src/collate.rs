@@ -51,6 +51,7 @@ fn batch_dict<'py>(py: Python<'py>, b: Batch) -> PyResult<Bound<'py, PyDict>> {
     d.set_item("pair_indices", vec1(py, b.pair_indices))?;
     d.set_item("pair_ids", vec1(py, b.pair_ids))?;
     d.set_item("skipped", vec1(py, b.skipped))?;
+    d.set_item("identical", vec1(py, b.identical))?;
     d.set_item("num_truncated", b.num_truncated)?;
     d.set_item("sequence_lengths", vec1(py, b.sequence_lengths))?;
     d.set_item("layout", layout_name(b.layout))?;
@@ -108,7 +109,9 @@ impl PyCollator {
     }
 
     /// Truncated `prompt`, `chosen`, `rejected` lengths of every pair (uint32), the pairs whose
-    /// completion truncation would empty (`empty`), and how many pairs lose tokens.
+    /// completion truncation would empty (`empty`), the pairs whose chosen and rejected are the
+    /// same tokens after truncation (`identical`, which the collator drops), and how many pairs
+    /// lose tokens.
     fn truncated_lengths<'py>(&self, py: Python<'py>, store: PyRef<'py, PyPreferenceStore>) -> PyResult<Bound<'py, PyDict>> {
         let (inner, truncation) = (&store.inner, &self.config.truncation);
         let t = detached(py, move || truncated_lengths(inner, truncation))?;
@@ -117,6 +120,7 @@ impl PyCollator {
         d.set_item("chosen", vec1(py, t.chosen))?;
         d.set_item("rejected", vec1(py, t.rejected))?;
         d.set_item("empty", vec1(py, t.empty))?;
+        d.set_item("identical", vec1(py, t.identical))?;
         d.set_item("num_truncated", t.num_truncated)?;
         Ok(d)
     }

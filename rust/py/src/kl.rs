@@ -16,9 +16,11 @@ pub struct PyKlController {
 
 #[pymethods]
 impl PyKlController {
+    /// `beta_min`: an opt-in floor under the base β (None: the paper's rule, no floor).
     #[new]
-    fn new(py: Python<'_>, beta: f64, epsilon: f64) -> PyResult<Self> {
-        guarded(py, || KlController::new(beta, epsilon)).map(|inner| PyKlController { inner })
+    #[pyo3(signature = (beta, epsilon, beta_min=None))]
+    fn new(py: Python<'_>, beta: f64, epsilon: f64, beta_min: Option<f64>) -> PyResult<Self> {
+        guarded(py, || KlController::new(beta, epsilon)?.with_beta_min(beta_min)).map(|inner| PyKlController { inner })
     }
 
     /// The base β every micro-batch of the current accumulation cycle uses.
@@ -30,6 +32,12 @@ impl PyKlController {
     #[getter]
     fn epsilon(&self) -> f64 {
         self.inner.epsilon()
+    }
+
+    /// The floor under the base β, or None.
+    #[getter]
+    fn beta_min(&self) -> Option<f64> {
+        self.inner.beta_min()
     }
 
     /// β_i = β / (1 + ε·s_i) without recording anything (evaluation).
@@ -99,7 +107,10 @@ impl PyKlController {
             .get_item("state")?
             .ok_or_else(|| StateError::new_err("controller state has no 'state' entry"))?
             .extract()?;
-        self.inner = guarded(py, || KlController::from_state_bytes(&bytes))?;
+        // The floor is this run's setting, not saved state: kept, and applied from the next update
+        // (refused when the restored β is already below it, as a fresh run's β below it would be).
+        let beta_min = self.inner.beta_min();
+        self.inner = guarded(py, || KlController::from_state_bytes(&bytes)?.with_beta_min(beta_min))?;
         Ok(())
     }
 
