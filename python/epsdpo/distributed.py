@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import os
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -63,6 +64,29 @@ def all_reduce_sum(values: Tensor, info: DistInfo) -> Tensor:
         else:
             dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """Whether `flag` holds on any rank (one all-reduce; every rank must call it)."""
+    return all_reduce_sum(torch.tensor([float(flag)], dtype=torch.float64), info).item() > 0
+
+
+def on_main_rank(action: Callable[[], None], info: DistInfo, catch: tuple[type[Exception], ...],
+                 failed_there: Callable[[], Exception]) -> None:
+    """Run `action` on rank 0 alone; every rank learns whether it raised one of `catch` and raises too
+    (rank 0 its own error, the others `failed_there()`), so that a refusal stops every rank together
+    instead of leaving the others waiting in the next collective."""
+    error = None
+    if info.is_main:
+        try:
+            action()
+        except catch as caught:
+            error = caught
+    failed = any_rank(error is not None, info)
+    if error is not None:
+        raise error
+    if failed:
+        raise failed_there()
 
 
 def replicate(model: nn.Module, device: torch.device) -> nn.Module:

@@ -24,9 +24,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import torch
-
-from epsdpo.distributed import DistInfo, all_reduce_sum
+from epsdpo.distributed import DistInfo, any_rank
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -96,7 +94,6 @@ class StopOnSignal:
         (this rank's own, else SIGTERM), otherwise None."""
         if not dist.enabled:
             return self.signum
-        received = all_reduce_sum(torch.tensor([float(self.signum is not None)], dtype=torch.float64), dist).item()
-        if not received:
+        if not any_rank(self.signum is not None, dist):
             return None
         return self.signum if self.signum is not None else int(signal.SIGTERM)

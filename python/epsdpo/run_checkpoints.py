@@ -12,8 +12,6 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from epsdpo.checkpoint import (
     TRAINER_STATE,
     TRAINING_CONFIG,
@@ -29,7 +27,7 @@ from epsdpo.checkpoint import (
     staging_dir,
     verify_checkpoint,
 )
-from epsdpo.distributed import DistInfo, all_reduce_sum, barrier
+from epsdpo.distributed import DistInfo, barrier, on_main_rank
 from epsdpo.run_identity import (
     UnverifiedResumeWarning,
     allowed,
@@ -171,14 +169,5 @@ def claim_output_dir(output_dir: Path, overwrite: bool, dist: DistInfo) -> None:
 def _verify_once(path: Path, dist: DistInfo, reference: bool) -> None:
     """Rank 0 checks the manifest (hashing a large checkpoint once, not once per rank); every rank
     learns the verdict. `reference`: resume reads the moved reference's weights too."""
-    error = None
-    if dist.is_main:
-        try:
-            verify_checkpoint(path, reference)
-        except CheckpointError as caught:
-            error = caught
-    failed = all_reduce_sum(torch.tensor([float(error is not None)], dtype=torch.float64), dist).item()
-    if error is not None:
-        raise error
-    if failed:
-        raise CheckpointError(f"{path}: rank 0 found the checkpoint incomplete or altered")
+    on_main_rank(lambda: verify_checkpoint(path, reference), dist, (CheckpointError,),
+                 lambda: CheckpointError(f"{path}: rank 0 found the checkpoint incomplete or altered"))

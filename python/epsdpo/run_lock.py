@@ -24,9 +24,8 @@ import socket
 import warnings
 from pathlib import Path
 
-import torch
 
-from epsdpo.distributed import DistInfo, all_reduce_sum
+from epsdpo.distributed import DistInfo, on_main_rank
 
 LOCK_FILE = ".epsdpo.lock"
 # errors with which a filesystem says it does not do locks at all (as opposed to "someone holds it")
@@ -103,17 +102,9 @@ class RunLock:
 def lock_output_dir(output_dir: Path, dist: DistInfo) -> RunLock:
     """Rank 0 takes the lock; every rank learns whether it did (one all-reduce, as `_verify_once`
     does), so that a refusal stops every rank instead of leaving the others waiting in a barrier."""
-    lock, error = RunLock(output_dir), None
-    if dist.is_main:
-        try:
-            lock.acquire()
-        except (OutputDirBusyError, OSError) as caught:
-            error = caught
-    failed = all_reduce_sum(torch.tensor([float(error is not None)], dtype=torch.float64), dist).item()
-    if error is not None:
-        raise error
-    if failed:
-        raise OutputDirBusyError(f"rank 0 could not lock output_dir {output_dir} (its error says why)")
+    lock = RunLock(output_dir)
+    on_main_rank(lock.acquire, dist, (OutputDirBusyError, OSError),
+                 lambda: OutputDirBusyError(f"rank 0 could not lock output_dir {output_dir} (its error says why)"))
     return lock
 
 

@@ -37,7 +37,7 @@ from epsdpo.attention import use_segment_attention
 from epsdpo.beta_rules import PairBetas, PairLogps
 from epsdpo.checkpoint import PREFIX, list_checkpoints, resolve_checkpoint, write_file
 from epsdpo.config import TrainConfig
-from epsdpo.distributed import DistInfo, all_reduce_sum, barrier, gradient_sync, init_from_env, replicate
+from epsdpo.distributed import DistInfo, all_reduce_sum, any_rank, barrier, gradient_sync, init_from_env, replicate
 from epsdpo.feed import CycleFeed, as_store, check_vocabulary, filler_batch, make_collator, make_sampler
 from epsdpo.interrupt import StopOnSignal, TrainingInterrupted
 from epsdpo.launcher import apply_launcher_settings
@@ -359,7 +359,7 @@ class Trainer:
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
         grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         # Whether any rank saw a non-finite loss, agreed on by all (every rank then stops together)
-        bad_loss = all_reduce_sum(torch.tensor([float(bool(nonfinite))], dtype=torch.float64), self.dist).item() > 0
+        bad_loss = any_rank(bool(nonfinite), self.dist)
         if (not torch.isfinite(grad_norm) and self.precision.scaler is None) or bad_loss:
             # fp16 overflow alone is the scaler's to skip; a non-finite loss is not
             pairs = [i for b in batches for i in b["pair_ids"].tolist()]
@@ -380,7 +380,7 @@ class Trainer:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         finite = self._weights_finite()
-        if all_reduce_sum(torch.tensor([float(not finite)], dtype=torch.float64), self.dist).item():
+        if any_rank(not finite, self.dist):
             raise NonFiniteError(
                 f"step {step}: the optimizer step made weights non-finite (learning rate {lr:g}, gradient norm "
                 f"{float(grad_norm):.4g}){'' if finite else ' on this rank'}; nothing of this step was saved"
