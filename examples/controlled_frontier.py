@@ -255,6 +255,8 @@ def build_datasets(design: Design, sft: torch.nn.Module, seed: int, out: Path) -
         untied = gap != 0
         stats.append({"seed": seed, "label_temperature": temperature, "pairs": len(prompts),
                       "tie_rate": float(1 - untied.mean()),
+                      # the two samples are the same tokens: epsdpo drops such a pair, as it has nothing to learn
+                      "identical_rate": float(np.mean([a == b for a, b in zip(first, second)])),
                       "label_noise": float(((gap > 0) != first_wins)[untied].mean())})
     return stats
 
