@@ -238,3 +238,43 @@ def test_a_sharded_checkpoint_must_list_every_shard(tmp_path):
     rewrite_manifest(path, lambda files: files.pop("sharded/__1_0.distcp"))
     with pytest.raises(CheckpointError, match=re.escape("does not list sharded/__1_0.distcp, which resuming reads")):
         verify_checkpoint(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-rank RNG state: each rank restores its own; a checkpoint from before restores rank 0's
+# --------------------------------------------------------------------------------------------
+
+
+def rewrite_training_state(path, edit) -> None:
+    state = torch.load(path / "training_state.pt", weights_only=True)
+    edit(state)
+    torch.save(state, path / "training_state.pt")
+    _write_manifest(path)  # consistent checksums: what is read is the edited content
+
+
+def restored_rng(path, tmp_path, monkeypatch) -> dict:
+    import epsdpo.checkpoint
+
+    restored = []
+    real = epsdpo.checkpoint.set_rng_state
+    monkeypatch.setattr(epsdpo.checkpoint, "set_rng_state", lambda state: (restored.append(state), real(state)))
+    resume(path, tmp_path)
+    return restored[0]
+
+
+def test_each_rank_restores_its_own_rng_state_and_an_older_checkpoint_rank_0s(checkpoint, tmp_path, monkeypatch):
+    saved = torch.load(checkpoint / "training_state.pt", weights_only=True)
+    assert len(saved["rng_per_rank"]) == 1
+    assert torch.equal(restored_rng(checkpoint, tmp_path, monkeypatch)["torch"], saved["rng_per_rank"][0]["torch"])
+    # written before per-rank states: the one state it holds is restored (on every rank)
+    path = tampered(checkpoint, tmp_path)
+    rewrite_training_state(path, lambda state: state.pop("rng_per_rank"))
+    assert torch.equal(restored_rng(path, tmp_path / "old", monkeypatch)["torch"], saved["rng"]["torch"])
+
+
+@pytest.mark.parametrize("per_rank", [[], "not a list"])
+def test_a_checkpoint_without_this_ranks_rng_state_is_refused(checkpoint, tmp_path, per_rank):
+    path = tampered(checkpoint, tmp_path)
+    rewrite_training_state(path, lambda state: state.update(rng_per_rank=per_rank))
+    with pytest.raises(CheckpointError, match=r"training_state.pt holds .* per-rank RNG states, so rank 0 has none"):
+        resume(path, tmp_path)

@@ -146,3 +146,25 @@ def test_a_held_output_dir_stops_every_rank_without_a_hang(tmp_path):
     assert f"in use by another run (pid {os.getpid()} on host" in ranks[0]["message"]
     assert "rank 0 could not lock output_dir" in ranks[1]["message"]
     assert sorted(p.name for p in out.iterdir()) == sorted(["rank0.json", "rank1.json"])
+
+
+@pytest.mark.slow
+def test_a_resumed_run_with_dropout_continues_every_ranks_random_draws(tmp_path):
+    """With dropout on, each rank draws its own masks from its own generators: a checkpoint holds
+    every rank's RNG state and each rank resumes its own, so the resumed run continues exactly (with
+    rank 0's state restored on every rank, rank 1's masks after the checkpoint were other ones)."""
+    import torch
+
+    out = tmp_path / "run"
+    whole = launch(out, 2, 2, "ddp", "fresh", "epsilon_dpo", "dropout")
+    want = {name: tensor.clone() for name, tensor in final_weights(out).items()}
+    resumed = launch(out, 2, 2, "ddp", "resume", "epsilon_dpo", "dropout")
+    assert_same_run(resumed, whole)
+    got = final_weights(out)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7, msg=name)
+    # The ranks' generators did differ: the test would not see rank 0's state restored everywhere otherwise
+    saved = torch.load(out / "checkpoint-2" / "training_state.pt", weights_only=True)
+    ranks = saved["rng_per_rank"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
+

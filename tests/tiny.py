@@ -10,14 +10,14 @@ import epsdpo
 VOCAB = 64
 
 
-def tiny_llama(seed: int = 0, vocab: int = VOCAB, tie: bool = False):
+def tiny_llama(seed: int = 0, vocab: int = VOCAB, tie: bool = False, attention_dropout: float = 0.0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=tie, attn_implementation="sdpa",
+        tie_word_embeddings=tie, attn_implementation="sdpa", attention_dropout=attention_dropout,
     )
     return LlamaForCausalLM(config)
 

@@ -2,9 +2,9 @@
 
 A checkpoint holds everything a resumed run needs to continue exactly: the policy weights, optimizer
 and scheduler state, the KlController state (β, its history and the per-pair ledger; the official
-ε-DPO code loses β here), the sampler position, every RNG state and the run's config and trainer
-state. It is written to a temporary directory and renamed into place, so a crash leaves either the
-whole checkpoint or none.
+ε-DPO code loses β here), the sampler position, every RNG state of every rank (each rank draws its
+own dropout masks) and the run's config and trainer state. It is written to a temporary directory
+and renamed into place, so a crash leaves either the whole checkpoint or none.
 
 - Weights: `model.safetensors` (and `reference.safetensors` when TR-DPO moves the reference) for
   one process or DDP. FSDP runs write `sharded/` with `torch.distributed.checkpoint` instead: every
@@ -197,6 +197,7 @@ def save_checkpoint(
     extra_state: dict[str, Any] | None = None,
     pretrained: nn.Module | None = None,
     tokenizer: Any = None,
+    rng_per_rank: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Finish checkpoint `step` and rename it into place (rank 0).
 
@@ -205,7 +206,8 @@ def save_checkpoint(
     them into the staging directory. `config`: the run's settings (`training_config.json`).
     `extra_state`: more tensors and plain values to restore (the fp16 loss scale). `pretrained`: the
     policy whose Hugging Face config (and `tokenizer`, whose files) make the checkpoint a folder
-    `from_pretrained` loads (`save_pretrained_files`); by default `model` when it is a module."""
+    `from_pretrained` loads (`save_pretrained_files`); by default `model` when it is a module.
+    `rng_per_rank`: every rank's `rng_state()`, in rank order (by default this process's alone)."""
     final = output_dir / f"{PREFIX}{step}"
     tmp = staging_dir(output_dir, step)
     if model is None:
@@ -220,7 +222,10 @@ def save_checkpoint(
         pretrained = model
     if pretrained is not None:
         save_pretrained_files(tmp, pretrained, tokenizer)
-    training = {"scheduler": scheduler.state_dict(), "rng": rng_state(), "extra": extra_state or {}}
+    rng_per_rank = rng_per_rank or [rng_state()]
+    # "rng" stays rank 0's state, as checkpoints before per-rank states held it
+    training = {"scheduler": scheduler.state_dict(), "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank,
+                "extra": extra_state or {}}
     if optimizer_state is not None:
         training["optimizer"] = optimizer_state
     write_file(tmp / "training_state.pt", lambda path: torch.save(training, path))
@@ -449,11 +454,24 @@ def _load_training_state(path: Path) -> dict[str, Any]:
                               f"loaded ({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
 
 
+def _rng_of_rank(training: dict[str, Any], rank: int, path: Path) -> dict[str, Any]:
+    """Rank `rank`'s RNG state. A checkpoint written before per-rank states holds rank 0's alone,
+    which every rank restores (dropout then draws other masks on ranks > 0 than the run would have)."""
+    per_rank = training.get("rng_per_rank")
+    if per_rank is None:
+        return training["rng"]
+    if not isinstance(per_rank, list) or rank >= len(per_rank):
+        count = len(per_rank) if isinstance(per_rank, list) else "no list of"
+        raise CheckpointError(f"{path / 'training_state.pt'} holds {count} per-rank RNG states, so rank {rank} "
+                              "has none to restore")
+    return per_rank[rank]
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    reference: nn.Module | None = None, sharded: bool = False) -> dict[str, Any]:
+                    reference: nn.Module | None = None, sharded: bool = False, rank: int = 0) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and RNG from a checkpoint `verify_checkpoint` has passed;
     return the rest for the trainer to apply. `sharded`: the models are FSDP-sharded (every rank
-    calls this)."""
+    calls this). `rank`: this process's rank, whose own RNG state is restored."""
     training = _load_training_state(path)
     if (path / SHARDED).is_dir() != sharded:
         written, running = ("with", "without") if (path / SHARDED).is_dir() else ("without", "with")
@@ -474,7 +492,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             load_model(reference, str(path / "reference.safetensors"))
         optimizer.load_state_dict(training["optimizer"])
     scheduler.load_state_dict(training["scheduler"])
-    set_rng_state(training["rng"])
+    set_rng_state(_rng_of_rank(training, rank, path))
     return {
         "kl_state": (path / "kl_controller.bin").read_bytes(),
         "sampler_state": (path / "sampler.bin").read_bytes(),

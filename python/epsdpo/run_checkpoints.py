@@ -10,7 +10,9 @@ import json
 import shutil
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import torch.distributed
 
 from epsdpo.checkpoint import (
     TRAINER_STATE,
@@ -22,6 +24,7 @@ from epsdpo.checkpoint import (
     read_trainer_state,
     require_listed,
     resume_reads,
+    rng_state,
     save_checkpoint,
     save_sharded,
     staging_dir,
@@ -47,6 +50,9 @@ def save_run(trainer: Trainer, sampler_state: bytes) -> None:
     t, step = trainer, trainer.state.global_step
     reference = t.ref_model if t.method.moves_reference else None
     model, optimizer_state = t.model, None
+    # Each rank's own generators: with dropout on, every rank draws its own masks, so restoring rank 0's
+    # state on every rank would not continue the run exactly
+    rng_per_rank = _from_every_rank(rng_state(), t.dist)
     if t.sharded:
         if t.dist.is_main:
             begin_checkpoint(t.output_dir, step)
@@ -65,6 +71,7 @@ def save_run(trainer: Trainer, sampler_state: bytes) -> None:
                            "resumes": t.resumes},
             reference=reference, config=t.config.to_dict(), save_total_limit=t.config.save_total_limit,
             extra_state={"loss_scaler": t.precision.state_dict()}, pretrained=t.model, tokenizer=t.tokenizer,
+            rng_per_rank=rng_per_rank,
         )
     barrier(t.dist)  # no rank moves on (or prunes, or resumes) before the checkpoint is in place
 
@@ -97,7 +104,7 @@ def resume_run(trainer: Trainer, path: Path) -> None:
         require_listed(path, resume_reads(path, reference=True))
     restored = load_checkpoint(path, t.model, t.optimizer, t.scheduler,
                                reference=t.ref_model if t.method.moves_reference else None,
-                               sharded=t.sharded)
+                               sharded=t.sharded, rank=t.dist.rank)
     t.kl.load_state_dict({"state": restored["kl_state"]})
     t.sampler.load_state_dict({"state": restored["sampler_state"]})
     t.precision.load_state_dict(restored["extra_state"].get("loss_scaler", {}))
@@ -171,3 +178,13 @@ def _verify_once(path: Path, dist: DistInfo, reference: bool) -> None:
     learns the verdict. `reference`: resume reads the moved reference's weights too."""
     on_main_rank(lambda: verify_checkpoint(path, reference), dist, (CheckpointError,),
                  lambda: CheckpointError(f"{path}: rank 0 found the checkpoint incomplete or altered"))
+
+
+def _from_every_rank(value: Any, dist: DistInfo) -> list[Any]:
+    """`value` of every rank, in rank order, on every rank (a collective). Pickled between this run's
+    own processes only: nothing read from a file goes through it."""
+    if not dist.enabled:
+        return [value]
+    gathered: list[Any] = [None] * dist.world_size
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
