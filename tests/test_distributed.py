@@ -168,3 +168,47 @@ def test_a_resumed_run_with_dropout_continues_every_ranks_random_draws(tmp_path)
     ranks = saved["rng_per_rank"]
     assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
 
+
+def launch_layout(base: Path, probe: str) -> list[dict]:
+    """tests/dist_layout_worker.py on 2 gloo ranks, each with its own output_dir under the same
+    relative name (node-local disks); how each rank's train() ended. A hang is a failure."""
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    if not Path(torchrun).exists():
+        pytest.skip("torchrun is not installed")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [torchrun, "--standalone", "--nproc_per_node=2", str(HERE / "dist_layout_worker.py"), str(base), probe]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads((base / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+@pytest.mark.slow
+def test_fsdp_on_node_local_output_dirs_stops_before_the_first_step(tmp_path):
+    """FSDP ranks write their own shards into output_dir: on node-local disks every checkpoint would
+    lack the other nodes' shards, so the run stops on every rank before training, naming the layout."""
+    from epsdpo.checkpoint import list_checkpoints
+
+    ranks = launch_layout(tmp_path, "probe")
+    assert [(r["ended"], r["step"]) for r in ranks] == [("OutputDirNotSharedError", 0)] * 2, ranks
+    assert "output_dir run is not one folder shared by every rank: rank(s) 1 do not see" in ranks[0]["message"]
+    assert ranks[0]["message"] == ranks[1]["message"]
+    for node in ("node0", "node1"):
+        assert list_checkpoints(tmp_path / node / "run") == []
+    assert not list((tmp_path / "node0" / "run").glob(".epsdpo-storage-probe-*"))  # the probe is removed
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_lacking_a_ranks_shards_is_never_finished(tmp_path):
+    """Past the start-up check (storage that stops being shared mid-run): rank 0 gathers the files
+    every rank wrote and finds rank 1's shard missing from its output_dir, so no manifest is written
+    and every rank stops at that step, instead of a checkpoint that verifies and cannot be resumed."""
+    from epsdpo.checkpoint import MANIFEST, list_checkpoints
+
+    ranks = launch_layout(tmp_path, "no-probe")
+    assert [(r["ended"], r["step"]) for r in ranks] == [("OutputDirNotSharedError", 2)] * 2, ranks
+    assert ".checkpoint-2.tmp: rank 1 wrote sharded/__1_0.distcp, which rank 0 does not see" in ranks[0]["message"]
+    assert "rank 0 does not see every rank's shards" in ranks[1]["message"]
+    for node in ("node0", "node1"):
+        assert list_checkpoints(tmp_path / node / "run") == []
+        assert not list((tmp_path / node / "run").rglob(MANIFEST))

@@ -1,12 +1,16 @@
 """A run's checkpoints as the trainer sees them: what is saved after a step, how a run resumes, and
 the folder a fresh run may claim. The file format (staging, manifest, weights-only loading) is
 `epsdpo.checkpoint`'s; this module decides which of the trainer's parts go in and come back out,
-and keeps every rank in step while rank 0 writes.
+and keeps every rank in step while rank 0 writes. An FSDP run, whose every rank writes its own
+shards, needs an output_dir shared by all ranks: it checks that before its first step, and again on
+each checkpoint, before a manifest could vouch for shards rank 0 cannot see.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
 import warnings
 from pathlib import Path
@@ -16,6 +20,7 @@ import torch.distributed
 
 from epsdpo.checkpoint import (
     TRAINER_STATE,
+    SHARDED,
     TRAINING_CONFIG,
     CheckpointError,
     begin_checkpoint,
@@ -30,7 +35,7 @@ from epsdpo.checkpoint import (
     staging_dir,
     verify_checkpoint,
 )
-from epsdpo.distributed import DistInfo, barrier, on_main_rank
+from epsdpo.distributed import DistInfo, all_reduce_sum, barrier, on_main_rank
 from epsdpo.run_identity import (
     UnverifiedResumeWarning,
     allowed,
@@ -42,6 +47,11 @@ from epsdpo.run_identity import (
 
 if TYPE_CHECKING:
     from epsdpo.trainer import Trainer
+
+
+class OutputDirNotSharedError(RuntimeError):
+    """output_dir is not one folder seen by every rank (node-local disks), and the run writes
+    checkpoints from every rank (FSDP): its checkpoints would be incomplete on every node."""
 
 
 def save_run(trainer: Trainer, sampler_state: bytes) -> None:
@@ -58,6 +68,7 @@ def save_run(trainer: Trainer, sampler_state: bytes) -> None:
             begin_checkpoint(t.output_dir, step)
         barrier(t.dist)
         save_sharded(staging_dir(t.output_dir, step), t.model, t.optimizer, reference)
+        _require_every_shard(staging_dir(t.output_dir, step), t.dist)
         model = reference = None
     elif t.dist.is_main:
         optimizer_state = t.optimizer.state_dict()
@@ -178,6 +189,77 @@ def _verify_once(path: Path, dist: DistInfo, reference: bool) -> None:
     learns the verdict. `reference`: resume reads the moved reference's weights too."""
     on_main_rank(lambda: verify_checkpoint(path, reference), dist, (CheckpointError,),
                  lambda: CheckpointError(f"{path}: rank 0 found the checkpoint incomplete or altered"))
+
+
+def require_shared_output_dir(output_dir: Path, dist: DistInfo) -> None:
+    """Before any step of a run whose every rank writes checkpoint files (FSDP's shards): stop every
+    rank together unless each one sees the file rank 0 writes into output_dir, with rank 0's random
+    token in it. Node-local disks give each node its own output_dir under the same name, and each
+    checkpoint would then lack the other nodes' shards."""
+    if not dist.enabled:
+        return
+    token = torch.zeros(16, dtype=torch.float64)
+    if dist.is_main:
+        token = torch.tensor(list(secrets.token_bytes(16)), dtype=torch.float64)
+    token_hex = bytes(int(v) for v in all_reduce_sum(token, dist).tolist()).hex()  # rank 0's token on every rank
+    # a name never looked up before: a network file system cannot answer from a cached "no such file"
+    probe = output_dir / f".epsdpo-storage-probe-{token_hex}"
+
+    def write_probe() -> None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with open(probe, "w") as handle:
+            handle.write(token_hex)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    on_main_rank(write_probe, dist, (OSError,),
+                 lambda: OSError(f"rank 0 could not write a probe file into output_dir {output_dir} "
+                                 "(its error says why)"))
+    try:
+        seen = probe.read_text()[:64] == token_hex
+    except (OSError, UnicodeDecodeError):
+        seen = False
+    unseen = torch.zeros(dist.world_size, dtype=torch.float64)
+    unseen[dist.rank] = float(not seen)
+    blind = [rank for rank, flag in enumerate(all_reduce_sum(unseen, dist).tolist()) if flag]
+    barrier(dist)  # every rank has looked before rank 0 removes the probe
+    if dist.is_main:
+        probe.unlink(missing_ok=True)
+    if blind:
+        raise OutputDirNotSharedError(
+            f"output_dir {output_dir} is not one folder shared by every rank: rank(s) {', '.join(map(str, blind))} "
+            "do not see the file rank 0 wrote there (node-local disks?), and with fsdp every rank writes its own "
+            "shards of each checkpoint into it, so no checkpoint would be whole: give every node the same shared "
+            "output_dir (a network file system), or train without fsdp"
+        )
+
+
+def _require_every_shard(staging: Path, dist: DistInfo) -> None:
+    """Every file any rank wrote into the sharded checkpoint is there, with that size, where rank 0
+    will list it in the manifest; otherwise every rank stops together before a manifest is written
+    (it would verify a checkpoint lacking other ranks' shards). Catches storage that stopped being
+    shared after `require_shared_output_dir` passed."""
+    if not dist.enabled:
+        return
+    root = staging / SHARDED
+    seen = {p.relative_to(staging).as_posix(): p.stat().st_size for p in root.rglob("*") if p.is_file()} \
+        if root.is_dir() else {}
+    views = _from_every_rank(seen, dist)
+
+    def check() -> None:
+        for rank, view in enumerate(views[1:], start=1):
+            lacking = sorted(name for name, size in view.items() if views[0].get(name) != size)
+            if lacking:
+                raise OutputDirNotSharedError(
+                    f"{staging.name}: rank {rank} wrote {', '.join(lacking[:3])}{' ...' if len(lacking) > 3 else ''}, "
+                    f"which rank 0 does not see (or sees with another size) in its output_dir {staging.parent}: "
+                    "output_dir is not one folder shared by every rank, so the checkpoint would be incomplete and "
+                    "no manifest is written; give every node the same shared output_dir, or train without fsdp"
+                )
+
+    on_main_rank(check, dist, (OutputDirNotSharedError,),
+                 lambda: OutputDirNotSharedError(f"{staging.name}: rank 0 does not see every rank's shards in its "
+                                                 "output_dir (its error says which): output_dir is not shared"))
 
 
 def _from_every_rank(value: Any, dist: DistInfo) -> list[Any]:

@@ -57,7 +57,7 @@ from epsdpo.models import (
 from epsdpo.precision import Precision, check_trainable_precision, fsdp_mixed_precision, torch_dtype
 from epsdpo.reference_logps import lookup, precompute_reference_logps
 from epsdpo.reporting import MetricsLog, eval_summary
-from epsdpo.run_checkpoints import claim_output_dir, resume_run, save_run
+from epsdpo.run_checkpoints import claim_output_dir, require_shared_output_dir, resume_run, save_run
 from epsdpo.run_lock import lock_output_dir
 from epsdpo.scoring import batch_logps
 from epsdpo.sharding import full_model_state, grad_norm_value, shard
@@ -433,6 +433,8 @@ class Trainer:
         second one ends the process at once (`epsdpo.interrupt`)."""
         lock = lock_output_dir(self.output_dir, self.dist)
         try:
+            if self.sharded:  # every rank writes checkpoint shards: before any step, not at the first save
+                require_shared_output_dir(self.output_dir, self.dist)
             with StopOnSignal() as stop:
                 return self._train(resume_from_checkpoint, stop)
         finally:
