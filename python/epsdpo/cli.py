@@ -257,6 +257,7 @@ def _add_train_parser(sub: Any) -> argparse.ArgumentParser:
                    "  epsdpo train run.yaml --learning_rate 1e-6 --layout=packed --bf16\n"
                    "  epsdpo train run.yaml --resume                      # newest checkpoint in output_dir\n"
                    "  epsdpo train run.yaml --resume_from_checkpoint out/checkpoint-200\n"
+                   "  epsdpo train run.yaml --resume_from_checkpoint auto   # resume if there is a checkpoint, else start\n"
                    "  torchrun --nproc_per_node 8 -m epsdpo train run.yaml --fsdp",
         )
     hints = _train_fields()
@@ -281,7 +282,9 @@ def _add_train_parser(sub: Any) -> argparse.ArgumentParser:
     resume.add_argument("--resume", action="store_true",
                         help="resume from the newest complete checkpoint in output_dir")
     resume.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", metavar="PATH", default=None,
-                        help="resume from this checkpoint directory (TRL's name)")
+                        help="resume from this checkpoint directory (TRL's name); 'auto': the newest complete "
+                             "checkpoint in output_dir, or a fresh start when there is none (one command for "
+                             "torchrun --max-restarts, which does this by itself on a restart)")
     train.set_defaults(func=cmd_train, parser=train)
     return train
 
@@ -327,6 +330,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from epsdpo.interrupt import TrainingInterrupted
     from epsdpo.launcher import LauncherSettingError
     from epsdpo.models import ChatTemplateError
+    from epsdpo.rank_agreement import RanksDisagreeError
     from epsdpo.run_lock import OutputDirBusyError
     from epsdpo.trainer import Trainer
 
@@ -346,7 +350,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         trainer.train(resume_from_checkpoint=True if args.resume else args.resume_from_checkpoint)
     except (FileExistsError, FileNotFoundError, CheckpointError, DataSourceError, LauncherSettingError,
-            ChatTemplateError, OutputDirBusyError) as error:
+            ChatTemplateError, OutputDirBusyError, RanksDisagreeError) as error:
         # What the user fixes by choosing another folder, checkpoint, launcher config or template: one line,
         # no traceback
         raise SystemExit(f"epsdpo train: {error}") from None

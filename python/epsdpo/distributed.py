@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -49,6 +50,19 @@ def init_from_env() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
+def restart_count() -> int:
+    """Which restart of the job this is: torchrun (`--max-restarts`) sets TORCHELASTIC_RESTART_COUNT in
+    each worker's environment, 0 on the first attempt; 0 outside torchrun."""
+    value = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0").strip() or "0"
+    try:
+        count = int(value)
+    except ValueError:
+        raise ValueError(f"TORCHELASTIC_RESTART_COUNT={value!r} is not a count of restarts (an integer)") from None
+    if count < 0:
+        raise ValueError(f"TORCHELASTIC_RESTART_COUNT={value!r} is negative")
+    return count
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
@@ -69,6 +83,26 @@ def all_reduce_sum(values: Tensor, info: DistInfo) -> Tensor:
 def any_rank(flag: bool, info: DistInfo) -> bool:
     """Whether `flag` holds on any rank (one all-reduce; every rank must call it)."""
     return all_reduce_sum(torch.tensor([float(flag)], dtype=torch.float64), info).item() > 0
+
+
+def broadcast_from_main(value: Any, info: DistInfo) -> Any:
+    """Rank 0's `value` on every rank (every rank must call it). Pickled, but only between this run's
+    own processes: never used for anything read from a file."""
+    if not info.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_from_all(value: Any, info: DistInfo) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank (every rank must call it; pickled between
+    this run's own processes only, as `broadcast_from_main`)."""
+    if not info.enabled:
+        return [value]
+    values: list[Any] = [None] * info.world_size
+    dist.all_gather_object(values, value)
+    return values
 
 
 def on_main_rank(action: Callable[[], None], info: DistInfo, catch: tuple[type[Exception], ...],

@@ -167,20 +167,30 @@ def _apply_optimizer_settings(t: Trainer) -> None:
     t.scheduler._last_lr = [group["lr"] for group in t.optimizer.param_groups]
 
 
-def claim_output_dir(output_dir: Path, overwrite: bool, dist: DistInfo) -> None:
+def claim_output_dir(output_dir: Path, overwrite: bool, dist: DistInfo, restarted: bool = False) -> None:
     """A fresh run starts in an output_dir without another run's outputs, so that neither its
     checkpoints nor its metrics mix with this run's (pruning, `resume=True` and metrics.jsonl would
-    otherwise act on the old run). `overwrite` deletes them first."""
-    found = previous_run_outputs(output_dir)
-    if found and not overwrite:
-        raise FileExistsError(
-            f"output_dir {output_dir} holds another run's outputs ({', '.join(p.name for p in found[:5])}"
-            f"{', ...' if len(found) > 5 else ''}): resume it (resume_from_checkpoint=True, `--resume`), choose "
-            "another output_dir, or set overwrite_output_dir=True to delete them"
-        )
-    if found and dist.is_main:
+    otherwise act on the old run). `overwrite` deletes them first. `restarted` (a torchelastic restart
+    that found no complete checkpoint): what the killed attempt left (metrics.jsonl, plots, staging
+    folders) is this run's own, and is deleted too; a finished run's final/ or beta_ledger.npz is not.
+    Rank 0 decides, on its view of output_dir, and every rank learns its verdict."""
+    def claim() -> None:
+        found = previous_run_outputs(output_dir)
+        finished = [p for p in found if p.name in ("final", "beta_ledger.npz")]
+        if found and not (overwrite or (restarted and not finished)):
+            why = (f"a torchelastic restart found no complete checkpoint, and {finished[0].name} is a finished run's "
+                   "output, not a killed attempt's: " if restarted else "")
+            raise FileExistsError(
+                f"output_dir {output_dir} holds another run's outputs ({', '.join(p.name for p in found[:5])}"
+                f"{', ...' if len(found) > 5 else ''}): {why}resume it (resume_from_checkpoint=True, `--resume`), "
+                "choose another output_dir, or set overwrite_output_dir=True to delete them"
+            )
         for path in found:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    on_main_rank(claim, dist, (OSError,),
+                 lambda: FileExistsError(f"rank 0 found another run's outputs in output_dir {output_dir} (its error "
+                                         "says which)"))
     barrier(dist)
 
 

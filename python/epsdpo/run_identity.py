@@ -110,8 +110,12 @@ def trainer_identity(trainer: Trainer) -> dict[str, Any]:
     """This run's identity, computed once (hashing the training data takes a pass over it)."""
     t = trainer
     if getattr(t, "_identity", None) is None:
+        # the fingerprints the ranks compared at start-up, when they did (epsdpo.rank_agreement)
+        known = getattr(t, "_fingerprints", None) or {}
+        train_data = known["train_data"] if "train_data" in known else store_fingerprint(t.train_store)
+        tokenizer = known["tokenizer"] if "tokenizer" in known else tokenizer_fingerprint(t.tokenizer)
         t._identity = identity(t.config, total_steps=t.state.max_steps, world_size=t.dist.world_size,
-                               train_data=store_fingerprint(t.train_store), tokenizer=tokenizer_fingerprint(t.tokenizer))
+                               train_data=train_data, tokenizer=tokenizer)
     return t._identity
 
 

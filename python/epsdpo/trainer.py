@@ -35,9 +35,18 @@ from torch import Tensor, nn
 from epsdpo._core import KlController
 from epsdpo.attention import use_segment_attention
 from epsdpo.beta_rules import PairBetas, PairLogps
-from epsdpo.checkpoint import PREFIX, list_checkpoints, resolve_checkpoint, write_file
+from epsdpo.checkpoint import PREFIX, list_checkpoints, write_file
 from epsdpo.config import TrainConfig
-from epsdpo.distributed import DistInfo, all_reduce_sum, any_rank, barrier, gradient_sync, init_from_env, replicate
+from epsdpo.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    any_rank,
+    barrier,
+    gradient_sync,
+    init_from_env,
+    replicate,
+    restart_count,
+)
 from epsdpo.feed import CycleFeed, as_store, check_vocabulary, filler_batch, make_collator, make_sampler
 from epsdpo.interrupt import StopOnSignal, TrainingInterrupted
 from epsdpo.launcher import apply_launcher_settings
@@ -55,6 +64,7 @@ from epsdpo.models import (
     with_lora,
 )
 from epsdpo.precision import Precision, check_trainable_precision, fsdp_mixed_precision, torch_dtype
+from epsdpo.rank_agreement import AUTO, agree_on_checkpoint, check_settings_agree, run_settings
 from epsdpo.reference_logps import lookup, precompute_reference_logps
 from epsdpo.reporting import MetricsLog, eval_summary
 from epsdpo.run_checkpoints import claim_output_dir, require_shared_output_dir, resume_run, save_run
@@ -157,9 +167,15 @@ class Trainer:
                         "eval": describe_source(eval_dataset)}
         self.tokenizer = self._setup_tokenizer(tokenizer, model)
         self._setup_models(model, ref_model)
+        self._setup_data(train_dataset, eval_dataset)
+        # Before the first collective whose schedule depends on the settings (DDP's or FSDP's wrapping)
+        self._fingerprints: dict[str, Any] = {}
+        if self.dist.enabled:
+            settings = run_settings(config, self.train_store, self.eval_store, self.tokenizer)
+            check_settings_agree(settings, self.dist)
+            self._fingerprints = {key: settings[key] for key in ("train_data", "tokenizer")}
         self._setup_distribution()
         self.precision = Precision(config.compute_dtype, self.device, sharded=self.sharded)
-        self._setup_data(train_dataset, eval_dataset)
         self._setup_reference_logps()
         self.kl = KlController(config.beta, config.step_epsilon, config.beta_min)
         self.method = build_method(config, self.kl, self.dist, self.device, self.model, self.ref_model)
@@ -425,7 +441,10 @@ class Trainer:
         evaluate once more at the end when there is eval data (unless the last step just was, or
         eval_strategy is no), then
         write `final/` with its model card, `beta_ledger.npz` and plots. `resume_from_checkpoint`: a
-        checkpoint folder, or True for the newest in `output_dir`; the run then continues exactly.
+        checkpoint folder, or True for the newest in `output_dir`; the run then continues exactly. "auto":
+        the newest complete checkpoint when there is one, else a fresh start — what a torchelastic restart
+        (TORCHELASTIC_RESTART_COUNT > 0) does by itself. Under torchrun rank 0 chooses the checkpoint and
+        every rank must see it (`epsdpo.rank_agreement`).
 
         The run holds `output_dir` for itself until it returns (`epsdpo.run_lock`: a second run there
         raises `OutputDirBusyError`). On the main thread, a first SIGTERM/SIGINT stops it after the
@@ -442,10 +461,21 @@ class Trainer:
 
     def _train(self, resume_from_checkpoint: str | Path | bool | None, stop: StopOnSignal) -> TrainerState:
         c = self.config
-        if resume_from_checkpoint:
-            resume_run(self, resolve_checkpoint(self.output_dir, resume_from_checkpoint))
+        restarts = restart_count()
+        if restarts and not resume_from_checkpoint:
+            # torchrun --max-restarts re-runs the same command: it continues the run it restarts
+            resume_from_checkpoint = AUTO
+        checkpoint = (agree_on_checkpoint(self.output_dir, resume_from_checkpoint, self.dist)
+                      if resume_from_checkpoint else None)
+        if checkpoint is not None:
+            if restarts and self.dist.is_main:
+                print(f"epsdpo: torchelastic restart {restarts}: resuming {checkpoint}", flush=True)
+            resume_run(self, checkpoint)
         else:
-            claim_output_dir(self.output_dir, self.config.overwrite_output_dir, self.dist)
+            claim_output_dir(self.output_dir, c.overwrite_output_dir, self.dist, restarted=restarts > 0)
+            if restarts and self.dist.is_main:
+                print(f"epsdpo: torchelastic restart {restarts}: no complete checkpoint in {self.output_dir} yet, "
+                      "starting afresh", flush=True)
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         progress = self._progress_bar()
