@@ -12,10 +12,14 @@ import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+# transformers' TrainingArguments.ddp_timeout default, and torch's own for gloo
+DEFAULT_TIMEOUT_S = 1800
 
 
 @dataclass(frozen=True)
@@ -33,16 +37,25 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_from_env() -> DistInfo:
-    """Join the process group `torchrun` describes in the environment; a single process otherwise."""
+def init_from_env(timeout_s: int = DEFAULT_TIMEOUT_S) -> DistInfo:
+    """Join the process group `torchrun` describes in the environment; a single process otherwise.
+
+    `timeout_s` (`TrainConfig.ddp_timeout`) bounds every wait on the other ranks: forming the group
+    and each collective. Without it a peer that stops responding without dying (SIGSTOP, a hung
+    GPU, a stalled read) holds every other rank in its collective for torch's default, and the
+    launcher's agent, which watches for exits, never notices. On gloo the collective raises after
+    `timeout_s`; on NCCL the watchdog aborts the communicator and ends the process (torch's
+    TORCH_NCCL_ASYNC_ERROR_HANDLING default), which torchrun sees as a failed worker."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
         # A process group still alive at interpreter exit aborts the process (gloo calls terminate).
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    else:  # a group the caller formed: ddp_timeout still holds from here on
+        dist.set_timeout(timedelta(seconds=timeout_s))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -112,3 +125,4 @@ def gradient_sync(unit: nn.Module, sync: bool) -> AbstractContextManager[None]:
     if set_sync is not None:
         set_sync(sync)
     return nullcontext()
+

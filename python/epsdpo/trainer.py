@@ -147,7 +147,7 @@ class Trainer:
         self.config = config = apply_launcher_settings(config, os.environ)
         _check_evaluation_has_data(config, eval_dataset)
         config.check_device_present()
-        self.dist: DistInfo = init_from_env()
+        self.dist: DistInfo = init_from_env(config.ddp_timeout)
         torch.manual_seed(config.seed)
         auto = f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(config.device or auto)
