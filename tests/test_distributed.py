@@ -146,3 +146,63 @@ def test_a_held_output_dir_stops_every_rank_without_a_hang(tmp_path):
     assert f"in use by another run (pid {os.getpid()} on host" in ranks[0]["message"]
     assert "rank 0 could not lock output_dir" in ranks[1]["message"]
     assert sorted(p.name for p in out.iterdir()) == sorted(["rank0.json", "rank1.json"])
+
+
+def _end_workers(out: Path) -> None:
+    """The ranks that outlived the test, the stopped one included: continued and killed, so that a
+    failure leaves no process behind (torchrun starts its workers in sessions of their own)."""
+    import signal
+
+    for pid_file in out.glob("pid*"):
+        pid = int(pid_file.read_text())
+        try:  # a pid the system has since given to another process is left alone
+            if b"dist_freeze_worker" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                continue
+        except OSError:
+            continue
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                break
+
+
+@pytest.mark.slow
+def test_a_frozen_peer_ends_the_job_after_ddp_timeout(tmp_path):
+    """Rank 1 stops (SIGSTOP) mid-run without dying. Rank 0 waits in its collective for ddp_timeout, not
+    torch's 30 minutes, and fails; torchrun then takes the stopped rank down (SIGTERM, which a stopped
+    process holds, then SIGKILL after its shutdown grace of 30 s), and the job ends non-zero."""
+    import signal
+    import time
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    if not Path(torchrun).exists():
+        pytest.skip("torchrun is not installed")
+    out, ddp_timeout = tmp_path / "run", 5
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [torchrun, "--standalone", "--nproc_per_node=2", str(HERE / "dist_freeze_worker.py"), str(out),
+               str(ddp_timeout)]
+    log = tmp_path / "torchrun.log"  # a file, not a pipe: a leftover worker holding a pipe would block reading it
+    with open(log, "w") as sink:
+        job = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            # before the fix the job holds for torch's 1800 s: a hang here is the failure this test catches
+            job.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+            pytest.fail(f"a rank stopped with SIGSTOP held the job past 120 s although ddp_timeout={ddp_timeout}")
+        finally:
+            _end_workers(out)
+    stderr = log.read_text()
+    ended = time.time()
+    assert job.returncode != 0, stderr[-3000:]
+    frozen, rank0 = (json.loads((out / name).read_text()) for name in ("frozen.json", "rank0.json"))
+    # rank 0 gave up on its peer after ddp_timeout (not at once, not after torch's default) ...
+    assert rank0["ended"] == "RuntimeError" and "Timed out" in rank0["message"] and rank0["step"] == 1, rank0
+    waited = rank0["time"] - frozen["time"]
+    assert ddp_timeout - 1 <= waited <= ddp_timeout + 20, (waited, rank0)
+    # ... and the whole job, the stopped rank included, ended within torchrun's shutdown grace after that
+    assert ended - rank0["time"] <= 60, stderr[-3000:]
+
