@@ -126,3 +126,21 @@ def gradient_sync(unit: nn.Module, sync: bool) -> AbstractContextManager[None]:
         set_sync(sync)
     return nullcontext()
 
+
+def gather_bytes(data: bytes, info: DistInfo) -> list[bytes]:
+    """Every rank's `data`, in rank order, on every rank (every rank must call it). Two all-gathers
+    of tensors, the lengths and then the bytes padded to the longest: nothing is pickled, so a peer's
+    bytes are data to validate, never code (torch's all_gather_object would unpickle them)."""
+    if not info.enabled:
+        return [data]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    length = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    lengths = [torch.zeros_like(length) for _ in range(info.world_size)]
+    dist.all_gather(lengths, length)
+    sizes = [int(n.item()) for n in lengths]
+    mine = torch.zeros(max(sizes), dtype=torch.uint8, device=device)
+    if data:
+        mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    parts = [torch.empty_like(mine) for _ in range(info.world_size)]
+    dist.all_gather(parts, mine)
+    return [part[:size].cpu().numpy().tobytes() for part, size in zip(parts, sizes)]

@@ -37,7 +37,17 @@ from epsdpo.attention import use_segment_attention
 from epsdpo.beta_rules import PairBetas, PairLogps
 from epsdpo.checkpoint import PREFIX, list_checkpoints, resolve_checkpoint, write_file
 from epsdpo.config import TrainConfig
-from epsdpo.distributed import DistInfo, all_reduce_sum, any_rank, barrier, gradient_sync, init_from_env, replicate
+from epsdpo.beta_ledger import merged_ledger
+from epsdpo.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    any_rank,
+    barrier,
+    gather_bytes,
+    gradient_sync,
+    init_from_env,
+    replicate,
+)
 from epsdpo.feed import CycleFeed, as_store, check_vocabulary, filler_batch, make_collator, make_sampler
 from epsdpo.interrupt import StopOnSignal, TrainingInterrupted
 from epsdpo.launcher import apply_launcher_settings
@@ -486,8 +496,9 @@ class Trainer:
                           stacklevel=3)
         self.state.log_history = self.metrics.history
         state = full_model_state(self.model) if self.sharded else None  # every rank: a collective
+        kl_states = gather_bytes(self.kl.state_dict()["state"], self.dist)  # every rank's ledger, for rank 0
         if self.dist.is_main:
-            self._write_outputs(state)
+            self._write_outputs(state, kl_states)
         barrier(self.dist)  # no rank leaves (and tears down its process group) while rank 0 writes
         return self.state
 
@@ -568,11 +579,12 @@ class Trainer:
         return list_checkpoints(self.output_dir)
 
     # ------------------------------------------------------------------------------ outputs
-    def _write_outputs(self, state: dict[str, Tensor] | None) -> None:
-        """Rank 0, at the end of the run: the β ledger, the plots, then `final/` (the policy gathered
+    def _write_outputs(self, state: dict[str, Tensor] | None, kl_states: list[bytes]) -> None:
+        """Rank 0, at the end of the run: the β ledger of every rank's pairs (`kl_states`: each
+        rank's controller state; epsdpo.beta_ledger), the plots, then `final/` (the policy gathered
         in `state` under FSDP) with its model card. The ledger and `final/` appear whole or not at
         all (`epsdpo.staged`): final/ is complete, card included, before it is renamed into place."""
-        ledger = self.kl.ledger()
+        ledger = merged_ledger(kl_states)
         write_file(self.output_dir / "beta_ledger.npz", lambda path: replace_file(
             path, lambda handle: np.savez(handle, beta_history=self.kl.beta_history(), **ledger)))
         if self.config.plots:
