@@ -22,6 +22,18 @@ from torch import Tensor, nn
 DEFAULT_TIMEOUT_S = 1800
 
 
+class PeerTimeoutError(RuntimeError):
+    """A rank waited `ddp_timeout` seconds in a collective for another rank, which never answered
+    (it hung, stalled or died); names the setting, the underlying error is its cause."""
+
+
+def timed_out(error: BaseException) -> bool:
+    """Whether `error` is a collective giving up on a peer after the process group's timeout: gloo
+    raises a RuntimeError saying 'Timed out waiting Nms for ...' (NCCL's watchdog ends the process
+    instead, so nothing reaches Python there)."""
+    return isinstance(error, RuntimeError) and "Timed out waiting" in str(error)
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int = 0

@@ -40,6 +40,7 @@ from epsdpo.config import TrainConfig
 from epsdpo.beta_ledger import merged_ledger
 from epsdpo.distributed import (
     DistInfo,
+    PeerTimeoutError,
     all_reduce_sum,
     any_rank,
     barrier,
@@ -47,6 +48,7 @@ from epsdpo.distributed import (
     gradient_sync,
     init_from_env,
     replicate,
+    timed_out,
 )
 from epsdpo.feed import CycleFeed, as_store, check_vocabulary, filler_batch, make_collator, make_sampler
 from epsdpo.interrupt import StopOnSignal, TrainingInterrupted
@@ -440,11 +442,20 @@ class Trainer:
         The run holds `output_dir` for itself until it returns (`epsdpo.run_lock`: a second run there
         raises `OutputDirBusyError`). On the main thread, a first SIGTERM/SIGINT stops it after the
         current optimizer step with a checkpoint of that step, raising `TrainingInterrupted`; a
-        second one ends the process at once (`epsdpo.interrupt`)."""
+        second one ends the process at once (`epsdpo.interrupt`). Under torchrun, a rank that waits
+        `ddp_timeout` seconds for another in a collective raises `PeerTimeoutError` (gloo; on NCCL
+        torch's watchdog ends the process)."""
         lock = lock_output_dir(self.output_dir, self.dist)
         try:
             with StopOnSignal() as stop:
                 return self._train(resume_from_checkpoint, stop)
+        except RuntimeError as error:
+            if self.dist.enabled and timed_out(error):
+                raise PeerTimeoutError(
+                    f"rank {self.dist.rank} waited ddp_timeout={self.config.ddp_timeout} s after step "
+                    f"{self.state.global_step} for another rank, which did not answer (hung, stalled or dead); "
+                    "raise ddp_timeout if a step, evaluation or save can legitimately take longer") from error
+            raise
         finally:
             lock.release()
 
