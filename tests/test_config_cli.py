@@ -32,7 +32,7 @@ NON_DEFAULT = dict(
     adam_beta1=0.8, adam_beta2=0.99, max_grad_norm=0.0, max_length=None, max_prompt_length=64, max_completion_length=32,
     truncation_mode="keep_start", prompt_truncation_mode="keep_start", layout="packed", padding_free=True,
     group_by_length=True, max_tokens_per_batch=4096, pad_to_multiple_of=8, skip_invalid=True, dataset_cache_dir="cache",
-    dataset_num_proc=4, seed=7, device="cpu", dtype="bfloat16",
+    dataset_num_proc=4, seed=7, device="cpu", ddp_timeout=60, dtype="bfloat16",
     bf16=True, fp16=False, model_init_kwargs={"attn_implementation": "eager"},
     trust_remote_code=True, attn_implementation="sdpa", model_revision="v1", use_peft=True, lora_r=8,
     lora_alpha=16, lora_dropout=0.1, lora_target_modules=["q_proj", "v_proj"], chat_template_path="chat.jinja",
@@ -218,6 +218,12 @@ def test_flag_errors_are_one_line_usage_errors_naming_the_key(capsys, cfg, argv,
     ("lora_target_modules: []\n", "lora_target_modules=[] is invalid"),
     ("chat_template_path: tokenizer_dir\n", "chat_template_path='tokenizer_dir' is invalid: must be None or a .jinja or .j2"),
     ("seed: 1" + "0" * 5000 + "\n", "a value cannot be read"),  # over Python's 4300-digit int limit
+    # a collective that may never time out (0, negative) or only after decades is refused, as is a fraction
+    ("ddp_timeout: 0\n", "ddp_timeout=0 is invalid: must be an integer number of seconds in [1, 2147483647]"),
+    ("ddp_timeout: -30\n", "ddp_timeout=-30 is invalid: must be an integer number of seconds in [1, 2147483647]"),
+    ("ddp_timeout: 2147483648\n", "ddp_timeout=2147483648 is invalid: must be an integer of at most 2147483647"),
+    ("ddp_timeout: 1.5\n", "ddp_timeout=1.5 is invalid: must be an integer"),
+    ("ddp_timeout: 30m\n", "ddp_timeout='30m' is invalid: must be an integer"),
 ])
 def test_yaml_errors_are_one_line_usage_errors_naming_the_key(capsys, tmp_path, text, message):
     path = tmp_path / "run.yaml"

@@ -212,3 +212,126 @@ def test_a_sharded_checkpoint_lacking_a_ranks_shards_is_never_finished(tmp_path)
     for node in ("node0", "node1"):
         assert list_checkpoints(tmp_path / node / "run") == []
         assert not list((tmp_path / node / "run").rglob(MANIFEST))
+
+
+def _end_workers(out: Path) -> None:
+    """The ranks that outlived the test, the stopped one included: continued and killed, so that a
+    failure leaves no process behind (torchrun starts its workers in sessions of their own)."""
+    import signal
+
+    for pid_file in out.glob("pid*"):
+        pid = int(pid_file.read_text())
+        try:  # a pid the system has since given to another process is left alone
+            if b"dist_freeze_worker" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                continue
+        except OSError:
+            continue
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                break
+
+
+@pytest.mark.slow
+def test_a_frozen_peer_ends_the_job_after_ddp_timeout(tmp_path):
+    """Rank 1 stops (SIGSTOP) mid-run without dying. Rank 0 waits in its collective for ddp_timeout, not
+    torch's 30 minutes, and fails; torchrun then takes the stopped rank down (SIGTERM, which a stopped
+    process holds, then SIGKILL after its shutdown grace of 30 s), and the job ends non-zero."""
+    import signal
+    import time
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    if not Path(torchrun).exists():
+        pytest.skip("torchrun is not installed")
+    out, ddp_timeout = tmp_path / "run", 5
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [torchrun, "--standalone", "--nproc_per_node=2", str(HERE / "dist_freeze_worker.py"), str(out),
+               str(ddp_timeout)]
+    log = tmp_path / "torchrun.log"  # a file, not a pipe: a leftover worker holding a pipe would block reading it
+    with open(log, "w") as sink:
+        job = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            # before the fix the job holds for torch's 1800 s: a hang here is the failure this test catches
+            job.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+            pytest.fail(f"a rank stopped with SIGSTOP held the job past 120 s although ddp_timeout={ddp_timeout}")
+        finally:
+            _end_workers(out)
+    stderr = log.read_text()
+    ended = time.time()
+    assert job.returncode != 0, stderr[-3000:]
+    frozen, rank0 = (json.loads((out / name).read_text()) for name in ("frozen.json", "rank0.json"))
+    # rank 0 gave up on its peer after ddp_timeout (not at once, not after torch's default) ...
+    assert rank0["ended"] == "PeerTimeoutError" and rank0["step"] == 1, rank0
+    assert f"rank 0 waited ddp_timeout={ddp_timeout} s after step 1 for another rank" in rank0["message"], rank0
+    waited = rank0["time"] - frozen["time"]
+    assert ddp_timeout - 1 <= waited <= ddp_timeout + 20, (waited, rank0)
+    # ... and the whole job, the stopped rank included, ended within torchrun's shutdown grace after that
+    assert ended - rank0["time"] <= 60, stderr[-3000:]
+
+
+def launch_ledger(out: Path, mode: str) -> str:
+    """tests/dist_ledger_worker.py on 2 gloo ranks (fresh, or resumed from checkpoint-2); its stderr."""
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    if not Path(torchrun).exists():
+        pytest.skip("torchrun is not installed")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [torchrun, "--standalone", "--nproc_per_node=2", str(HERE / "dist_ledger_worker.py"), str(out), mode]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
+
+
+def read_ledger(out: Path) -> dict[str, np.ndarray]:
+    with np.load(out / "beta_ledger.npz") as ledger:
+        return {name: ledger[name] for name in ledger.files}
+
+
+@pytest.mark.slow
+def test_the_beta_ledger_books_every_ranks_pairs_once_and_resumes_per_rank(tmp_path):
+    from collections import Counter
+
+    from epsdpo.checkpoint import verify_checkpoint
+
+    out = tmp_path / "run"
+    launch_ledger(out, "fresh")
+    ledger = read_ledger(out)
+    # what each rank was given to train, step by step, recorded outside the ledger
+    trained = {rank: json.loads((out / f"trained{rank}_fresh.json").read_text()) for rank in (0, 1)}
+    assert [len(steps) for steps in trained.values()] == [4, 4] and all(len(s) == 2 for s in trained[1])
+    booked = Counter()
+    for rank, steps in trained.items():
+        booked.update((pair, rank) for step in steps for pair in step)
+    # every pair-step of every rank booked once (2 ranks x 2 pairs x 4 steps), every pair of the 8 present
+    counts = ledger["plus"] + ledger["zero"] + ledger["minus"]
+    assert int(counts.sum()) == 16 and set(ledger["pair_ids"].tolist()) == set(range(8)), counts
+    # one row per (pair, rank that trained it), sorted, with as many steps as that rank trained it
+    rows = list(zip(ledger["pair_ids"].tolist(), ledger["rank"].tolist()))
+    assert rows == sorted(booked), (rows, sorted(booked))
+    assert dict(zip(rows, counts.tolist())) == dict(booked)
+    assert {"beta_history", "last_step", "last_beta"} <= ledger.keys() and len(ledger["beta_history"]) == 5
+    # the checkpoint keeps each rank's controller, listed in its manifest
+    checkpoint = out / "checkpoint-2"
+    verify_checkpoint(checkpoint)
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["kl_state_files"] == [
+        "kl_controller.bin", "kl_controller_rank1.bin"]
+    # resumed at step 2, each rank continues its own ledger: the run's ledger is the uninterrupted one's
+    launch_ledger(out, "resume")
+    resumed = read_ledger(out)
+    assert resumed.keys() == ledger.keys()
+    for name in ledger:
+        np.testing.assert_array_equal(resumed[name], ledger[name], err_msg=name)
+    # a checkpoint written before every rank's controller was kept still resumes, every rank from rank 0's, and says so
+    from epsdpo.checkpoint import _write_manifest
+
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    del state["kl_state_files"]
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    (checkpoint / "kl_controller_rank1.bin").unlink()
+    _write_manifest(checkpoint)
+    assert "holds rank 0's KL controller only" in launch_ledger(out, "resume")

@@ -198,6 +198,7 @@ def save_checkpoint(
     pretrained: nn.Module | None = None,
     tokenizer: Any = None,
     rng_per_rank: list[dict[str, Any]] | None = None,
+    rank_files: dict[str, bytes] | None = None,
 ) -> Path:
     """Finish checkpoint `step` and rename it into place (rank 0).
 
@@ -207,7 +208,9 @@ def save_checkpoint(
     `extra_state`: more tensors and plain values to restore (the fp16 loss scale). `pretrained`: the
     policy whose Hugging Face config (and `tokenizer`, whose files) make the checkpoint a folder
     `from_pretrained` loads (`save_pretrained_files`); by default `model` when it is a module.
-    `rng_per_rank`: every rank's `rng_state()`, in rank order (by default this process's alone)."""
+    `rng_per_rank`: every rank's `rng_state()`, in rank order (by default this process's alone).
+    `rank_files`: the other ranks' state, by file name (their KL controllers: epsdpo.beta_ledger),
+    written and listed in the manifest like the rest."""
     final = output_dir / f"{PREFIX}{step}"
     tmp = staging_dir(output_dir, step)
     if model is None:
@@ -231,7 +234,8 @@ def save_checkpoint(
     write_file(tmp / "training_state.pt", lambda path: torch.save(training, path))
     for name, data in (("kl_controller.bin", kl_state), ("sampler.bin", sampler_state),
                        (TRAINING_CONFIG, json.dumps(config, indent=2).encode()),
-                       (TRAINER_STATE, json.dumps(trainer_state, indent=2).encode())):
+                       (TRAINER_STATE, json.dumps(trainer_state, indent=2).encode()),
+                       *(rank_files or {}).items()):
         write_file(tmp / name, lambda path, data=data: path.write_bytes(data))
     _write_manifest(tmp)
     if final.exists():  # resumed from an earlier step: this step's old checkpoint is replaced

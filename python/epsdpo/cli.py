@@ -327,6 +327,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from epsdpo.checkpoint import CheckpointError
     from epsdpo.data.sources import DataSourceError
+    from epsdpo.distributed import PeerTimeoutError
     from epsdpo.interrupt import TrainingInterrupted
     from epsdpo.launcher import LauncherSettingError
     from epsdpo.models import ChatTemplateError
@@ -350,9 +351,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         trainer.train(resume_from_checkpoint=True if args.resume else args.resume_from_checkpoint)
     except (FileExistsError, FileNotFoundError, CheckpointError, DataSourceError, LauncherSettingError,
-            ChatTemplateError, OutputDirBusyError, RanksDisagreeError) as error:
-        # What the user fixes by choosing another folder, checkpoint, launcher config or template: one line,
-        # no traceback
+            ChatTemplateError, OutputDirBusyError, RanksDisagreeError, PeerTimeoutError) as error:
+        # What the user fixes by choosing another folder, checkpoint, launcher config or template, by
+        # giving every node the same settings, or a rank that stopped answering: one line, no traceback
         raise SystemExit(f"epsdpo train: {error}") from None
     except TrainingInterrupted as stopped:
         # Preempted (SIGTERM) or Ctrl-C: the checkpoint is written; the exit code says which signal,

@@ -176,6 +176,11 @@ class TrainConfig:
     device: str | None = field(default=None, metadata={"help": (
         "torch device to train on, e.g. cpu, cuda:1. None: this rank's CUDA device when one is visible, "
         "else the CPU.")})
+    ddp_timeout: int = field(default=1800, metadata={"help": (
+        "Seconds a rank waits in a collective (or for the process group to form) before it fails, an integer "
+        "in [1, 2**31 - 1] (transformers'/TRL's meaning and default). A peer that stops responding without "
+        "dying (a hung GPU, a stalled read) then ends the job after this long instead of holding it "
+        "(docs/distributed.md).")})
     # Precision (docs/precision.md).
     dtype: Literal["float32", "bfloat16", "float16"] | None = field(default=None, metadata={"help": (
         "How the weights are stored: a model loaded from a path is loaded in it (None: float32), a model "
@@ -383,6 +388,8 @@ class TrainConfig:
             value = getattr(self, name)
             _check(value is None or value >= 1, name, value, "None or an integer >= 1")
         _check(0 <= self.seed < 2**32, "seed", self.seed, "an integer in [0, 2**32)")
+        _check(1 <= self.ddp_timeout <= MAX_INT, "ddp_timeout", self.ddp_timeout,
+               f"an integer number of seconds in [1, {MAX_INT}]")
         _check(bool(self.output_dir), "output_dir", self.output_dir, "a non-empty path")
         if self.resume_allow_changes:
             from epsdpo.run_identity import check_allow_list

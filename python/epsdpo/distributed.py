@@ -13,10 +13,26 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+# transformers' TrainingArguments.ddp_timeout default, and torch's own for gloo
+DEFAULT_TIMEOUT_S = 1800
+
+
+class PeerTimeoutError(RuntimeError):
+    """A rank waited `ddp_timeout` seconds in a collective for another rank, which never answered
+    (it hung, stalled or died); names the setting, the underlying error is its cause."""
+
+
+def timed_out(error: BaseException) -> bool:
+    """Whether `error` is a collective giving up on a peer after the process group's timeout: gloo
+    raises a RuntimeError saying 'Timed out waiting Nms for ...' (NCCL's watchdog ends the process
+    instead, so nothing reaches Python there)."""
+    return isinstance(error, RuntimeError) and "Timed out waiting" in str(error)
 
 
 @dataclass(frozen=True)
@@ -34,16 +50,25 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_from_env() -> DistInfo:
-    """Join the process group `torchrun` describes in the environment; a single process otherwise."""
+def init_from_env(timeout_s: int = DEFAULT_TIMEOUT_S) -> DistInfo:
+    """Join the process group `torchrun` describes in the environment; a single process otherwise.
+
+    `timeout_s` (`TrainConfig.ddp_timeout`) bounds every wait on the other ranks: forming the group
+    and each collective. Without it a peer that stops responding without dying (SIGSTOP, a hung
+    GPU, a stalled read) holds every other rank in its collective for torch's default, and the
+    launcher's agent, which watches for exits, never notices. On gloo the collective raises after
+    `timeout_s`; on NCCL the watchdog aborts the communicator and ends the process (torch's
+    TORCH_NCCL_ASYNC_ERROR_HANDLING default), which torchrun sees as a failed worker."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
         # A process group still alive at interpreter exit aborts the process (gloo calls terminate).
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    else:  # a group the caller formed: ddp_timeout still holds from here on
+        dist.set_timeout(timedelta(seconds=timeout_s))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -146,3 +171,22 @@ def gradient_sync(unit: nn.Module, sync: bool) -> AbstractContextManager[None]:
     if set_sync is not None:
         set_sync(sync)
     return nullcontext()
+
+
+def gather_bytes(data: bytes, info: DistInfo) -> list[bytes]:
+    """Every rank's `data`, in rank order, on every rank (every rank must call it). Two all-gathers
+    of tensors, the lengths and then the bytes padded to the longest: nothing is pickled, so a peer's
+    bytes are data to validate, never code (torch's all_gather_object would unpickle them)."""
+    if not info.enabled:
+        return [data]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    length = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    lengths = [torch.zeros_like(length) for _ in range(info.world_size)]
+    dist.all_gather(lengths, length)
+    sizes = [int(n.item()) for n in lengths]
+    mine = torch.zeros(max(sizes), dtype=torch.uint8, device=device)
+    if data:
+        mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    parts = [torch.empty_like(mine) for _ in range(info.world_size)]
+    dist.all_gather(parts, mine)
+    return [part[:size].cpu().numpy().tobytes() for part, size in zip(parts, sizes)]

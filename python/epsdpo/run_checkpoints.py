@@ -35,7 +35,8 @@ from epsdpo.checkpoint import (
     staging_dir,
     verify_checkpoint,
 )
-from epsdpo.distributed import DistInfo, all_reduce_sum, barrier, on_main_rank
+from epsdpo.beta_ledger import kl_state_files
+from epsdpo.distributed import DistInfo, all_reduce_sum, any_rank, barrier, gather_bytes, on_main_rank
 from epsdpo.run_identity import (
     UnverifiedResumeWarning,
     allowed,
@@ -58,6 +59,9 @@ def save_run(trainer: Trainer, sampler_state: bytes) -> None:
     """Checkpoint the run after its current step. Every rank calls this: FSDP ranks each write their
     own shards; rank 0 writes the rest and renames the finished checkpoint into place."""
     t, step = trainer, trainer.state.global_step
+    # every rank's controller: β is the same on all of them, each rank's pair ledger is its own
+    kl_states = gather_bytes(t.kl.state_dict()["state"], t.dist)
+    kl_files = kl_state_files(t.dist.world_size)
     reference = t.ref_model if t.method.moves_reference else None
     model, optimizer_state = t.model, None
     # Each rank's own generators: with dropout on, every rank draws its own masks, so restoring rank 0's
@@ -75,11 +79,11 @@ def save_run(trainer: Trainer, sampler_state: bytes) -> None:
     if t.dist.is_main:
         save_checkpoint(
             t.output_dir, step, model=model, optimizer_state=optimizer_state, scheduler=t.scheduler,
-            kl_state=t.kl.state_dict()["state"], sampler_state=sampler_state,
+            kl_state=kl_states[0], sampler_state=sampler_state, rank_files=dict(zip(kl_files[1:], kl_states[1:])),
             trainer_state={"global_step": step, "max_steps": t.state.max_steps, "beta": t.kl.beta,
                            "world_size": t.dist.world_size, "log_history": t.metrics.history,
                            "beta_rule": t.method.beta_rule.state_dict(), "run_identity": trainer_identity(t),
-                           "resumes": t.resumes},
+                           "resumes": t.resumes, "kl_state_files": kl_files},
             reference=reference, config=t.config.to_dict(), save_total_limit=t.config.save_total_limit,
             extra_state={"loss_scaler": t.precision.state_dict()}, pretrained=t.model, tokenizer=t.tokenizer,
             rng_per_rank=rng_per_rank,
@@ -113,10 +117,11 @@ def resume_run(trainer: Trainer, path: Path) -> None:
         )
     if t.method.moves_reference:
         require_listed(path, resume_reads(path, reference=True))
+    own_kl_state = _own_kl_state(t, path, saved_state)
     restored = load_checkpoint(path, t.model, t.optimizer, t.scheduler,
                                reference=t.ref_model if t.method.moves_reference else None,
                                sharded=t.sharded, rank=t.dist.rank)
-    t.kl.load_state_dict({"state": restored["kl_state"]})
+    t.kl.load_state_dict({"state": restored["kl_state"] if own_kl_state is None else own_kl_state})
     t.sampler.load_state_dict({"state": restored["sampler_state"]})
     t.precision.load_state_dict(restored["extra_state"].get("loss_scaler", {}))
     trainer_state = restored["trainer_state"]
@@ -134,6 +139,34 @@ def resume_run(trainer: Trainer, path: Path) -> None:
     t.resumes = [*trainer_state.get("resumes", []), {
         "step": t.state.global_step, "checkpoint": path.name,
         "changed": {key: list(values) for key, values in changed.items()}}]
+
+
+def _own_kl_state(t: Trainer, path: Path, saved_state: dict) -> bytes | None:
+    """This rank's KL controller state when the checkpoint keeps one per rank and this is not rank 0
+    (None: the checkpoint's kl_controller.bin, which load_checkpoint reads). Every rank learns whether
+    any rank could not read its own, so that all stop together instead of waiting for that one."""
+    names = saved_state.get("kl_state_files")
+    if names is None:  # written before checkpoints kept every rank's ledger
+        if t.dist.world_size > 1:
+            warnings.warn(f"{path} holds rank 0's KL controller only (it was written before checkpoints kept every "
+                          "rank's): every rank resumes rank 0's pair ledger, so beta_ledger.npz books rank 0's pairs "
+                          "before the resumed step once per rank and the other ranks' not at all",
+                          stacklevel=3)
+        return None
+    error, state = None, None
+    try:
+        if names != kl_state_files(t.dist.world_size):
+            raise CheckpointError(f"{path / TRAINER_STATE}: kl_state_files is {str(names)[:200]}, not the "
+                                  f"{t.dist.world_size} per-rank files of kl_controller*.bin this version writes")
+        if t.dist.rank > 0:
+            require_listed(path, [names[t.dist.rank]])
+            state = (path / names[t.dist.rank]).read_bytes()
+    except (CheckpointError, OSError) as caught:
+        error = caught if isinstance(caught, CheckpointError) else CheckpointError(
+            f"{path / names[t.dist.rank]} is unreadable: {type(caught).__name__}: {str(caught)[:200]}")
+    if any_rank(error is not None, t.dist):
+        raise error or CheckpointError(f"{path}: another rank could not read its KL controller state")
+    return state
 
 
 def _check_identity(t: Trainer, path: Path, saved_state: dict) -> dict[str, tuple]:

@@ -43,7 +43,7 @@ FREE_ON_RESUME = frozenset({
     "save_strategy", "save_steps", "save_total_limit", "push_to_hub",
     "dataset_cache_dir", "dataset_num_proc", "remove_unused_columns", "trust_remote_code",
     # how a step is computed, not what it computes
-    "device", "chunk_size", "gradient_checkpointing", "attn_implementation",
+    "device", "ddp_timeout", "chunk_size", "gradient_checkpointing", "attn_implementation",
     "precompute_ref_log_probs", "precompute_ref_batch_size",
     # compared through what they decide: layout, and the schedule's total and warm-up steps
     "padding_free", "max_steps", "num_train_epochs", "warmup_steps", "warmup_ratio",

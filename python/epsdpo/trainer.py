@@ -37,15 +37,19 @@ from epsdpo.attention import use_segment_attention
 from epsdpo.beta_rules import PairBetas, PairLogps
 from epsdpo.checkpoint import PREFIX, list_checkpoints, write_file
 from epsdpo.config import TrainConfig
+from epsdpo.beta_ledger import merged_ledger
 from epsdpo.distributed import (
     DistInfo,
+    PeerTimeoutError,
     all_reduce_sum,
     any_rank,
     barrier,
+    gather_bytes,
     gradient_sync,
     init_from_env,
     replicate,
     restart_count,
+    timed_out,
 )
 from epsdpo.feed import CycleFeed, as_store, check_vocabulary, filler_batch, make_collator, make_sampler
 from epsdpo.interrupt import StopOnSignal, TrainingInterrupted
@@ -157,7 +161,7 @@ class Trainer:
         self.config = config = apply_launcher_settings(config, os.environ)
         _check_evaluation_has_data(config, eval_dataset)
         config.check_device_present()
-        self.dist: DistInfo = init_from_env()
+        self.dist: DistInfo = init_from_env(config.ddp_timeout)
         torch.manual_seed(config.seed)
         auto = f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(config.device or auto)
@@ -449,13 +453,22 @@ class Trainer:
         The run holds `output_dir` for itself until it returns (`epsdpo.run_lock`: a second run there
         raises `OutputDirBusyError`). On the main thread, a first SIGTERM/SIGINT stops it after the
         current optimizer step with a checkpoint of that step, raising `TrainingInterrupted`; a
-        second one ends the process at once (`epsdpo.interrupt`)."""
+        second one ends the process at once (`epsdpo.interrupt`). Under torchrun, a rank that waits
+        `ddp_timeout` seconds for another in a collective raises `PeerTimeoutError` (gloo; on NCCL
+        torch's watchdog ends the process)."""
         lock = lock_output_dir(self.output_dir, self.dist)
         try:
             if self.sharded:  # every rank writes checkpoint shards: before any step, not at the first save
                 require_shared_output_dir(self.output_dir, self.dist)
             with StopOnSignal() as stop:
                 return self._train(resume_from_checkpoint, stop)
+        except RuntimeError as error:
+            if self.dist.enabled and timed_out(error):
+                raise PeerTimeoutError(
+                    f"rank {self.dist.rank} waited ddp_timeout={self.config.ddp_timeout} s after step "
+                    f"{self.state.global_step} for another rank, which did not answer (hung, stalled or dead); "
+                    "raise ddp_timeout if a step, evaluation or save can legitimately take longer") from error
+            raise
         finally:
             lock.release()
 
@@ -518,8 +531,9 @@ class Trainer:
                           stacklevel=3)
         self.state.log_history = self.metrics.history
         state = full_model_state(self.model) if self.sharded else None  # every rank: a collective
+        kl_states = gather_bytes(self.kl.state_dict()["state"], self.dist)  # every rank's ledger, for rank 0
         if self.dist.is_main:
-            self._write_outputs(state)
+            self._write_outputs(state, kl_states)
         barrier(self.dist)  # no rank leaves (and tears down its process group) while rank 0 writes
         return self.state
 
@@ -600,11 +614,12 @@ class Trainer:
         return list_checkpoints(self.output_dir)
 
     # ------------------------------------------------------------------------------ outputs
-    def _write_outputs(self, state: dict[str, Tensor] | None) -> None:
-        """Rank 0, at the end of the run: the β ledger, the plots, then `final/` (the policy gathered
+    def _write_outputs(self, state: dict[str, Tensor] | None, kl_states: list[bytes]) -> None:
+        """Rank 0, at the end of the run: the β ledger of every rank's pairs (`kl_states`: each
+        rank's controller state; epsdpo.beta_ledger), the plots, then `final/` (the policy gathered
         in `state` under FSDP) with its model card. The ledger and `final/` appear whole or not at
         all (`epsdpo.staged`): final/ is complete, card included, before it is renamed into place."""
-        ledger = self.kl.ledger()
+        ledger = merged_ledger(kl_states)
         write_file(self.output_dir / "beta_ledger.npz", lambda path: replace_file(
             path, lambda handle: np.savez(handle, beta_history=self.kl.beta_history(), **ledger)))
         if self.config.plots:
