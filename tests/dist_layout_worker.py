@@ -8,7 +8,6 @@ start-up check that output_dir is shared, to reach the check made when a checkpo
 when storage stops being shared during the run). Each rank writes `BASE/rank<N>.json`: how its
 train() ended and at which step."""
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import epsdpo.trainer
 from epsdpo.config import TrainConfig
 from epsdpo.trainer import Trainer
 from tiny import tiny_llama, toy_store
+from torchrun_job import record_how_training_ends
 
 base, probe = Path(sys.argv[1]).resolve(), sys.argv[2] == "probe"
 rank = int(os.environ["RANK"])
@@ -31,11 +31,4 @@ config = TrainConfig(
     plots=False, seed=3, fsdp=True, save_steps=2, logging_steps=1,
 )
 trainer = Trainer(tiny_llama(0), config, toy_store())
-result = {"rank": rank}
-try:
-    trainer.train()
-    result["ended"] = "finished"
-except Exception as error:  # noqa: BLE001 - the test reads how each rank ended
-    result.update(ended=type(error).__name__, message=str(error))
-result["step"] = trainer.state.global_step
-(base / f"rank{rank}.json").write_text(json.dumps(result))
+record_how_training_ends(trainer, base / f"rank{rank}.json")

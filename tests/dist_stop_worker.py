@@ -5,7 +5,6 @@ Trains the tiny model for 6 steps; when SIGNAL_RANK is not -1, that rank alone s
 at the start of step 2 (as a cluster whose signal reaches one process first). Each rank writes
 `OUT/rank<N>.json`: how its train() ended and at which step."""
 
-import json
 import os
 import signal
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 from epsdpo.config import TrainConfig
 from epsdpo.trainer import Trainer
 from tiny import tiny_llama, toy_store
+from torchrun_job import record_how_training_ends
 
 out, signal_rank = Path(sys.argv[1]), int(sys.argv[2])
 config = TrainConfig(
@@ -32,11 +32,4 @@ def train_step(self, batches):
 
 
 Trainer._train_step = train_step
-result = {"rank": trainer.dist.rank}
-try:
-    trainer.train()
-    result["ended"] = "finished"
-except Exception as error:  # noqa: BLE001 - the test reads how each rank ended
-    result.update(ended=type(error).__name__, message=str(error))
-result["step"] = trainer.state.global_step
-(out / f"rank{trainer.dist.rank}.json").write_text(json.dumps(result))
+record_how_training_ends(trainer, out / f"rank{trainer.dist.rank}.json")

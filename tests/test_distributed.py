@@ -11,17 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from torchrun_job import run_torchrun, torchrun_command
 
 HERE = Path(__file__).parent
 
 
 def launch(out: Path, nproc: int, batch_size: int, *args: str, fails: bool = False) -> dict | str:
     """The run's result; with `fails`, its stderr (the run must fail)."""
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    command = [torchrun, "--standalone", f"--nproc_per_node={nproc}", str(HERE / "dist_worker.py"), str(out), str(batch_size), *args]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    done = run_torchrun("dist_worker.py", out, batch_size, *args, nproc=nproc, timeout=600)
     if fails:
         assert done.returncode != 0
         return done.stderr
@@ -106,14 +103,7 @@ def test_fsdp_moves_a_sharded_tr_dpo_reference_like_one_process(tmp_path, single
 
 def launch_stop(out: Path, signal_rank: int) -> list[dict]:
     """tests/dist_stop_worker.py on 2 gloo ranks; how each rank's train() ended. A hang is a failure."""
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    if not Path(torchrun).exists():
-        pytest.skip("torchrun is not installed")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    command = [torchrun, "--standalone", "--nproc_per_node=2", str(HERE / "dist_stop_worker.py"), str(out),
-               str(signal_rank)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = run_torchrun("dist_stop_worker.py", out, signal_rank, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
@@ -172,13 +162,7 @@ def test_a_resumed_run_with_dropout_continues_every_ranks_random_draws(tmp_path)
 def launch_layout(base: Path, probe: str) -> list[dict]:
     """tests/dist_layout_worker.py on 2 gloo ranks, each with its own output_dir under the same
     relative name (node-local disks); how each rank's train() ended. A hang is a failure."""
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    if not Path(torchrun).exists():
-        pytest.skip("torchrun is not installed")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    command = [torchrun, "--standalone", "--nproc_per_node=2", str(HERE / "dist_layout_worker.py"), str(base), probe]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    done = run_torchrun("dist_layout_worker.py", base, probe, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads((base / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
@@ -241,14 +225,8 @@ def test_a_frozen_peer_ends_the_job_after_ddp_timeout(tmp_path):
     import signal
     import time
 
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    if not Path(torchrun).exists():
-        pytest.skip("torchrun is not installed")
     out, ddp_timeout = tmp_path / "run", 5
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    command = [torchrun, "--standalone", "--nproc_per_node=2", str(HERE / "dist_freeze_worker.py"), str(out),
-               str(ddp_timeout)]
+    command, env = torchrun_command("dist_freeze_worker.py", out, ddp_timeout)
     log = tmp_path / "torchrun.log"  # a file, not a pipe: a leftover worker holding a pipe would block reading it
     with open(log, "w") as sink:
         job = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
@@ -276,13 +254,7 @@ def test_a_frozen_peer_ends_the_job_after_ddp_timeout(tmp_path):
 
 def launch_ledger(out: Path, mode: str) -> str:
     """tests/dist_ledger_worker.py on 2 gloo ranks (fresh, or resumed from checkpoint-2); its stderr."""
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    if not Path(torchrun).exists():
-        pytest.skip("torchrun is not installed")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    command = [torchrun, "--standalone", "--nproc_per_node=2", str(HERE / "dist_ledger_worker.py"), str(out), mode]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = run_torchrun("dist_ledger_worker.py", out, mode, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stderr
 

@@ -7,39 +7,20 @@ that leaves the ranks waiting in mismatched collectives fails instead of hanging
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from torchrun_job import run_torchrun
 
-HERE = Path(__file__).parent
 TIMEOUT = 120  # a passing launch takes seconds; a hang is torch's 30-minute collective timeout
 
 
 def launch(out: Path, scenario: str) -> tuple[list[dict], subprocess.CompletedProcess]:
     """tests/dist_agree_worker.py on 2 gloo ranks; how each rank ended (None for a rank that died)."""
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    if not Path(torchrun).exists():
-        pytest.skip("torchrun is not installed")
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    command = [torchrun, "--standalone", "--nproc_per_node=2", str(HERE / "dist_agree_worker.py"), str(out), scenario]
-    # A session of its own: on a hang, torchrun and both ranks are killed together (killing torchrun
-    # alone would leave the ranks waiting in their collectives)
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        pytest.fail(f"scenario {scenario}: the ranks hung (no end within {TIMEOUT} s)")
-    done = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    done = run_torchrun("dist_agree_worker.py", out, scenario, timeout=TIMEOUT)
     ranks = [json.loads(f.read_text()) if (f := out / f"rank{r}.json").is_file() else None for r in (0, 1)]
     return ranks, done
 
