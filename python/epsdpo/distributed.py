@@ -50,6 +50,10 @@ class DistInfo:
         return self.world_size > 1
 
 
+# How long a rank leaving the process group waits for its peers to leave too (`_leave_process_group`)
+EXIT_WAIT_S = 10
+
+
 def init_from_env(timeout_s: int = DEFAULT_TIMEOUT_S) -> DistInfo:
     """Join the process group `torchrun` describes in the environment; a single process otherwise.
 
@@ -65,14 +69,29 @@ def init_from_env(timeout_s: int = DEFAULT_TIMEOUT_S) -> DistInfo:
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-        # A process group still alive at interpreter exit aborts the process (gloo calls terminate).
-        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+        atexit.register(_leave_process_group)
     else:  # a group the caller formed: ddp_timeout still holds from here on
         dist.set_timeout(timedelta(seconds=timeout_s))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def _leave_process_group() -> None:
+    """At interpreter exit: a process group still alive then aborts the process (gloo's threads are
+    destroyed during finalization: SIGABRT, "terminate called without an active exception"), and so
+    does one destroyed while a peer's gloo connection is still open and the peer then leaves. So the
+    ranks first wait for each other, briefly (a peer that is gone or stuck elsewhere is not waited
+    for longer than EXIT_WAIT_S), then destroy the group."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=EXIT_WAIT_S))
+        except RuntimeError:
+            pass  # a peer that did not come: leave anyway
+    dist.destroy_process_group()
 
 
 def restart_count() -> int:
