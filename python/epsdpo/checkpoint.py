@@ -387,16 +387,12 @@ def require_listed(path: Path, names: list[str]) -> dict[str, dict[str, Any]]:
 def _verify_file(file: Path, entry: dict[str, Any]) -> None:
     """One listed file: opened without blocking and refused unless regular (a FIFO or a device listed
     in a manifest would hang or never end the hash), then its size and SHA-256."""
-    from epsdpo.safe_files import FileRefused, open_regular_file
+    from epsdpo.safe_files import FileRefused, open_regular_file, why_unreadable
 
     try:
         fd = open_regular_file(file)
-    except FileNotFoundError:
-        raise CheckpointError(f"{file} is listed in {MANIFEST} but missing") from None
-    except FileRefused as error:
-        raise CheckpointError(f"{file} is listed in {MANIFEST} but {error.reason.removeprefix('is ')}") from None
-    except OSError as error:
-        raise CheckpointError(f"{file} is listed in {MANIFEST} but cannot be read ({error.strerror})") from None
+    except (OSError, FileRefused) as error:
+        raise CheckpointError(f"{file} is listed in {MANIFEST}, but: {why_unreadable(error)}") from None
     with os.fdopen(fd, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
         if size != entry["size"]:

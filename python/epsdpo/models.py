@@ -139,17 +139,13 @@ class ChatTemplateError(ValueError):
 def read_chat_template(path: str | Path) -> str:
     """The template that chat_template_path names (TRL's meaning for a .jinja/.j2 file: its text
     replaces the tokenizer's chat template). Read as a regular UTF-8 file of at most 1 MiB."""
-    from epsdpo.safe_files import FileRefused, read_regular_file
+    from epsdpo.safe_files import FileRefused, read_regular_file, why_unreadable
 
     where = f"chat_template_path={str(path)!r}"
     try:
         raw = read_regular_file(path, MAX_CHAT_TEMPLATE_BYTES)
-    except FileNotFoundError:
-        raise ChatTemplateError(f"{where}: no such file") from None
-    except FileRefused as error:
-        raise ChatTemplateError(f"{where}: {error.reason}") from None
-    except OSError as error:
-        raise ChatTemplateError(f"{where}: cannot be read ({error.strerror})") from None
+    except (OSError, FileRefused) as error:
+        raise ChatTemplateError(f"{where}: {why_unreadable(error)}") from None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:

@@ -47,6 +47,17 @@ def read_regular_file(path: str | Path, max_bytes: int) -> bytes:
     return data
 
 
+def why_unreadable(error: OSError | FileRefused) -> str:
+    """What `open_regular_file` / `read_regular_file` raised, as words to follow the file's name: "no
+    such file", the refusal's reason ("is not a regular file (it is a FIFO)", "is over N bytes"), or
+    "cannot be read (<strerror>)"."""
+    if isinstance(error, FileNotFoundError):
+        return "no such file"
+    if isinstance(error, FileRefused):
+        return error.reason
+    return f"cannot be read ({error.strerror or error})"
+
+
 def _kind(mode: int) -> str:
     kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
              (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"))
