@@ -129,8 +129,25 @@ def test_a_moving_reference_without_its_file_is_named(runs, tmp_path, monkeypatc
 
 def test_free_settings_change_without_a_word(runs, tmp_path):
     trainer = resume(runs["eps"], tmp_path / "resumed", logging_steps=2, save_steps=1, save_total_limit=1,
-                     eval_steps=None, report_to="jsonl", run_name="again", chunk_size=64)
+                     eval_steps=None, report_to="jsonl", run_name="again", chunk_size=64, ddp_timeout=60,
+                     max_row_bytes=10**7)  # the rows it keeps are the data's fingerprint, compared anyway
     assert trainer.state.global_step == 4 and trainer.resumes[-1]["changed"] == {}
+
+
+def test_a_moved_chat_template_resumes_and_another_template_is_refused(tmp_path):
+    """chat_template_path is a path, free to change; the template it names is part of the tokenizer's
+    fingerprint, which is compared."""
+    template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    first, moved, other = (tmp_path / f"{name}.jinja" for name in ("first", "moved", "other"))
+    first.write_text(template)
+    moved.write_text(template)
+    other.write_text(template + "!")
+    Trainer(tiny_llama(0), config(tmp_path / "run", chat_template_path=str(first)), toy_store(),
+            tokenizer=tokenizer()).train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert resume(checkpoint, tmp_path / "moved", chat_template_path=str(moved)).state.global_step == 4
+    with pytest.raises(CheckpointError, match=r"tokenizer \(fingerprint of the tokenizer\)"):
+        resume(checkpoint, tmp_path / "other", chat_template_path=str(other))
 
 
 def test_total_steps_may_change_under_a_constant_schedule(tmp_path):

@@ -32,8 +32,10 @@ from epsdpo.safe_files import FileRefused, read_regular_file
 
 # Fields that say where this node keeps things or how it shows progress, never what is trained or
 # when the ranks communicate: they may differ between nodes. (Only rank 0 shows progress; the other
-# fields are paths or worker counts of this node.)
-PER_NODE = frozenset({"output_dir", "device", "dataset_cache_dir", "dataset_num_proc", "progress"})
+# fields are paths or worker counts of this node; the template chat_template_path names is compared
+# as part of the tokenizer's fingerprint.)
+PER_NODE = frozenset({"output_dir", "device", "dataset_cache_dir", "dataset_num_proc", "progress",
+                      "chat_template_path"})
 
 # `resume_from_checkpoint` value: resume the newest complete checkpoint, or start fresh when there is none
 AUTO = "auto"

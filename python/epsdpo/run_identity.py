@@ -45,8 +45,10 @@ FREE_ON_RESUME = frozenset({
     # how a step is computed, not what it computes
     "device", "ddp_timeout", "chunk_size", "gradient_checkpointing", "attn_implementation",
     "precompute_ref_log_probs", "precompute_ref_batch_size",
-    # compared through what they decide: layout, and the schedule's total and warm-up steps
+    # compared through what they decide: layout, the schedule's total and warm-up steps, the template the
+    # tokenizer's fingerprint holds (the file may move), the rows the data's fingerprint holds
     "padding_free", "max_steps", "num_train_epochs", "warmup_steps", "warmup_ratio",
+    "chat_template_path", "max_row_bytes",
     # a sharded checkpoint resumes only into a sharded run: load_checkpoint refuses that by name
     "fsdp",
 })
