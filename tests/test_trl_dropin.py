@@ -202,7 +202,10 @@ def test_trl_values_that_mean_the_same_under_another_form():
     default = as_train_config(dpo_config())
     # TRL's report_to none is no logging integration: metrics.jsonl alone here, TrainConfig's own default
     assert (default.report_to, default.pad_to_multiple_of, default.fsdp, default.device) == ("jsonl", 1, False, None)
-    assert default.output_dir == "unused" and default.save_every() == 500  # TRL's save_strategy=steps, save_steps=500
+    assert default.save_every() == 500  # TRL's save_strategy=steps, save_steps=500
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        assert as_train_config(trl.DPOConfig(bf16=False)).output_dir == "trainer_output"  # TRL's computed default
     assert as_train_config(dpo_config(fsdp="full_shard auto_wrap")).fsdp is True
     assert as_train_config(dpo_config(use_cpu=True)).device == "cpu"
     assert as_train_config(dpo_config(disable_tqdm=True)).progress is False
@@ -218,8 +221,8 @@ def test_fields_transformers_derives_from_the_set_ones_are_not_refused():
 
 @pytest.mark.parametrize(("fields", "refused"), [
     (dict(adam_epsilon=1e-6), r"adam_epsilon=1e-06"), (dict(neftune_noise_alpha=5.0), r"neftune_noise_alpha=5.0"),
-    (dict(fsdp="shard_grad_op"), r"fsdp_config=\{.*'reshard_after_forward': False.*\}"), (dict(torch_compile=True), r"torch_compile=True"),
-    (dict(label_smoothing_factor=0.1), r"label_smoothing_factor=0.1"),
+    (dict(fsdp="shard_grad_op"), r"fsdp_config=\{.*'reshard_after_forward': False.*\}"),
+    (dict(torch_compile=True), r"torch_compile=True"), (dict(label_smoothing_factor=0.1), r"label_smoothing_factor=0.1"),
 ])
 def test_a_set_field_epsdpo_does_not_do_is_refused_by_name(fields, refused):
     with pytest.raises(TrlSettingError, match=rf"^{refused} is not supported: \S"):

@@ -57,9 +57,22 @@ class TrlSettingError(ValueError):
     """A TRL setting or argument epsdpo does not do; the message names it, its value and why."""
 
 
+# Why some common DPOConfig fields are refused; the others get the general reason
+REASONS = {
+    "resume_from_checkpoint": "TRL's trainer does not read it either (scripts do): pass it to "
+                              "trainer.train(resume_from_checkpoint=...)",
+    "deepspeed": "epsdpo shards with FSDP2: set fsdp=True (the config's fsdp) under torchrun",
+    "torch_compile": "epsdpo does not compile the model; its log-prob kernel is fused already",
+    "adam_epsilon": "epsdpo's AdamW uses torch's default eps, 1e-8 (DPOConfig's default)",
+    "gradient_checkpointing_kwargs": "epsdpo checkpoints without reentrancy (use_reentrant=False), which DDP needs",
+    "use_liger_kernel": "epsdpo's fused log-prob kernel is built in",
+}
+
+
 def _reason(name: str) -> str:
-    """Why DPOConfig's `name` is refused when set (the one place to give a field its own reason)."""
-    return f"epsdpo has no {name} setting; leave it at DPOConfig's default (the README's 'Coming from TRL')"
+    """Why DPOConfig's `name` is refused when set (the one place to give a field its reason)."""
+    return REASONS.get(name, f"epsdpo has no {name} setting; leave it at DPOConfig's default (the README's "
+                             "'Coming from TRL')")
 
 
 def refuse(name: str, value: Any, reason: str) -> TrlSettingError:
