@@ -113,6 +113,17 @@ def test_trl_arguments_epsdpo_does_not_take_are_refused_by_name(tmp_path, name, 
     assert not (tmp_path / "out").exists()  # refused before anything was loaded or written
 
 
+@pytest.mark.parametrize("several", [lambda d: {"a": d, "b": d}, lambda d: __import__("datasets").DatasetDict(
+    train=d, test=d)])
+def test_several_named_eval_sets_are_refused(tmp_path, several):
+    """TRL evaluates each under its own prefix (eval_test_loss, ...); epsdpo evaluates one dataset."""
+    import datasets
+
+    rows = datasets.Dataset.from_list([{"prompt": "Q?", "chosen": "yes", "rejected": "no"}] * 2)
+    with pytest.raises(TrlSettingError, match=r"^eval_dataset=\['.*'\] is not supported: one dataset, not several"):
+        Trainer(tiny_llama(0), args=small_config(tmp_path), train_dataset=toy_store(8), eval_dataset=several(rows))
+
+
 @pytest.mark.parametrize(("call", "message"), [
     (lambda m, c, d: Trainer(m, args=c, config=c, train_dataset=d), "both args= and config="),
     (lambda m, c, d: Trainer(m, c, d, tokenizer="t", processing_class="t"), "both processing_class= and tokenizer="),

@@ -21,6 +21,7 @@ import dataclasses
 import enum
 import logging
 import warnings
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from epsdpo.config import TrainConfig
@@ -114,6 +115,10 @@ def trainer_inputs(model: Any, positional: tuple[Any, ...], keywords: dict[str, 
         given[trl_name] = given[trl_name] if given[trl_name] is not None else given[own_name]
     if given["train_dataset"] is None:
         raise TypeError("Trainer() needs train_dataset: a datasets.Dataset, a PreferenceStore or a data file")
+    if isinstance(given["eval_dataset"], Mapping):
+        # TRL evaluates each entry under its own metric prefix; evaluating one of them would be another thing
+        raise refuse("eval_dataset", list(given["eval_dataset"]), "one dataset, not several named ones (a dict or "
+                     "DatasetDict): pass one of them, e.g. eval_dataset['test']")
     config = _as_config(given["args"], model)
     if given["peft_config"] is not None:
         if config.use_peft:
