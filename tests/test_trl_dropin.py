@@ -221,6 +221,10 @@ def test_trl_values_that_mean_the_same_under_another_form():
     assert as_train_config(dpo_config(use_cpu=True)).device == "cpu"
     assert as_train_config(dpo_config(disable_tqdm=True)).progress is False
     assert as_train_config(dpo_config(activation_checkpointing=False)).gradient_checkpointing is False
+    # what epsdpo's checkpointing does, as TRL's docs spell it; another wish is refused
+    assert as_train_config(dpo_config(gradient_checkpointing_kwargs={"use_reentrant": False})).gradient_checkpointing
+    with pytest.raises(ValueError, match=r"^gradient_checkpointing_kwargs=\{'use_reentrant': True\} is (invalid|not supported)"):
+        as_train_config(dpo_config(gradient_checkpointing_kwargs={"use_reentrant": True}))
 
 
 def test_fields_transformers_derives_from_the_set_ones_are_not_refused():

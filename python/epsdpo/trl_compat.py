@@ -65,7 +65,8 @@ REASONS = {
     "deepspeed": "epsdpo shards with FSDP2: set fsdp=True (the config's fsdp) under torchrun",
     "torch_compile": "epsdpo does not compile the model; its log-prob kernel is fused already",
     "adam_epsilon": "epsdpo's AdamW uses torch's default eps, 1e-8 (DPOConfig's default)",
-    "gradient_checkpointing_kwargs": "epsdpo checkpoints without reentrancy (use_reentrant=False), which DDP needs",
+    "gradient_checkpointing_kwargs": "only {'use_reentrant': False}: epsdpo checkpoints without reentrancy, which "
+                                     "DDP needs",
     "use_liger_kernel": "epsdpo's fused log-prob kernel is built in",
 }
 
@@ -107,7 +108,7 @@ def trainer_inputs(model: Any, positional: tuple[Any, ...], keywords: dict[str, 
     given = _bind(positional, dict(keywords))
     for name, reason in REFUSED_ARGUMENTS.items():
         value = given.pop(name)
-        if value is not None and value != (None, None):
+        if _given(value):
             raise refuse(name, value, reason)
     for trl_name, own_name in ALIASES:
         if given[trl_name] is not None and given[own_name] is not None:
@@ -137,10 +138,15 @@ def _bind(positional: tuple[Any, ...], given: dict[str, Any]) -> dict[str, Any]:
         raise TypeError(f"Trainer() takes at most {len(order) + 1} positional arguments in this form "
                         f"({', '.join(('model', *order))}), {len(positional) + 1} given; pass the rest by keyword")
     for name, value in zip(order, positional):
-        if given[name] is not None and given[name] != (None, None):
+        if _given(given[name]):
             raise TypeError(f"Trainer() got multiple values for argument {name!r}")
         given[name] = value
     return given
+
+
+def _given(value: Any) -> bool:
+    """Whether a keyword parameter holds something other than its default (None; optimizers: (None, None))."""
+    return value is not None and not (isinstance(value, tuple) and value == (None, None))
 
 
 def _as_config(args: Any, model: Any) -> TrainConfig:
@@ -174,6 +180,8 @@ def as_train_config(args: Any) -> TrainConfig:
         value = getattr(args, name)
         if name in MIRRORS and _same(value, getattr(args, MIRRORS[name], NOT_TAKEN)):
             continue
+        if name == "gradient_checkpointing_kwargs" and value == {"use_reentrant": False}:
+            continue  # what epsdpo's gradient checkpointing does (TRL's docs spell it out)
         if name == "fsdp_config" and value is not None:
             if _is_full_shard(value):
                 continue
