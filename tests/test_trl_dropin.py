@@ -223,7 +223,8 @@ def test_trl_values_that_mean_the_same_under_another_form():
     assert as_train_config(dpo_config(activation_checkpointing=False)).gradient_checkpointing is False
     # what epsdpo's checkpointing does, as TRL's docs spell it; another wish is refused
     assert as_train_config(dpo_config(gradient_checkpointing_kwargs={"use_reentrant": False})).gradient_checkpointing
-    with pytest.raises(ValueError, match=r"^gradient_checkpointing_kwargs=\{'use_reentrant': True\} is (invalid|not supported)"):
+    refused = r"^gradient_checkpointing_kwargs=\{'use_reentrant': True\} is (invalid|not supported)"
+    with pytest.raises(ValueError, match=refused):
         as_train_config(dpo_config(gradient_checkpointing_kwargs={"use_reentrant": True}))
 
 
@@ -237,7 +238,8 @@ def test_fields_transformers_derives_from_the_set_ones_are_not_refused():
 @pytest.mark.parametrize(("fields", "refused"), [
     (dict(adam_epsilon=1e-6), r"adam_epsilon=1e-06"), (dict(neftune_noise_alpha=5.0), r"neftune_noise_alpha=5.0"),
     (dict(fsdp="shard_grad_op"), r"fsdp_config=\{.*'reshard_after_forward': False.*\}"),
-    (dict(torch_compile=True), r"torch_compile=True"), (dict(label_smoothing_factor=0.1), r"label_smoothing_factor=0.1"),
+    (dict(torch_compile=True), r"torch_compile=True"),
+    (dict(label_smoothing_factor=0.1), r"label_smoothing_factor=0.1"),
 ])
 def test_a_set_field_epsdpo_does_not_do_is_refused_by_name(fields, refused):
     with pytest.raises(TrlSettingError, match=rf"^{refused} is not supported: \S"):
