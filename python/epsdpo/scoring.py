@@ -137,8 +137,9 @@ def _backbone_inputs(model: nn.Module, tensors: Mapping[str, Any], dtype: torch.
         inputs["attention_mask"] = torch.ones_like(segment_ids)
     elif implementation in VARLEN_IMPLEMENTATIONS and not branched:
         inputs.update(varlen_kwargs(segment_ids, implementation, tensors.get("cu_seqlens"), tensors.get("max_seqlen")))
-        # All-ones tells sdpa's mask builder there is nothing to mask (it then builds none); flash
-        # attention takes the varlen path only without a mask.
+        # SEGMENT_SDPA's mask builder builds nothing for a call with segments (see `_run`); an all-ones
+        # mask rather than None spares transformers' search of position_ids for packed sequences (a
+        # host sync). Flash attention takes the varlen path only without a mask.
         inputs["attention_mask"] = None if implementation != SEGMENT_SDPA else torch.ones_like(segment_ids)
     elif right_padded:
         inputs["attention_mask"] = (segment_ids >= 0).long()
@@ -152,9 +153,8 @@ def _backbone_inputs(model: nn.Module, tensors: Mapping[str, Any], dtype: torch.
             )
         if implementation == SEGMENT_SDPA and flex_attention_available(segment_ids.device):
             shared = tensors.get(_BLOCK_MASK)
-            inputs["attention_mask"] = (
-                shared.get(segment_ids, branch_ids) if shared is not None else segment_block_mask(segment_ids, branch_ids)
-            )
+            block_mask = shared.get if shared is not None else segment_block_mask
+            inputs["attention_mask"] = block_mask(segment_ids, branch_ids)
         else:
             inputs["attention_mask"] = build_attention_mask(segment_ids, branch_ids, dtype)
     else:
