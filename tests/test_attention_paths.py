@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from epsdpo import attention, scoring
-from epsdpo.attention import SEGMENT_SDPA, use_segment_attention
+from epsdpo.attention import SEGMENT_SDPA, _sdpa_per_segment, use_segment_attention
 from epsdpo.scoring import SequenceLogps, batch_logps
 
 VOCAB = 61
@@ -165,19 +165,32 @@ def test_varlen_kernel_window_is_transformers_sliding_window(monkeypatch):
     assert kernel.windows == [(config.sliding_window - 1, 0)] * (2 * config.num_hidden_layers)
 
 
+def test_varlen_kernel_takes_half_precision_weights_without_autocast(monkeypatch):
+    """FSDP's mixed precision gathers bf16 parameters and enters no autocast: q, k, v arrive bf16."""
+    kernel = StandInVarlen()
+    install_varlen(monkeypatch, kernel)
+    config = LlamaConfig(**SMALL)
+    policy = tiny(config, 0).to(torch.bfloat16)
+    batch_logps(policy, None, build_batch("packed"), 0.0)
+    assert len(kernel.windows) == config.num_hidden_layers
+
+
 def test_varlen_kernel_is_skipped_where_it_cannot_run(monkeypatch):
     """Dropout while training, or a dtype the kernel lacks (float32 without autocast): the per-segment
     loop runs instead and the kernel is never handed the batch."""
     kernel = StandInVarlen()
     install_varlen(monkeypatch, kernel)
+    loops = []
+    monkeypatch.setattr(attention, "_sdpa_per_segment",
+                        lambda *args: loops.append(args[0].dtype) or _sdpa_per_segment(*args))
     config = LlamaConfig(**SMALL)
     policy, reference = tiny(config, 0), tiny(config, 1)
     assert_matches(batch_logps(policy, reference, build_batch("packed"), EPSILON), one_by_one(policy, reference))
-    assert kernel.windows == []
+    assert kernel.windows == [] and len(loops) == 2 * config.num_hidden_layers
     dropped = tiny(LlamaConfig(**SMALL, attention_dropout=0.5), 0).train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         batch_logps(dropped, None, build_batch("packed"), 0.0)
-    assert kernel.windows == []
+    assert kernel.windows == [] and len(loops) == 3 * config.num_hidden_layers
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
