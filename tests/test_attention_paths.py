@@ -223,8 +223,9 @@ def test_flex_block_mask_is_built_compiled_once_per_batch(monkeypatch):
     assert calls.get("create_block_mask") == len(batches)
     # the mask was really used: every layer of both forwards of both batches ran flex
     assert calls.get("flex_attention") == len(batches) * 2 * config.num_hidden_layers
-    for pairs, got in zip(batches, results):
-        assert_matches(got, one_by_one(policy, reference, pairs))
+    want = one_by_one(policy, reference)  # chosen answers 0..2, then rejected 3..5
+    assert_matches(results[0], want)
+    assert_matches(results[1], {field: values[[1, 2, 4, 5]] for field, values in want.items()})
 
 
 def test_shared_prompt_batches_on_cpu_keep_the_4d_mask(monkeypatch):
