@@ -132,9 +132,9 @@ _compiled_create_block_mask = None
 
 def _create_block_mask(device: torch.device) -> Any:
     """create_block_mask, compiled once where flex runs compiled. Eager, it evaluates the mask rule on
-    the whole B×1×L×L grid (plus vmap intermediates) before compressing it; compiled, it works block
-    by block. torch.compile(create_block_mask) is the way torch's own docs give (its `_compile=True`
-    flag is deprecated and does the same)."""
+    the whole B×1×L×L grid (plus vmap intermediates) before compressing it; compiled, the evaluation
+    fuses into the per-block reduction and no L×L tensor is stored. torch.compile(create_block_mask)
+    is the way torch 2.15's sources give (its `_compile=True` flag is deprecated and does the same)."""
     global _compiled_create_block_mask
     from torch.nn.attention.flex_attention import create_block_mask
 
