@@ -1,0 +1,41 @@
+"""FSDP never holds a whole model on a rank's device: each rank materialises its shards, not the
+policy and the reference whole before sharding them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from torchrun_job import run_torchrun
+
+
+@pytest.mark.slow
+def test_no_rank_materialises_the_whole_models_only_its_shards(tmp_path):
+    """Two gloo ranks build an fsdp=True trainer around a 6-block policy and a reference
+    (tests/dist_fsdp_memory_worker.py). On a CPU run the host and the "device" are the same memory,
+    so the peak resident set cannot tell a host copy from a device copy. What is measured instead is
+    what the models themselves hold: the bytes of the distinct storages behind the policy's and the
+    reference's parameters (a sharded parameter counts its local shard) that are not on the meta
+    device. Nothing else puts parameters on a GPU, so on a GPU these bytes are what the device holds
+    for them. They are sampled when the trainer hands the first model to FSDP (`shard`), after every
+    torch operation from then until the trainer is built (a TorchDispatchMode), and at the end.
+
+    Moving the models to the device before sharding (what the trainer did) holds both whole models
+    at that first moment. Sharding from the meta device holds nothing then, and each rank ends with
+    half of every parameter. The bound allows one FSDP unit (the largest: a block or the root) on
+    top of the rank's half, what `fully_shard` on host weights would hold while moving a unit.
+    Not counted: the loader's one full tensor at a time in `set_model_state_dict` (not a parameter
+    of the model), and the host copy the loader keeps in CPU memory until sharding is done."""
+    done = run_torchrun("dist_fsdp_memory_worker.py", tmp_path, nproc=2, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"memory{rank}.json").read_text()) for rank in (0, 1)]
+    total = ranks[0]["total"]  # the policy's and the reference's parameters, whole
+    assert all(r["sharded"] and r["world_size"] == 2 and r["total"] == total for r in ranks)
+    for r in ranks:
+        share = total / 2 + r["largest_unit"]
+        assert r["largest_unit"] < total / 4  # one unit is small enough for the bound to mean something
+        assert r["at_first_shard"] <= share, f"rank {r['rank']} held {r['at_first_shard']} of {total} bytes before sharding"
+        assert r["peak"] <= share, f"rank {r['rank']} peaked at {r['peak']} of {total} bytes"
+        assert r["final"] <= total / 2 + 1024, r  # its half, give or take FSDP's padding of odd-sized rows
+    # between them the ranks hold every parameter once: nothing lost, nothing duplicated
+    assert sum(r["final"] for r in ranks) >= total
