@@ -4,7 +4,7 @@ that do not fit one device. `TrainConfig(fsdp=True)` under `torchrun` turns it o
 No rank ever holds a whole model on its device: the trainer loads each model on the host, keeps what
 it loaded aside and empties the model onto the meta device (`empty_onto_meta`); `shard` then splits
 the empty model, gives each rank's device room for its own shards only, and copies each rank's part of
-the host weights in (torch's `set_model_state_dict`, one tensor at a time). Moving the model to the
+rank 0's host weights in (torch's `set_model_state_dict`, one tensor at a time). Moving the model to the
 GPU first, then sharding, would hold the full policy and the full reference on every GPU at once.
 
 Each transformer block is its own FSDP unit (gathered for its forward and backward, resharded after);
@@ -75,8 +75,10 @@ def shard(model: nn.Module, weights: dict[str, torch.Tensor], *, trainable: bool
     # would leave them uninitialised (the non-persistent ones, RoPE's frequencies, are in no state dict)
     buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
     root.to_empty(device=device)
-    # Every rank holds the same host weights; each keeps its own slice of every tensor
-    set_model_state_dict(model, dict(weights), options=StateDictOptions(full_state_dict=True))
+    # Rank 0's weights, one tensor at a time: each rank receives the tensor and copies its slice into
+    # the shard allocated above (without broadcast_from_rank0 torch builds a second set of shards first)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, dict(weights), options=options)
     with torch.no_grad():
         for name, value in buffers.items():
             model.get_buffer(name).copy_(value)
