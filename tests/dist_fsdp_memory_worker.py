@@ -2,17 +2,20 @@
 
 Builds a Trainer with fsdp=True around a policy and a reference it holds itself, and writes to
 OUT/memory{rank}.json the bytes the two models' parameters hold materialised (in storage that is not
-the meta device) at three moments: when the trainer first hands a model to FSDP (`shard`), the most
-at any torch operation from then until the trainer is built, and at the end. The test's docstring
+the meta device) when the trainer first hands a model to FSDP (`shard`) and when the trainer is
+built, and the most they and every tensor made since that first `shard` held at once, sampled after
+every torch operation. The test's docstring
 says why these numbers measure what a GPU would hold.
 """
 
 import json
 import sys
+import weakref
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import epsdpo.trainer
@@ -31,9 +34,9 @@ def six_layer_llama():
         num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa"))
 
 
-def materialised_bytes(models) -> int:
-    """Bytes of the distinct storages behind the models' parameters (a sharded parameter: its local
-    shard), the meta device's excepted: what those parameters occupy on the device."""
+def parameter_storages(models) -> dict[int, int]:
+    """Bytes by storage address of the distinct storages behind the models' parameters (a sharded
+    parameter: its local shard), the meta device's excepted."""
     storages = {}
     for model in models:
         for parameter in model.parameters():
@@ -41,7 +44,12 @@ def materialised_bytes(models) -> int:
             if local.device.type != "meta":
                 storage = local.untyped_storage()
                 storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
+    return storages
+
+
+def materialised_bytes(models) -> int:
+    """What the models' parameters occupy off the meta device."""
+    return sum(parameter_storages(models).values())
 
 
 def unit_bytes(model) -> list[int]:
@@ -52,15 +60,41 @@ def unit_bytes(model) -> list[int]:
 
 
 class PeakAfterEveryOperation(TorchDispatchMode):
-    """Samples `materialised_bytes` after every torch operation while active; keeps the largest."""
+    """While active, after every torch operation: the bytes of the models' parameter storages plus
+    those of every tensor an operation made since then that is still alive (copies in transit,
+    tensors received from other ranks, shards built on the side), each storage counted once; keeps
+    the largest. Everything made from the first `shard` on is device memory on a GPU."""
 
-    def __init__(self, models) -> None:
+    def __init__(self, models, host: dict[int, weakref.ref]) -> None:
         super().__init__()
-        self.models, self.peak = models, materialised_bytes(models)
+        self.models, self.host, self.made = models, host, []
+        self.peak = materialised_bytes(models)
+
+    def on_host(self, storage) -> bool:
+        """Whether `storage` holds weights as loaded: host memory on a GPU machine. On CPU, moving one of
+        them to the device (`.to("cpu")`) returns the tensor itself, whose storage must not count."""
+        known = self.host.get(id(storage))
+        return known is not None and known() is storage
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
-        self.peak = max(self.peak, materialised_bytes(self.models))
+        for tensor in pytree.tree_leaves(result):
+            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                try:  # a weak reference to the storage: one to the tensor would stop FSDP swapping it
+                    storage = tensor.untyped_storage()
+                except RuntimeError:  # a wrapper (DTensor) with no storage of its own
+                    continue
+                if not self.on_host(storage):
+                    self.made.append(weakref.ref(storage))
+        self.made = [made for made in self.made if made() is not None]
+        storages = parameter_storages(self.models)
+        for made in self.made:
+            storage = made()
+            try:
+                storages[storage.data_ptr()] = storage.nbytes()
+            except (AttributeError, RuntimeError):  # gone meanwhile, or swapped into a parameter (counted there)
+                pass
+        self.peak = max(self.peak, sum(storages.values()))
         return result
 
 
@@ -68,6 +102,9 @@ out = Path(sys.argv[1])
 policy, reference = six_layer_llama(), six_layer_llama()
 models = [policy, reference]
 record = {"total": materialised_bytes(models), "largest_unit": max(unit_bytes(policy))}
+# the weights as built, which the trainer keeps on the host until they are sharded
+host = {id(storage): weakref.ref(storage)
+        for storage in (p.untyped_storage() for model in models for p in model.parameters())}
 watch: list[PeakAfterEveryOperation] = []
 real_shard = epsdpo.trainer.shard
 
@@ -75,7 +112,7 @@ real_shard = epsdpo.trainer.shard
 def watched_shard(model, *args, **kwargs):
     if not watch:  # the first model handed to FSDP: whatever the models hold now is on the device already
         record["at_first_shard"] = materialised_bytes(models)
-        watch.append(PeakAfterEveryOperation(models).__enter__())
+        watch.append(PeakAfterEveryOperation(models, host).__enter__())
     return real_shard(model, *args, **kwargs)
 
 

@@ -13,19 +13,20 @@ from torchrun_job import run_torchrun
 def test_no_rank_materialises_the_whole_models_only_its_shards(tmp_path):
     """Two gloo ranks build an fsdp=True trainer around a 6-block policy and a reference
     (tests/dist_fsdp_memory_worker.py). On a CPU run the host and the "device" are the same memory,
-    so the peak resident set cannot tell a host copy from a device copy. What is measured instead is
-    what the models themselves hold: the bytes of the distinct storages behind the policy's and the
-    reference's parameters (a sharded parameter counts its local shard) that are not on the meta
-    device. Nothing else puts parameters on a GPU, so on a GPU these bytes are what the device holds
-    for them. They are sampled when the trainer hands the first model to FSDP (`shard`), after every
-    torch operation from then until the trainer is built (a TorchDispatchMode), and at the end.
+    so the process's peak memory cannot tell a host copy from a device copy. What is measured instead
+    is what a GPU would have to hold: the storages behind the policy's and the reference's
+    parameters (a sharded parameter: its local shard) that are not on the meta device, plus every
+    tensor a torch operation made from the moment the trainer first hands a model to FSDP (`shard`)
+    that is still alive (copies in transit, tensors received from rank 0, shards built on the side),
+    each storage counted once and sampled after every operation (a TorchDispatchMode). The weights as
+    loaded are host memory and are left out: on CPU, moving one to the device returns the tensor
+    itself, so rank 0's one-tensor-at-a-time copy is seen on rank 1 only, as its receive buffer.
 
     Moving the models to the device before sharding (what the trainer did) holds both whole models
-    at that first moment. Sharding from the meta device holds nothing then, and each rank ends with
-    half of every parameter. The bound allows one FSDP unit (the largest: a block or the root) on
-    top of the rank's half, what `fully_shard` on host weights would hold while moving a unit.
-    Not counted: the loader's one full tensor at a time in `set_model_state_dict` (not a parameter
-    of the model), and the host copy the loader keeps in CPU memory until sharding is done."""
+    when FSDP first gets one. Sharding from the meta device holds nothing then, and each rank ends
+    with half of every parameter; on the way it may hold one FSDP unit more (the largest: a block or
+    the root), never the whole set. Loading with set_model_state_dict without broadcast_from_rank0
+    builds a second set of shards first, which the peak also catches."""
     done = run_torchrun("dist_fsdp_memory_worker.py", tmp_path, nproc=2, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"memory{rank}.json").read_text()) for rank in (0, 1)]
