@@ -307,3 +307,52 @@ def test_the_beta_ledger_books_every_ranks_pairs_once_and_resumes_per_rank(tmp_p
     (checkpoint / "kl_controller_rank1.bin").unlink()
     _write_manifest(checkpoint)
     assert "holds rank 0's KL controller only" in launch_ledger(out, "resume")
+
+
+class _ProcessGroupSpy:
+    """Stands in for torch's process-group calls in one process: records, in order, which device was
+    selected and how the group was formed."""
+
+    def __init__(self, monkeypatch, cuda: bool) -> None:
+        import atexit
+
+        import torch
+        import torch.distributed as dist
+
+        self.calls: list[tuple] = []
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda device: self.calls.append(("set_device", device)))
+        monkeypatch.setattr(dist, "is_initialized", lambda: False)
+        monkeypatch.setattr(dist, "init_process_group",
+                            lambda *args, **kwargs: self.calls.append(("init_process_group", args, kwargs)))
+        monkeypatch.setattr(dist, "get_rank", lambda: 1)
+        monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+        monkeypatch.setattr(atexit, "register", lambda *args: None)  # nothing to leave: no group was formed
+
+
+def test_a_cuda_rank_selects_its_gpu_before_forming_the_nccl_group_and_names_it(monkeypatch):
+    from datetime import timedelta
+
+    import torch
+
+    from epsdpo.distributed import init_from_env
+
+    spy = _ProcessGroupSpy(monkeypatch, cuda=True)
+    info = init_from_env(timeout_s=42)
+    assert (info.rank, info.world_size, info.local_rank) == (1, 2, 1)
+    assert spy.calls == [
+        ("set_device", 1),
+        ("init_process_group", ("nccl",), {"timeout": timedelta(seconds=42), "device_id": torch.device("cuda", 1)}),
+    ]
+
+
+def test_a_cpu_rank_forms_a_gloo_group_without_a_device(monkeypatch):
+    from datetime import timedelta
+
+    from epsdpo.distributed import init_from_env
+
+    spy = _ProcessGroupSpy(monkeypatch, cuda=False)
+    init_from_env(timeout_s=42)
+    assert spy.calls == [("init_process_group", ("gloo",), {"timeout": timedelta(seconds=42)})]

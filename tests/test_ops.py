@@ -227,3 +227,42 @@ def test_steps_are_not_all_zero_on_random_heads():
     steps = kl_steps(*(pair_log_ratio(sequence_logps(getattr(out, f), case["target_sequence"], 40))
                        for f in ("policy", "relaxed", "tightened")))
     assert set(steps.tolist()) - {0}
+
+
+# ---------------------------------------------------------------------------- the torch it needs
+def test_a_torch_below_the_minimum_is_refused_in_one_line_naming_both_versions(monkeypatch):
+    from epsdpo.ops import TorchTooOldError, check_torch_version
+
+    check_torch_version()  # the installed torch passes
+    monkeypatch.setattr(torch, "__version__", "2.9.1+cu128")
+    with pytest.raises(TorchTooOldError) as refused:
+        check_torch_version()
+    message = str(refused.value)
+    assert "\n" not in message and "torch>=2.10" in message and "torch 2.9.1+cu128 is installed" in message
+
+
+def test_a_torch_whose_gemms_lack_out_dtype_is_refused_whatever_its_version(monkeypatch):
+    from epsdpo.ops import TorchTooOldError, check_torch_version
+
+    real_addmm = torch.addmm
+
+    def addmm_before_out_dtype(*args, **kwargs):  # as torch 2.7 answers
+        if "out_dtype" in kwargs:
+            raise TypeError("addmm() received an invalid combination of arguments - got (..., out_dtype=torch.dtype)")
+        return real_addmm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "addmm", addmm_before_out_dtype)
+    with pytest.raises(TorchTooOldError, match=r"needs torch>=2\.10 .* is installed"):
+        check_torch_version()
+
+
+def test_importing_the_kernel_under_an_old_torch_fails_with_the_versions():
+    import subprocess
+    import sys
+
+    program = "import torch; torch.__version__ = '2.8.0'; import epsdpo.ops"
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == (
+        "epsdpo.ops.TorchTooOldError: epsdpo needs torch>=2.10 (torch.mm/addmm with out_dtype into an fp32 "
+        "accumulator); torch 2.8.0 is installed")

@@ -66,15 +66,22 @@ def init_from_env(timeout_s: int = DEFAULT_TIMEOUT_S) -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # The rank's GPU is chosen before the group forms: NCCL's communicator is then created on it
+    # (eagerly, with `device_id`) instead of on GPU 0 by every rank, and barriers know their device
+    device_id = None
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device_id = torch.device("cuda", local_rank)
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        if device_id is None:
+            dist.init_process_group("gloo", timeout=timeout)
+        else:
+            dist.init_process_group("nccl", timeout=timeout, device_id=device_id)
         atexit.register(_leave_process_group)
     else:  # a group the caller formed: ddp_timeout still holds from here on
         dist.set_timeout(timedelta(seconds=timeout_s))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 

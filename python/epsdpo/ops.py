@@ -22,11 +22,59 @@ sums themselves.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+
+# `_matmul_` hands bf16/fp16 operands to torch.mm / torch.addmm with `out_dtype=float32` and an fp32
+# `out`. Those overloads arrived in torch 2.8 (CUDA kernels only); addmm's CUDA kernel accepts an
+# accumulator (`self`) already in the output's precision, which every gradient accumulation of the
+# backward passes, from torch 2.10 on (pytorch#167931; 2.8 and 2.9 refuse it). Keep in step with
+# pyproject's torch requirement.
+MIN_TORCH = (2, 10)
+
+
+class TorchTooOldError(ImportError):
+    """The installed torch lacks the mixed-precision GEMMs the fused kernel calls; names the installed
+    and the required version."""
+
+
+def _torch_release(version: str) -> tuple[int, ...] | None:
+    """(major, minor) of a torch version string such as '2.10.0+cu128'; None for an unusual build."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return (int(found[1]), int(found[2])) if found else None
+
+
+def _mixed_gemms_accepted() -> bool:
+    """Whether torch.mm and torch.addmm take the call `_matmul_` makes: bf16 operands, `out_dtype`
+    float32, an fp32 `out` that addmm also accumulates into. Tried on the meta device, which runs
+    torch's shape and dtype checks without memory or a kernel, so it answers on any machine."""
+    acc = torch.empty(2, 2, dtype=torch.float32, device="meta")
+    low = torch.empty(2, 2, dtype=torch.bfloat16, device="meta")
+    try:
+        torch.mm(low, low, out=acc, out_dtype=torch.float32)
+        torch.addmm(acc, low, low, alpha=-1.0, out=acc, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def check_torch_version() -> None:
+    """Refuse, in one line, a torch whose GEMMs lack `out_dtype`, or one older than MIN_TORCH (whose CUDA
+    addmm refuses an fp32 accumulator: only a GPU could show that, so the version stands in for it)."""
+    release = _torch_release(str(torch.__version__))
+    if not _mixed_gemms_accepted() or (release is not None and release < MIN_TORCH):
+        required = ".".join(map(str, MIN_TORCH))
+        raise TorchTooOldError(
+            f"epsdpo needs torch>={required} (torch.mm/addmm with out_dtype into an fp32 accumulator); "
+            f"torch {torch.__version__} is installed"
+        )
+
+
+check_torch_version()
 
 # Default (token rows per chunk, vocabulary columns per tile), measured for a 128k vocabulary.
 # CPU: one fp32 tile is 16 MiB (ε-DPO keeps four), large enough for full-speed GEMMs and small enough

@@ -1,6 +1,12 @@
 """FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded over the ranks, for models
 that do not fit one device. `TrainConfig(fsdp=True)` under `torchrun` turns it on.
 
+No rank ever holds a whole model on its device: the trainer loads each model on the host, keeps what
+it loaded aside and empties the model onto the meta device (`empty_onto_meta`); `shard` then splits
+the empty model, gives each rank's device room for its own shards only, and copies each rank's part of
+rank 0's host weights in (torch's `set_model_state_dict`, one tensor at a time). Moving the model to the
+GPU first, then sharding, would hold the full policy and the full reference on every GPU at once.
+
 Each transformer block is its own FSDP unit (gathered for its forward and backward, resharded after);
 the root unit is the `Scorer` around the model, which holds the embeddings, the final norm and the
 head, so the fused kernel reads a gathered head weight inside the root's forward. FSDP averages
@@ -33,20 +39,49 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def shard(model: nn.Module, *, trainable: bool, mixed_precision: Any = None) -> Scorer:
-    """Shard `model` in place over the default process group; return its `Scorer` root unit.
+def empty_onto_meta(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Empty `model`'s parameters onto the meta device; return its state dict as loaded (host tensors
+    by name), for `shard` to copy each rank's part of. The parameter objects stay (swapped in place),
+    so tied weights stay tied; buffers, small, stay where they are."""
+    weights = model.state_dict()
+    with torch.no_grad():
+        for parameter in model.parameters():  # each shared parameter once
+            empty = nn.Parameter(torch.empty_like(parameter, device="meta"), requires_grad=parameter.requires_grad)
+            torch.utils.swap_tensors(parameter, empty)
+    return weights
+
+
+def shard(model: nn.Module, weights: dict[str, torch.Tensor], *, trainable: bool, device: torch.device,
+          mixed_precision: Any = None) -> Scorer:
+    """Shard `model` (emptied by `empty_onto_meta`) over the default process group onto `device`, load
+    `weights` into its shards, and return its `Scorer` root unit.
 
     `trainable`: the policy. Its root keeps its parameters gathered between forward and backward
     (they are needed again at once); a frozen reference reshards everything after each forward.
     `mixed_precision`: an FSDP `MixedPrecisionPolicy` (epsdpo.precision.fsdp_mixed_precision) or None.
     """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = mixed_precision or MixedPrecisionPolicy()
     for block in _blocks(model):
-        fully_shard(block, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
     root = Scorer(model)
-    fully_shard(root, reshard_after_forward=not trainable, mp_policy=policy)
+    fully_shard(root, mesh=mesh, reshard_after_forward=not trainable, mp_policy=policy)
+    # fully_shard moved the buffers to the device; to_empty, which allocates this rank's shards,
+    # would leave them uninitialised (the non-persistent ones, RoPE's frequencies, are in no state dict)
+    buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+    root.to_empty(device=device)
+    # Rank 0's weights, one tensor at a time: each rank receives the tensor and copies its slice into
+    # the shard allocated above (without broadcast_from_rank0 torch builds a second set of shards first)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, dict(weights), options=options)
+    with torch.no_grad():
+        for name, value in buffers.items():
+            model.get_buffer(name).copy_(value)
     return root
 
 

@@ -74,7 +74,7 @@ from epsdpo.reporting import MetricsLog, eval_summary
 from epsdpo.run_checkpoints import claim_output_dir, require_shared_output_dir, resume_run, save_run
 from epsdpo.run_lock import lock_output_dir
 from epsdpo.scoring import batch_logps
-from epsdpo.sharding import full_model_state, grad_norm_value, shard
+from epsdpo.sharding import empty_onto_meta, full_model_state, grad_norm_value, shard
 from epsdpo.staged import replace_file, write_folder
 from epsdpo.stall_watch import StallWatch, StalledTrainingError  # noqa: F401  (raised from here)
 from epsdpo.step_metrics import StepSums
@@ -253,12 +253,15 @@ class Trainer:
             raise ValueError("ref_model is the same object as model: pass a copy, or leave ref_model unset for a "
                              "frozen copy of the initial policy")
         dtype = torch_dtype(c.dtype)
-        self.model = load_causal_lm(model, dtype, c.model_load_kwargs()).to(self.device)
+        self.sharded = c.fsdp and self.dist.enabled
+        # Sharded models stay on the host: FSDP gives each rank's device its own shards only (`shard`)
+        placement = None if self.sharded else self.device
+        self.model = load_causal_lm(model, dtype, c.model_load_kwargs()).to(placement)
         if c.use_peft:
             self.model = with_lora(self.model, c)
         check_trainable_precision(self.model, c.compute_dtype)
         if ref_model is not None:
-            self.ref_model = (load_causal_lm(ref_model, dtype, c.model_load_kwargs()).to(self.device)
+            self.ref_model = (load_causal_lm(ref_model, dtype, c.model_load_kwargs()).to(placement)
                               .requires_grad_(False).eval())
         else:
             self.ref_model = default_reference(self.model)
@@ -276,11 +279,15 @@ class Trainer:
             if isinstance(self.ref_model, AdapterFreeReference):
                 # Frozen embeddings would otherwise cut the gradient path through checkpointed blocks
                 self.model.enable_input_require_grads()
+        # What each model loaded, by name, held on the host until `shard` copies each rank's part onto its
+        # device; the models themselves hold nothing until then
+        self._host_weights: dict[str, dict[str, Tensor]] = {}
+        if self.sharded and not isinstance(self.ref_model, AdapterFreeReference):
+            self._host_weights = {"policy": empty_onto_meta(self.model), "reference": empty_onto_meta(self.ref_model)}
 
     def _setup_distribution(self) -> None:
         """What the loop runs: the models themselves, their `Scorer` root units sharded by FSDP, or the
         policy's `Scorer` replicated by DDP (gradients averaged during the last backward of a cycle)."""
-        self.sharded = self.config.fsdp and self.dist.enabled
         self.policy_unit: nn.Module = self.model
         # None once precomputed reference log-probs replace it (precompute_ref_log_probs)
         self.reference_unit: nn.Module | AdapterFreeReference | None = self.ref_model
@@ -288,8 +295,11 @@ class Trainer:
             if isinstance(self.ref_model, AdapterFreeReference):
                 raise ValueError("fsdp=True with a PEFT policy is not supported: pass ref_model= or run without fsdp")
             mixed_precision = fsdp_mixed_precision(self.config.compute_dtype)
-            self.policy_unit = shard(self.model, trainable=True, mixed_precision=mixed_precision)
-            self.reference_unit = shard(self.ref_model, trainable=False, mixed_precision=mixed_precision)
+            weights = self._host_weights
+            self.policy_unit = shard(self.model, weights.pop("policy"), trainable=True, device=self.device,
+                                     mixed_precision=mixed_precision)
+            self.reference_unit = shard(self.ref_model, weights.pop("reference"), trainable=False,
+                                        device=self.device, mixed_precision=mixed_precision)
         elif self.dist.enabled:
             self.policy_unit = replicate(self.model, self.device)
 
