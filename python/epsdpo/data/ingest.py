@@ -470,37 +470,17 @@ def _select(flat: np.ndarray, lengths: np.ndarray, rows: np.ndarray) -> tuple[np
 
 
 @dataclass
-class _Built:
-    """Per-batch flat token arrays and lengths, concatenated into one store at the end."""
+class _Counts:
+    """What the tokenization fixed, summed over the batches."""
 
-    ids: list[np.ndarray] = field(default_factory=list)
-    prompt: list[np.ndarray] = field(default_factory=list)
-    prompt_len: list[np.ndarray] = field(default_factory=list)
-    chosen: list[np.ndarray] = field(default_factory=list)
-    chosen_len: list[np.ndarray] = field(default_factory=list)
-    rejected: list[np.ndarray] = field(default_factory=list)
-    rejected_len: list[np.ndarray] = field(default_factory=list)
     doubled_bos: int = 0
     eos_appended: int = 0
 
-    def store(self, vocab_size: int | None) -> PreferenceStore:
-        store = PreferenceStore(vocab_size=vocab_size)
-        if not self.ids:
-            return store
 
-        def offsets(parts: list[np.ndarray]) -> np.ndarray:
-            lens = np.concatenate(parts)
-            out = np.zeros(len(lens) + 1, dtype=np.uint64)
-            np.cumsum(lens, out=out[1:])
-            return out
-
-        store.append(
-            np.concatenate(self.prompt), offsets(self.prompt_len),
-            np.concatenate(self.chosen), offsets(self.chosen_len),
-            np.concatenate(self.rejected), offsets(self.rejected_len),
-            ids=np.concatenate(self.ids).astype(np.uint64),
-        )  # fmt: skip
-        return store
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(lengths) + 1, dtype=np.uint64)
+    np.cumsum(lengths, out=out[1:])
+    return out
 
 
 def _fix_bos(enc: BatchEncoder, p_ids: list[list[int]], add_bos: bool) -> tuple[list[list[int]], int]:
@@ -558,7 +538,10 @@ def _rows_refused_by_tokenizer(enc: BatchEncoder, prompts: list[str], chosen: li
     return refused
 
 
-def _tokenize_batch(rows: _Rows, fmt: Format, enc: BatchEncoder, templater: _Templater | None, built: _Built, bad: list[tuple[int, str, str]]) -> None:
+def _tokenize_batch(rows: _Rows, fmt: Format, enc: BatchEncoder, templater: _Templater | None, store: PreferenceStore,
+                    counts: _Counts, bad: list[tuple[int, str, str]]) -> None:
+    """Tokenize one batch's valid rows and append their pairs to `store` (the batch's arrays are
+    freed with it: a dataset costs its tokens, not its batches' Python objects)."""
     if fmt == "conversational":
         assert templater is not None
         prompts, chosen, rejected, rendered = _render(rows, templater, bad)
@@ -604,15 +587,12 @@ def _tokenize_batch(rows: _Rows, fmt: Format, enc: BatchEncoder, templater: _Tem
     anywhere = fmt == "conversational"
     c_flat, c_len, c_eos = _append_eos(enc, c_flat, c_len, anywhere)
     r_flat, r_len, r_eos = _append_eos(enc, r_flat, r_len, anywhere)
-    built.ids.append(np.asarray(index, dtype=np.uint64))
-    built.prompt.append(p_flat)
-    built.prompt_len.append(p_len)
-    built.chosen.append(c_flat)
-    built.chosen_len.append(c_len)
-    built.rejected.append(r_flat)
-    built.rejected_len.append(r_len)
-    built.doubled_bos += doubled
-    built.eos_appended += c_eos + r_eos
+    store.append(
+        p_flat, _offsets(p_len), c_flat, _offsets(c_len), r_flat, _offsets(r_len),
+        ids=np.asarray(index, dtype=np.uint64),
+    )  # fmt: skip
+    counts.doubled_bos += doubled
+    counts.eos_appended += c_eos + r_eos
 
 
 # --------------------------------------------------------------------------------------------
@@ -705,16 +685,20 @@ def load_preferences(
         settings["max_completion_length"] = max_completion_length
     if max_row_bytes is not None:  # likewise; the default limit follows max_length, already in the key
         settings["max_row_bytes"] = max_row_bytes
-    key = None
-    if root is not None:
-        used = [c for c in COLUMNS if c in src.column_names]
-        key = _cache.fingerprint(
+    used = [c for c in COLUMNS if c in src.column_names]
+
+    def cache_key() -> str:
+        return _cache.fingerprint(
             data=src.content_hash(used),
             tokenizer=_cache.tokenizer_hash(tokenizer),
             chat_template=template,
             chat_template_kwargs=kwargs,
             settings=settings,
         )
+
+    key = None
+    if root is not None and not src.hashed_while_read:
+        key = cache_key()
         hit = _cache.load(root, key)
         if hit is not None:
             store, report = hit
@@ -722,6 +706,72 @@ def load_preferences(
             report.cache_path = str(_cache.store_path(root, key))
             report.seconds = time.perf_counter() - t0
             return store, report
+
+    from tqdm.auto import tqdm
+
+    enc = BatchEncoder(tokenizer)
+    # Each batch's pairs go into the store as soon as they are tokenized, so memory holds the
+    # tokens and one batch, whatever the size of the source.
+    store = PreferenceStore(vocab_size=enc.vocab_size)
+    counts = _Counts()
+    skipped: dict[str, int] = {}
+    listed: list[tuple[int, str, str]] = []  # the first MAX_LISTED_ROWS bad rows, in row order
+    fmt: Format | None = None
+    templater: _Templater | None = None
+
+    with tqdm(total=src.num_rows, desc="Tokenizing preference pairs", unit="rows", disable=not progress) as bar:
+        row = 0
+        for batch in src.batches(batch_size):
+            n = len(batch["chosen"])
+            if fmt is None:
+                fmt = _detect_format(batch)
+                if fmt == "conversational":
+                    if template is None:
+                        raise DataSourceError(  # the data and the tokenizer do not fit: one line from the CLI
+                            f"{src.description}: the data is conversational but the tokenizer has no chat template: set "
+                            "chat_template_path to a .jinja template file (TrainConfig, `epsdpo train` and "
+                            "`epsdpo prepare`), or pass chat_template=... to load_preferences"
+                        )
+                    templater = _Templater(tokenizer, chat_template, kwargs)
+            bad: list[tuple[int, str, str]] = []  # (row, reason code, message) of this batch
+            rows = _normalize_rows(batch, row, fmt, implicit, bad, row_limit)
+            _tokenize_batch(rows, fmt, enc, templater, store, counts, bad)
+            if bad and not skip_invalid:
+                raise InvalidRowError(sorted((r, msg) for r, _, msg in bad), src.description, src.locate)
+            # Batches come in row order, so sorting each batch's bad rows sorts them all.
+            bad.sort()
+            for _, code, _ in bad:
+                skipped[code] = skipped.get(code, 0) + 1
+            listed.extend(bad[: MAX_LISTED_ROWS - len(listed)])
+            row += n
+            bar.update(n)
+    if len(store) == 0:
+        invalid = sum(skipped.values())
+        what = f"all {invalid} rows are invalid" if invalid else "the source has no rows"
+        raise DataSourceError(f"{src.description}: no preference pairs to train on ({what})")
+    if root is not None and key is None:  # a stream: its content is known now that it has been read
+        key = cache_key()
+    report = compute_stats(
+        store,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        max_completion_length=max_completion_length,
+        prompt_truncation_mode=prompt_truncation_mode,
+    )
+    report.source = src.description
+    report.format = fmt or "standard"
+    report.implicit_prompt = implicit
+    report.num_rows = row
+    report.skipped = skipped
+    report.skipped_rows = [[r, code, msg] for r, code, msg in listed]
+    report.doubled_bos = counts.doubled_bos
+    report.eos_appended = counts.eos_appended
+    report.fingerprint = key
+    report.seconds = time.perf_counter() - t0
+    if root is not None and key is not None:
+        saved = _cache.save(root, key, store, report)  # None: the cache dir is not writable (warned)
+        report.cache_path = str(saved) if saved is not None else None
+    return store, report
 
     from tqdm.auto import tqdm
 
