@@ -376,3 +376,26 @@ def test_memory_grows_with_the_tokens_not_the_rows(kind: str, tmp_path: Path) ->
     extra_memory = large["growth"] - small["growth"]
     assert extra_tokens > 8 << 20
     assert extra_memory < 1.75 * extra_tokens, (small, large)
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["generator", "IterableDataset", "folder"])
+def test_a_trainer_trains_on_a_stream(kind: str, tmp_path: Path) -> None:
+    """TRL accepts an IterableDataset as train_dataset; so does the Trainer (and a generator, and a
+    folder of files), ingesting it into the store the list of the same rows gives, then training."""
+    from tiny import tiny_llama
+
+    from epsdpo.config import TrainConfig
+    from epsdpo.trainer import Trainer
+
+    tokenizer = build_tokenizer()
+    rows = standard_rows(40, bad=False)
+    config = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4, max_length=64,
+                         dataset_cache_dir="disabled", progress=False, plots=False)
+    trainer = Trainer(tiny_llama(0, vocab=len(tokenizer)), config, train_dataset=sources(kind, rows, tmp_path),
+                      tokenizer=tokenizer)
+    assert store_bytes(trainer.train_store) == reference(rows, tokenizer)[0]
+    trainer.train()
+    assert trainer.state.global_step == 2
