@@ -113,6 +113,9 @@ def sources(kind: str, rows: list[dict[str, Any]], tmp_path: Path) -> Any:
         return datasets.IterableDataset.from_generator(lambda: iter(rows))
     if kind == "jsonl":
         return write_jsonl(tmp_path / "pairs.jsonl", rows)
+    if kind == "load_dataset(streaming=True)":  # TRL's way to stream: an IterableDatasetDict, its train split read
+        path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+        return datasets.load_dataset("json", data_files={"train": str(path)}, streaming=True)
     if kind == "parquet":
         return write_parquet(tmp_path / "pairs.parquet", rows)
     if kind == "folder":  # train split in two shards, as datasets names them
@@ -123,7 +126,8 @@ def sources(kind: str, rows: list[dict[str, Any]], tmp_path: Path) -> Any:
     raise AssertionError(kind)
 
 
-KINDS = ["list", "generator", "Dataset", "IterableDataset", "IterableDataset.from_generator", "jsonl", "parquet", "folder"]
+KINDS = ["list", "generator", "Dataset", "IterableDataset", "IterableDataset.from_generator", "load_dataset(streaming=True)",
+         "jsonl", "parquet", "folder"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
