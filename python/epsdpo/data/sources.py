@@ -192,7 +192,9 @@ class _IterableSource(RowSource):
         for row in self._head:
             if isinstance(row, Mapping):
                 names.update(dict.fromkeys(k for k in row if isinstance(k, str)))
-        if self._head and not names:
+        if not self._head:
+            raise DataSourceError(f"{description}: no preference pairs to train on (the source has no rows)")
+        if not names:
             raise DataSourceError(f"{description}: rows must be mappings of column names to values (a dict per row); "
                                   f"the first is a {type(self._head[0]).__name__}")
         self.column_names = list(names)
