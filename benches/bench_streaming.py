@@ -141,8 +141,8 @@ def main() -> None:
 
         command = "python benches/bench_streaming.py " + " ".join(sys.argv[1:])
         body = f"""{START}
-`{command}` on {os.cpu_count()} CPU cores ({platform.machine()}, {platform.processor() or 'cpu'}, shared with other
-jobs), Python {platform.python_version()}, epsdpo {epsdpo.__version__}, tokenizers {tokenizers.__version__},
+`{command}` on {os.cpu_count()} CPU cores ({platform.machine()}, shared with other jobs),
+Python {platform.python_version()}, epsdpo {epsdpo.__version__}, tokenizers {tokenizers.__version__},
 numpy {numpy.__version__}, {time.strftime('%Y-%m-%d', time.gmtime())}:
 
 {text}
