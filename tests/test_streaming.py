@@ -192,6 +192,17 @@ def test_a_bad_row_past_the_first_batch_is_named_by_its_line_and_file(tmp_path: 
         load(tmp_path / "f", tokenizer, batch_size=SMALL_BATCH, skip_invalid=False)
 
 
+@pytest.mark.parametrize(("source", "message"), [
+    ([], r"list of rows: no preference pairs to train on \(the source has no rows\)"),
+    (iter(()), r"rows of a tuple_iterator: no preference pairs to train on \(the source has no rows\)"),
+    (["prompt,chosen,rejected"], r"rows must be mappings of column names to values \(a dict per row\); the first is a str"),
+    ({"prompt": ["q"], "chosen": ["a"], "rejected": ["b"]}, r"source must be a datasets\.Dataset, .* got dict"),
+])
+def test_an_iterable_that_holds_no_rows_is_refused_in_one_line(source: Any, message: str) -> None:
+    with pytest.raises(DataSourceError, match=message):
+        load(source, build_tokenizer())
+
+
 # --- the cache ------------------------------------------------------------------------------
 
 
