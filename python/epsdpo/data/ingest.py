@@ -2,9 +2,10 @@
 
 The path a row takes:
 
-1. **Read** (:mod:`epsdpo.data.sources`): a ``datasets.Dataset`` / ``DatasetDict`` split, a
-   local ``.jsonl`` / ``.json`` / ``.parquet`` file (optionally ``.gz``), a ``save_to_disk``
-   folder, or a hub id.
+1. **Read** (:mod:`epsdpo.data.sources`), a batch at a time: a ``datasets.Dataset`` /
+   ``DatasetDict`` split, an ``IterableDataset`` (streaming), a list or generator of row dicts, a
+   local ``.jsonl`` / ``.json`` / ``.parquet`` file (optionally ``.gz``), a ``save_to_disk`` folder,
+   a folder of such files split by file name, or a hub id.
 2. **Validate** (`_normalize_rows`): every bad row gets a reason code; nothing is dropped silently.
    A row whose texts together exceed the row limit (`sources.row_byte_limit`, from ``max_length`` or
    ``max_row_bytes``) is ``row_too_large`` before it reaches the template or the tokenizer.
@@ -14,7 +15,8 @@ The path a row takes:
    in batches, with exactly the fast tokenizer's ids; completions are tokenized joined to the short tail of the prompt after its last
    special token, which yields exactly the tokens of ``tokenize(prompt + completion)`` (see
    `_split_tokenize`) at a fraction of the cost, and proves the prompt's tokens are a prefix.
-5. **Store**: flat numpy arrays and one ``store.append``; pair ids are the source row indices.
+5. **Store**: each batch's flat numpy arrays go into the store by one ``store.append`` and are freed,
+   so memory holds the tokens and one batch, never the rows; pair ids are the source row indices.
 
 Formats, as TRL users know them:
 
@@ -637,9 +639,13 @@ def load_preferences(
     """Turn raw preference rows into a validated :class:`~epsdpo.PreferenceStore` and a report.
 
     Args:
-        source: a ``datasets.Dataset``, a ``DatasetDict`` (with ``split``), a local ``.jsonl`` /
-            ``.json`` / ``.parquet`` file (``.gz`` allowed for JSON), a ``save_to_disk`` folder,
-            or a Hugging Face Hub dataset id.
+        source: a ``datasets.Dataset``, a ``DatasetDict`` (with ``split``), an ``IterableDataset``
+            or ``IterableDatasetDict`` (streaming, read once), a list or any iterable of row dicts
+            (a generator, read once), a local ``.jsonl`` / ``.json`` / ``.parquet`` file (``.gz``
+            allowed for JSON), a ``save_to_disk`` folder, a folder of such files (``split`` picked
+            by file name, as ``datasets.load_dataset(folder)`` does), or a Hugging Face Hub dataset
+            id. A stream is fingerprinted as it is read: its cache entry is written, never hit
+            before reading it.
         tokenizer: a fast transformers tokenizer (or a name/path to load one). Conversational
             rows go through its chat template (or ``chat_template``).
         max_length, max_prompt_length, max_completion_length, prompt_truncation_mode: the truncation training will apply (the
