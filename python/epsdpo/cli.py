@@ -92,13 +92,16 @@ def _load_data(source: Any, split: str | None, config: str | None = None) -> Any
     """A local file or store as given; `split` picks a split of a save_to_disk folder or of a hub
     dataset (of its configuration `config`), loaded as `load_preferences` loads one (offline, at once
     with the hint instead of after a minute of retries)."""
-    from epsdpo.data.sources import is_store_path, load_hub_dataset, pick_split
+    from epsdpo.data.sources import FolderSplit, is_store_path, load_hub_dataset, pick_split
 
     path = Path(source)
     if path.is_dir() and split is not None:
         import datasets
 
-        loaded = datasets.load_from_disk(str(path))
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except FileNotFoundError:  # a folder of data files: the loader picks the split by file name, and streams it
+            return FolderSplit(source, split)
         return pick_split(loaded, split, str(source))[0] if isinstance(loaded, datasets.DatasetDict) else loaded
     if (split is None and config is None) or path.exists() or is_store_path(source):
         return source
@@ -147,12 +150,19 @@ def _load_test_split(source: str, split: str, config: str | None) -> Any:
     folder holding one dataset without splits would otherwise evaluate on the training pairs."""
     import datasets
 
-    from epsdpo.data.sources import DataSourceError, load_hub_dataset
+    from epsdpo.data.sources import DataSourceError, FolderSplit, load_hub_dataset, open_source
 
     path = Path(source)
     where = f"dataset_test_split={split!r}"
     if path.is_dir():
-        loaded = datasets.load_from_disk(str(path))
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except FileNotFoundError:  # a folder of data files: opening the split checks that the folder has it
+            try:
+                open_source(FolderSplit(source, split), None)
+            except DataSourceError as error:
+                raise DataSourceError(f"{where} (the split evaluated on): {error}") from None
+            return FolderSplit(source, split)
         if not isinstance(loaded, datasets.DatasetDict) or split not in loaded:
             names = list(loaded.keys()) if isinstance(loaded, datasets.DatasetDict) else []
             raise DataSourceError(f"{where}: the training dataset {source} has no split {split!r} "

@@ -1,7 +1,8 @@
 """Preference data in: raw rows → validated, cached :class:`~epsdpo.PreferenceStore`.
 
-- :func:`load_preferences` reads a ``datasets.Dataset`` / ``DatasetDict`` / local file / hub id
-  in the standard, conversational or implicit-prompt format and returns ``(store, report)``.
+- :func:`load_preferences` reads a ``datasets.Dataset`` / ``DatasetDict`` / ``IterableDataset`` /
+  iterable of row dicts / local file or folder / hub id, a batch at a time, in the standard,
+  conversational or implicit-prompt format and returns ``(store, report)``.
 - :class:`DataReport` is that report: pairs, skipped rows, token-length percentiles, truncation
   and padding estimates.
 - :func:`demo_dataset` is the bundled instruction-following preference set, and

@@ -99,13 +99,13 @@ def _named_dir(value: str | os.PathLike[str], what: str) -> Path | None:
     return Path(value).expanduser()
 
 
-def _hasher() -> Any:
+def hasher() -> Any:
     return hashlib.blake2b(digest_size=20)
 
 
 def hash_file(path: str | os.PathLike[str]) -> str:
     """Content hash of a file (its name and timestamps do not matter)."""
-    h = _hasher()
+    h = hasher()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
@@ -116,7 +116,7 @@ class _HashSink(io.RawIOBase):
     """A write-only file that hashes what it is given, so hashing a table never copies it."""
 
     def __init__(self) -> None:
-        self.h = _hasher()
+        self.h = hasher()
 
     def writable(self) -> bool:
         return True
@@ -149,7 +149,7 @@ def tokenizer_hash(tokenizer: Any) -> str:
         backend = Tokenizer.from_str(backend.to_str())
         backend.no_truncation()
         backend.no_padding()
-    h = _hasher()
+    h = hasher()
     # The serialization is deterministic (vocab written in id order), so hashing it as is works.
     h.update(backend.to_str().encode())
     h.update(json.dumps([tokenizer.bos_token, tokenizer.eos_token]).encode())
@@ -159,7 +159,7 @@ def tokenizer_hash(tokenizer: Any) -> str:
 def fingerprint(**parts: Any) -> str:
     """One key for every input that decides the cached bytes (plus the code's version)."""
     payload = {"ingest_version": INGEST_VERSION, "epsdpo": __version__, **parts}
-    h = _hasher()
+    h = hasher()
     h.update(json.dumps(payload, sort_keys=True, ensure_ascii=False, default=repr).encode())
     return h.hexdigest()
 

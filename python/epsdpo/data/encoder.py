@@ -37,6 +37,10 @@ __all__ = ["BatchEncoder", "route_pattern"]
 
 # Re-check the first text of every call, and one in this many, against the Rust tokenizer.
 VERIFY_EVERY = 200
+# Most pre-tokens the route remembers. Natural text repeats a few thousand words, but its long tail
+# (numbers, names, typos) is new on every row: unbounded, the dict grew with the dataset (~200 bytes
+# a pre-token, as much as the row's tokens). Emptied when full, it relearns the common words in a batch.
+MAX_CACHED_PIECES = 1 << 17
 
 # Character classes over the accepted characters (tests check them against unicodedata and Rust).
 _LETTER = "A-Za-z\xaa\xb5\xba\xc0-\xd6\xd8-\xf6\xf8-\u024f"  # \p{L}
@@ -278,6 +282,8 @@ class BatchEncoder:
     def encode(self, texts: list[str]) -> list[list[int]]:
         if self.route is None:
             return self.rust(texts)
+        if len(self.route.cache) > MAX_CACHED_PIECES:
+            self.route.cache.clear()
         pending: list[str] = []
         planned = [self.route.encode(t, pending) for t in texts]
         filled = self.rust(pending)

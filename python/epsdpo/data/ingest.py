@@ -2,9 +2,10 @@
 
 The path a row takes:
 
-1. **Read** (:mod:`epsdpo.data.sources`): a ``datasets.Dataset`` / ``DatasetDict`` split, a
-   local ``.jsonl`` / ``.json`` / ``.parquet`` file (optionally ``.gz``), a ``save_to_disk``
-   folder, or a hub id.
+1. **Read** (:mod:`epsdpo.data.sources`), a batch at a time: a ``datasets.Dataset`` /
+   ``DatasetDict`` split, an ``IterableDataset`` (streaming), a list or generator of row dicts, a
+   local ``.jsonl`` / ``.json`` / ``.parquet`` file (optionally ``.gz``), a ``save_to_disk`` folder,
+   a folder of such files split by file name, or a hub id.
 2. **Validate** (`_normalize_rows`): every bad row gets a reason code; nothing is dropped silently.
    A row whose texts together exceed the row limit (`sources.row_byte_limit`, from ``max_length`` or
    ``max_row_bytes``) is ``row_too_large`` before it reaches the template or the tokenizer.
@@ -14,7 +15,8 @@ The path a row takes:
    in batches, with exactly the fast tokenizer's ids; completions are tokenized joined to the short tail of the prompt after its last
    special token, which yields exactly the tokens of ``tokenize(prompt + completion)`` (see
    `_split_tokenize`) at a fraction of the cost, and proves the prompt's tokens are a prefix.
-5. **Store**: flat numpy arrays and one ``store.append``; pair ids are the source row indices.
+5. **Store**: each batch's flat numpy arrays go into the store by one ``store.append`` and are freed,
+   so memory holds the tokens and one batch, never the rows; pair ids are the source row indices.
 
 Formats, as TRL users know them:
 
@@ -470,37 +472,17 @@ def _select(flat: np.ndarray, lengths: np.ndarray, rows: np.ndarray) -> tuple[np
 
 
 @dataclass
-class _Built:
-    """Per-batch flat token arrays and lengths, concatenated into one store at the end."""
+class _Counts:
+    """What the tokenization fixed, summed over the batches."""
 
-    ids: list[np.ndarray] = field(default_factory=list)
-    prompt: list[np.ndarray] = field(default_factory=list)
-    prompt_len: list[np.ndarray] = field(default_factory=list)
-    chosen: list[np.ndarray] = field(default_factory=list)
-    chosen_len: list[np.ndarray] = field(default_factory=list)
-    rejected: list[np.ndarray] = field(default_factory=list)
-    rejected_len: list[np.ndarray] = field(default_factory=list)
     doubled_bos: int = 0
     eos_appended: int = 0
 
-    def store(self, vocab_size: int | None) -> PreferenceStore:
-        store = PreferenceStore(vocab_size=vocab_size)
-        if not self.ids:
-            return store
 
-        def offsets(parts: list[np.ndarray]) -> np.ndarray:
-            lens = np.concatenate(parts)
-            out = np.zeros(len(lens) + 1, dtype=np.uint64)
-            np.cumsum(lens, out=out[1:])
-            return out
-
-        store.append(
-            np.concatenate(self.prompt), offsets(self.prompt_len),
-            np.concatenate(self.chosen), offsets(self.chosen_len),
-            np.concatenate(self.rejected), offsets(self.rejected_len),
-            ids=np.concatenate(self.ids).astype(np.uint64),
-        )  # fmt: skip
-        return store
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(lengths) + 1, dtype=np.uint64)
+    np.cumsum(lengths, out=out[1:])
+    return out
 
 
 def _fix_bos(enc: BatchEncoder, p_ids: list[list[int]], add_bos: bool) -> tuple[list[list[int]], int]:
@@ -558,7 +540,10 @@ def _rows_refused_by_tokenizer(enc: BatchEncoder, prompts: list[str], chosen: li
     return refused
 
 
-def _tokenize_batch(rows: _Rows, fmt: Format, enc: BatchEncoder, templater: _Templater | None, built: _Built, bad: list[tuple[int, str, str]]) -> None:
+def _tokenize_batch(rows: _Rows, fmt: Format, enc: BatchEncoder, templater: _Templater | None, store: PreferenceStore,
+                    counts: _Counts, bad: list[tuple[int, str, str]]) -> None:
+    """Tokenize one batch's valid rows and append their pairs to `store` (the batch's arrays are
+    freed with it: a dataset costs its tokens, not its batches' Python objects)."""
     if fmt == "conversational":
         assert templater is not None
         prompts, chosen, rejected, rendered = _render(rows, templater, bad)
@@ -604,15 +589,12 @@ def _tokenize_batch(rows: _Rows, fmt: Format, enc: BatchEncoder, templater: _Tem
     anywhere = fmt == "conversational"
     c_flat, c_len, c_eos = _append_eos(enc, c_flat, c_len, anywhere)
     r_flat, r_len, r_eos = _append_eos(enc, r_flat, r_len, anywhere)
-    built.ids.append(np.asarray(index, dtype=np.uint64))
-    built.prompt.append(p_flat)
-    built.prompt_len.append(p_len)
-    built.chosen.append(c_flat)
-    built.chosen_len.append(c_len)
-    built.rejected.append(r_flat)
-    built.rejected_len.append(r_len)
-    built.doubled_bos += doubled
-    built.eos_appended += c_eos + r_eos
+    store.append(
+        p_flat, _offsets(p_len), c_flat, _offsets(c_len), r_flat, _offsets(r_len),
+        ids=np.asarray(index, dtype=np.uint64),
+    )  # fmt: skip
+    counts.doubled_bos += doubled
+    counts.eos_appended += c_eos + r_eos
 
 
 # --------------------------------------------------------------------------------------------
@@ -657,9 +639,13 @@ def load_preferences(
     """Turn raw preference rows into a validated :class:`~epsdpo.PreferenceStore` and a report.
 
     Args:
-        source: a ``datasets.Dataset``, a ``DatasetDict`` (with ``split``), a local ``.jsonl`` /
-            ``.json`` / ``.parquet`` file (``.gz`` allowed for JSON), a ``save_to_disk`` folder,
-            or a Hugging Face Hub dataset id.
+        source: a ``datasets.Dataset``, a ``DatasetDict`` (with ``split``), an ``IterableDataset``
+            or ``IterableDatasetDict`` (streaming, read once), a list or any iterable of row dicts
+            (a generator, read once), a local ``.jsonl`` / ``.json`` / ``.parquet`` file (``.gz``
+            allowed for JSON), a ``save_to_disk`` folder, a folder of such files (``split`` picked
+            by file name, as ``datasets.load_dataset(folder)`` does), or a Hugging Face Hub dataset
+            id. A stream is fingerprinted as it is read: its cache entry is written, never hit
+            before reading it.
         tokenizer: a fast transformers tokenizer (or a name/path to load one). Conversational
             rows go through its chat template (or ``chat_template``).
         max_length, max_prompt_length, max_completion_length, prompt_truncation_mode: the truncation training will apply (the
@@ -705,16 +691,20 @@ def load_preferences(
         settings["max_completion_length"] = max_completion_length
     if max_row_bytes is not None:  # likewise; the default limit follows max_length, already in the key
         settings["max_row_bytes"] = max_row_bytes
-    key = None
-    if root is not None:
-        used = [c for c in COLUMNS if c in src.column_names]
-        key = _cache.fingerprint(
+    used = [c for c in COLUMNS if c in src.column_names]
+
+    def cache_key() -> str:
+        return _cache.fingerprint(
             data=src.content_hash(used),
             tokenizer=_cache.tokenizer_hash(tokenizer),
             chat_template=template,
             chat_template_kwargs=kwargs,
             settings=settings,
         )
+
+    key = None
+    if root is not None and not src.hashed_while_read:
+        key = cache_key()
         hit = _cache.load(root, key)
         if hit is not None:
             store, report = hit
@@ -726,8 +716,12 @@ def load_preferences(
     from tqdm.auto import tqdm
 
     enc = BatchEncoder(tokenizer)
-    built = _Built()
-    bad: list[tuple[int, str, str]] = []  # (row, reason code, message)
+    # Each batch's pairs go into the store as soon as they are tokenized, so memory holds the
+    # tokens and one batch, whatever the size of the source.
+    store = PreferenceStore(vocab_size=enc.vocab_size)
+    counts = _Counts()
+    skipped: dict[str, int] = {}
+    listed: list[tuple[int, str, str]] = []  # the first MAX_LISTED_ROWS bad rows, in row order
     fmt: Format | None = None
     templater: _Templater | None = None
 
@@ -745,21 +739,24 @@ def load_preferences(
                             "`epsdpo prepare`), or pass chat_template=... to load_preferences"
                         )
                     templater = _Templater(tokenizer, chat_template, kwargs)
-            before = len(bad)
+            bad: list[tuple[int, str, str]] = []  # (row, reason code, message) of this batch
             rows = _normalize_rows(batch, row, fmt, implicit, bad, row_limit)
-            _tokenize_batch(rows, fmt, enc, templater, built, bad)
-            if len(bad) > before and not skip_invalid:
-                raise InvalidRowError(sorted((r, msg) for r, _, msg in bad[before:]), src.description, src.locate)
+            _tokenize_batch(rows, fmt, enc, templater, store, counts, bad)
+            if bad and not skip_invalid:
+                raise InvalidRowError(sorted((r, msg) for r, _, msg in bad), src.description, src.locate)
+            # Batches come in row order, so sorting each batch's bad rows sorts them all.
+            bad.sort()
+            for _, code, _ in bad:
+                skipped[code] = skipped.get(code, 0) + 1
+            listed.extend(bad[: MAX_LISTED_ROWS - len(listed)])
             row += n
             bar.update(n)
-    if not built.ids:
-        what = f"all {len(bad)} rows are invalid" if bad else "the source has no rows"
+    if len(store) == 0:
+        invalid = sum(skipped.values())
+        what = f"all {invalid} rows are invalid" if invalid else "the source has no rows"
         raise DataSourceError(f"{src.description}: no preference pairs to train on ({what})")
-    store = built.store(enc.vocab_size)
-    bad.sort()
-    skipped: dict[str, int] = {}
-    for _, code, _ in bad:
-        skipped[code] = skipped.get(code, 0) + 1
+    if root is not None and key is None:  # a stream: its content is known now that it has been read
+        key = cache_key()
     report = compute_stats(
         store,
         max_length=max_length,
@@ -770,11 +767,11 @@ def load_preferences(
     report.source = src.description
     report.format = fmt or "standard"
     report.implicit_prompt = implicit
-    report.num_rows = src.num_rows
+    report.num_rows = row
     report.skipped = skipped
-    report.skipped_rows = [[r, code, msg] for r, code, msg in bad[:MAX_LISTED_ROWS]]
-    report.doubled_bos = built.doubled_bos
-    report.eos_appended = built.eos_appended
+    report.skipped_rows = [[r, code, msg] for r, code, msg in listed]
+    report.doubled_bos = counts.doubled_bos
+    report.eos_appended = counts.eos_appended
     report.fingerprint = key
     report.seconds = time.perf_counter() - t0
     if root is not None and key is not None:

@@ -1,7 +1,11 @@
-"""Where preference rows come from: datasets objects, local files, the Hugging Face Hub.
+"""Where preference rows come from: datasets objects, local files and folders, Python iterables, the Hub.
 
-Every source is read as batches of Python objects (a dict of column lists), and can hash its
-content for the cache without being parsed. Local JSON files are parsed with the standard library
+Every source is read as batches of Python objects (a dict of column lists), one batch at a time, so
+what a source costs in memory is one batch, not the dataset: a JSON Lines file is read line by line, a
+Parquet file row group by row group, a ``datasets.IterableDataset`` or a generator row by row. Each
+source hashes its content for the cache: files and Arrow tables without being parsed, a list of rows
+up front, and a stream (an ``IterableDataset``, a generator) as it is read, since it can be read only
+once (`RowSource.hashed_while_read`). Local JSON files are parsed with the standard library
 rather than Arrow, so a row whose value has the wrong type becomes a per-row error, not a failed load.
 Likewise a JSON Lines line that is not a row at all (not UTF-8, not JSON, nested too deeply, not an
 object, holding an integer too long for Python to convert, longer than the row byte limit) keeps its
@@ -17,15 +21,17 @@ import json
 import os
 import sys
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
 from epsdpo.data import cache as _cache
 
 __all__ = [
-    "COLUMNS", "FILE_SUFFIXES", "DataSourceError", "RowSource", "UnreadableRow", "STORE_SUFFIXES", "check_columns",
-    "is_store_path", "load_hub_dataset", "open_source", "pick_split", "row_byte_limit",
+    "COLUMNS", "FILE_SUFFIXES", "DataSourceError", "FolderSplit", "RowSource", "UnreadableRow", "STORE_SUFFIXES",
+    "check_columns", "is_store_path", "load_hub_dataset", "open_source", "pick_split", "row_byte_limit",
 ]
 
 COLUMNS = ("prompt", "chosen", "rejected")
@@ -40,6 +46,8 @@ ROW_BYTES_PER_TOKEN = 1024
 MIN_ROW_BYTES = 1 << 20
 ROW_BYTES_WITHOUT_MAX_LENGTH = 64 << 20
 _CHUNK = 1 << 20  # how much of an oversize line is read at a time while it is skipped
+# Rows read ahead to learn a stream's columns (the union of their keys, as for a JSON Lines file).
+PEEK_ROWS = 1000
 
 
 def row_byte_limit(max_length: int | None, max_row_bytes: int | None = None) -> int:
@@ -101,7 +109,11 @@ class RowSource:
 
     description: str
     column_names: list[str]
-    num_rows: int
+    # None: a stream, whose rows are counted as they are read.
+    num_rows: int | None
+    # Whether `content_hash` is known only once `batches` has been read to the end (a stream read
+    # once); else it is known before any row is parsed, and a cache hit skips the reading.
+    hashed_while_read = False
 
     def batches(self, batch_size: int) -> Iterator[dict[str, list[Any]]]:
         raise NotImplementedError
@@ -110,8 +122,15 @@ class RowSource:
         raise NotImplementedError
 
     def locate(self, row: int) -> str | None:
-        """Where row ``row`` is in the source (``"line 7"``), when that differs from its number."""
+        """Where row ``row`` of the latest batch is in the source (``"line 7"``), when that differs
+        from its number. Only the latest batch's rows are remembered: errors are raised for it."""
         return None
+
+
+def _as_columns(rows: Sequence[Any], cols: Sequence[str]) -> dict[str, list[Any]]:
+    """Rows as a dict of column lists. A row lacking a key gets None, exactly like a missing value
+    in an Arrow column; an unreadable row stands in every column."""
+    return {c: [row.get(c) if isinstance(row, Mapping) else row for row in rows] for c in cols}
 
 
 class _DatasetSource(RowSource):
@@ -130,16 +149,93 @@ class _DatasetSource(RowSource):
         return _cache.hash_arrow_table(self.dataset.select_columns(list(columns)).with_format("arrow")[:])
 
 
+class _RowHash:
+    """Content hash of rows given one at a time: each row's pair columns as canonical JSON, so a
+    list and a generator of the same rows hash the same. A value JSON cannot write is hashed by its
+    type and repr (such a value is a bad row anyway)."""
+
+    def __init__(self, columns: Sequence[str]) -> None:
+        self.columns = list(columns)
+        self.h = _cache.hasher()
+        self.h.update(json.dumps(self.columns).encode())
+
+    def update(self, rows: Iterable[Any]) -> None:
+        for row in rows:
+            values = [row.get(c) for c in self.columns] if isinstance(row, Mapping) else [_unhashable(row)]
+            self.h.update(json.dumps(values, sort_keys=True, ensure_ascii=False, default=_unhashable).encode("utf-8", "surrogatepass"))
+            self.h.update(b"\n")
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()
+
+
+def _unhashable(value: Any) -> str:
+    return f"<{type(value).__module__}.{type(value).__qualname__}> {value!r}"
+
+
+class _IterableSource(RowSource):
+    """Rows from a Python iterable of row mappings (a list, a generator, any iterator) or from a
+    ``datasets.IterableDataset``, read once, row by row. The columns are the keys of the first
+    `PEEK_ROWS` rows, which are read ahead and kept until their turn. A list is hashed up front (it
+    can be read twice); anything else while it is read."""
+
+    def __init__(self, rows: Iterable[Any], description: str) -> None:
+        self.description = description
+        self._list = rows if isinstance(rows, (list, tuple)) else None
+        self.num_rows = len(self._list) if self._list is not None else None
+        self.hashed_while_read = self._list is None
+        self._rest: Iterator[Any] = iter(rows)
+        self._head = list(islice(self._rest, PEEK_ROWS))
+        self._hash: _RowHash | None = None
+        self._read = False
+        names: dict[str, None] = {}
+        for row in self._head:
+            if isinstance(row, Mapping):
+                names.update(dict.fromkeys(k for k in row if isinstance(k, str)))
+        if not self._head:
+            raise DataSourceError(f"{description}: no preference pairs to train on (the source has no rows)")
+        if not names:
+            raise DataSourceError(f"{description}: rows must be mappings of column names to values (a dict per row); "
+                                  f"the first is a {type(self._head[0]).__name__}")
+        self.column_names = list(names)
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, list[Any]]]:
+        if self._read:
+            raise DataSourceError(f"{self.description} was already read: a stream can be read once")
+        self._read = True
+        cols = [c for c in COLUMNS if c in self.column_names]
+        rows = chain(self._head, self._rest)
+        self._head = []  # the rows read ahead are freed with their batch
+        if self.hashed_while_read:
+            self._hash = _RowHash(cols)
+        while chunk := list(islice(rows, batch_size)):
+            if self._hash is not None:
+                self._hash.update(chunk)
+            yield _as_columns(chunk, cols)
+
+    def content_hash(self, columns: Sequence[str]) -> str:
+        if self._list is not None:
+            digest = _RowHash(columns)
+            digest.update(self._list)
+            return digest.hexdigest()
+        if self._hash is None or self._hash.columns != list(columns):
+            raise RuntimeError("a stream's content hash is known once it has been read, for the columns read")
+        return self._hash.hexdigest()
+
+
 class _FileSource(RowSource):
     """A local JSON Lines / JSON / Parquet file. A cache hit only needs its column names and its
-    bytes' hash, so rows are parsed on first use (for JSON Lines, the names come from a peek)."""
+    bytes' hash, so rows are parsed on first use (for JSON Lines, the names come from a peek). A
+    JSON Lines file is read line by line and a Parquet file row group by row group; a JSON document
+    (one list or object) is parsed whole, being one value."""
 
-    def __init__(self, path: Path, max_row_bytes: int = ROW_BYTES_WITHOUT_MAX_LENGTH) -> None:
+    def __init__(self, path: Path, max_row_bytes: int = ROW_BYTES_WITHOUT_MAX_LENGTH, name: str | None = None) -> None:
         self.path = path
         self.max_row_bytes = max_row_bytes
-        self.description = path.name
+        self.description = name or path.name
         self._rows: list[dict[str, Any] | UnreadableRow] | None = None
-        self._lines: list[int] | None = None
+        # (first row, line of each row) of the latest batch read, for `locate`.
+        self._window: tuple[int, list[int]] = (0, [])
         self._parquet: Any = None
         if _is_parquet(path):
             import pyarrow.parquet as pq
@@ -147,38 +243,34 @@ class _FileSource(RowSource):
             try:
                 self._parquet = pq.ParquetFile(path)
             except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
-                raise DataSourceError(f"{path.name}: not a readable Parquet file ({e})") from e
+                raise DataSourceError(f"{self.description}: not a readable Parquet file ({e})") from e
             self.column_names = list(self._parquet.schema_arrow.names)
+            self.num_rows = int(self._parquet.metadata.num_rows)
         else:
-            rows, self._lines = _read_json_rows(path, max_row_bytes, limit=1000 if _is_jsonl(path) else None)
-            if not _is_jsonl(path):
-                self._rows = rows
+            if _is_jsonl(path):
+                peeked = list(islice(_jsonl_rows(path, max_row_bytes, self.description), PEEK_ROWS))
+                rows = [row for _, row in peeked]
+                self._window = (0, [line for line, _ in peeked])
+                self.num_rows = None
+            else:
+                rows = self._rows = _read_json_document(path, self.description)
+                self.num_rows = len(rows)
             names: dict[str, None] = {}
-            for row in rows[:1000]:
+            for row in rows[:PEEK_ROWS]:
                 if isinstance(row, dict):
                     names.update(dict.fromkeys(row))
             first_bad = next((k for k, row in enumerate(rows) if isinstance(row, UnreadableRow)), None)
             if not names and first_bad is not None:
                 # No column names to check and no row to train on: say why, not "no 'chosen' column".
                 where = self.locate(first_bad) or f"row {first_bad}"
-                raise DataSourceError(f"{path.name}, {where}: {rows[first_bad].message} (and no readable row among the first {len(rows)})")
+                raise DataSourceError(f"{self.description}, {where}: {rows[first_bad].message} (and no readable row among the first {len(rows)})")
             self.column_names = list(names)
 
-    def _all_rows(self) -> list[dict[str, Any] | UnreadableRow]:
-        if self._rows is None:
-            self._rows, self._lines = _read_json_rows(self.path, self.max_row_bytes)
-        return self._rows
-
     def locate(self, row: int) -> str | None:
-        if self._lines is None or row >= len(self._lines):
+        first, lines = self._window
+        if not first <= row < first + len(lines):
             return None
-        return f"line {self._lines[row]}"
-
-    @property
-    def num_rows(self) -> int:  # type: ignore[override]
-        if self._parquet is not None:
-            return int(self._parquet.metadata.num_rows)
-        return len(self._all_rows())
+        return f"line {lines[row - first]}"
 
     def batches(self, batch_size: int) -> Iterator[dict[str, list[Any]]]:
         cols = [c for c in COLUMNS if c in self.column_names]
@@ -187,17 +279,67 @@ class _FileSource(RowSource):
                 for batch in self._parquet.iter_batches(batch_size=batch_size, columns=cols):
                     yield batch.to_pydict()
             except (OSError, ValueError) as e:
-                raise DataSourceError(f"{self.path.name}: the Parquet data cannot be read ({e})") from e
+                raise DataSourceError(f"{self.description}: the Parquet data cannot be read ({e})") from e
             return
-        rows = self._all_rows()
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            # A row lacking a key gets None, exactly like a missing value in an Arrow column; an
-            # unreadable row stands in every column.
-            yield {c: [row.get(c) if isinstance(row, dict) else row for row in chunk] for c in cols}
+        if self._rows is not None:
+            for start in range(0, len(self._rows), batch_size):
+                yield _as_columns(self._rows[start : start + batch_size], cols)
+            return
+        numbered = _jsonl_rows(self.path, self.max_row_bytes, self.description)
+        first = 0
+        while chunk := list(islice(numbered, batch_size)):
+            self._window = (first, [line for line, _ in chunk])
+            first += len(chunk)
+            yield _as_columns([row for _, row in chunk], cols)
 
     def content_hash(self, columns: Sequence[str]) -> str:
         return _cache.hash_file(self.path)
+
+
+@dataclass(frozen=True)
+class FolderSplit:
+    """A split of a dataset folder, named apart from the folder: what `epsdpo train`'s train_split /
+    eval_split of a folder hand to :func:`open_source`, which reads it as ``open_source(folder, split)``."""
+
+    folder: str | os.PathLike[str]
+    split: str | None
+
+
+class _FilesSource(RowSource):
+    """One split of a folder of data files (``train.jsonl``, ``data/train-00000-of-00002.parquet``,
+    ...), its files read one after the other, as one source: row numbers run on across them."""
+
+    def __init__(self, parts: list[_FileSource], description: str) -> None:
+        self.parts = parts
+        self.description = description
+        names: dict[str, None] = {}
+        for part in parts:
+            names.update(dict.fromkeys(part.column_names))
+        self.column_names = list(names)
+        counts = [part.num_rows for part in parts]
+        self.num_rows = None if None in counts else sum(counts)  # type: ignore[arg-type]
+        self._current: tuple[int, _FileSource] = (0, parts[0])
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, list[Any]]]:
+        cols = [c for c in COLUMNS if c in self.column_names]
+        first = 0
+        for part in self.parts:
+            self._current = (first, part)
+            for batch in part.batches(batch_size):
+                n = len(next(iter(batch.values()))) if batch else 0
+                # A column one file lacks is missing in each of its rows, as in an Arrow table of them all.
+                yield {c: batch.get(c, [None] * n) for c in cols}
+                first += n
+
+    def locate(self, row: int) -> str | None:
+        first, part = self._current
+        return f"{part.description}, {part.locate(row - first) or f'its row {row - first}'}"
+
+    def content_hash(self, columns: Sequence[str]) -> str:
+        h = _cache.hasher()
+        for part in self.parts:
+            h.update(json.dumps([part.description, part.content_hash(columns)]).encode())
+        return h.hexdigest()
 
 
 def _is_jsonl(path: Path) -> bool:
@@ -208,42 +350,41 @@ def _is_parquet(path: Path) -> bool:
     return path.name.endswith(".parquet")
 
 
-def _read_json_rows(path: Path, max_row_bytes: int,
-                    limit: int | None = None) -> tuple[list[dict[str, Any] | UnreadableRow], list[int] | None]:
-    """Parse with the standard library, not pyarrow: Arrow refuses a column whose type changes
-    between rows, and such a row must become a per-row error, not a failed load. ``limit``
-    stops a JSON Lines file after that many rows; a line over ``max_row_bytes`` is a bad row. Returns
-    the rows and, for JSON Lines, the line number of each (blank lines are not rows)."""
+def _jsonl_rows(path: Path, max_row_bytes: int, name: str) -> Iterator[tuple[int, dict[str, Any] | UnreadableRow]]:
+    """Each row of a JSON Lines file with its line number, read line by line. Parsed with the standard
+    library, not pyarrow: Arrow refuses a column whose type changes between rows, and such a row must
+    become a per-row error, not a failed load. A line over ``max_row_bytes`` is a bad row; blank lines
+    are not rows."""
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
-            if _is_jsonl(path):
-                rows: list[dict[str, Any] | UnreadableRow] = []
-                lines: list[int] = []
-                # Bytes, decoded line by line, so that a bad byte costs its line, not the file.
-                for lineno, raw in _lines_within(f, max_row_bytes):
-                    if limit is not None and len(rows) >= limit:
-                        break
-                    if isinstance(raw, int):  # the size of a line too long to keep
-                        rows.append(UnreadableRow("row_too_large", too_large_message(raw, max_row_bytes)))
-                    elif not raw.strip():
-                        continue
-                    else:
-                        rows.append(_parse_line(raw, lineno))
-                    lines.append(lineno)
-                return rows, lines
+            # Bytes, decoded line by line, so that a bad byte costs its line, not the file.
+            for lineno, raw in _lines_within(f, max_row_bytes):
+                if isinstance(raw, int):  # the size of a line too long to keep
+                    yield lineno, UnreadableRow("row_too_large", too_large_message(raw, max_row_bytes))
+                elif raw.strip():
+                    yield lineno, _parse_line(raw, lineno)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataSourceError(f"{name}: not a readable gzip file ({e})") from e
+
+
+def _read_json_document(path: Path, name: str) -> list[dict[str, Any] | UnreadableRow]:
+    """The rows of a JSON document: a list of rows or an object of columns."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
             data = _parse_document(path, f.read())
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise DataSourceError(f"{path.name}: not a readable gzip file ({e})") from e
+        raise DataSourceError(f"{name}: not a readable gzip file ({e})") from e
     if isinstance(data, dict):  # column-oriented {"prompt": [...], "chosen": [...], ...}
         lengths = {len(v) for v in data.values() if isinstance(v, list)}
         if len(lengths) != 1 or not all(isinstance(v, list) for v in data.values()):
-            raise DataSourceError(f"{path.name}: a JSON object must map each column to an equally long list")
+            raise DataSourceError(f"{name}: a JSON object must map each column to an equally long list")
         n = lengths.pop()
         data = [{k: v[i] for k, v in data.items()} for i in range(n)]
     if not isinstance(data, list):
-        raise DataSourceError(f"{path.name}: expected a JSON list of rows or an object of columns")
-    return [row if isinstance(row, dict) else UnreadableRow("not_an_object", f"a JSON {_json_type(row)}, not an object") for row in data], None
+        raise DataSourceError(f"{name}: expected a JSON list of rows or an object of columns")
+    return [row if isinstance(row, dict) else UnreadableRow("not_an_object", f"a JSON {_json_type(row)}, not an object") for row in data]
 
 
 def _lines_within(f: Any, max_bytes: int) -> Iterator[tuple[int, bytes | int]]:
@@ -334,6 +475,10 @@ def open_source(source: Any, split: str | None, max_row_bytes: int = ROW_BYTES_W
     """The rows of `source`; a JSON Lines line over `max_row_bytes` becomes a bad row unread."""
     import datasets
 
+    if isinstance(source, FolderSplit):
+        if split is not None and source.split is not None and split != source.split:
+            raise DataSourceError(f"{os.fspath(source.folder)}: two splits asked for ({source.split!r} and {split!r})")
+        return open_source(source.folder, source.split if source.split is not None else split, max_row_bytes)
     if isinstance(source, datasets.Dataset):
         if split is not None:
             raise DataSourceError("split= applies to a DatasetDict or a hub id, not to a Dataset")
@@ -341,19 +486,31 @@ def open_source(source: Any, split: str | None, max_row_bytes: int = ROW_BYTES_W
     if isinstance(source, datasets.DatasetDict):
         ds, name = pick_split(source, split, "the DatasetDict")
         return _DatasetSource(ds, f"DatasetDict[{name!r}]")
-    if isinstance(source, (datasets.IterableDataset, datasets.IterableDatasetDict)):
-        raise DataSourceError("streaming datasets are not supported: load the dataset without streaming=True")
+    if isinstance(source, datasets.IterableDatasetDict):
+        ds, name = pick_split(source, split, "the IterableDatasetDict")
+        return _iterable_dataset_source(ds, f"IterableDatasetDict[{name!r}]")
+    if isinstance(source, datasets.IterableDataset):
+        if split is not None:
+            raise DataSourceError("split= applies to an IterableDatasetDict or a hub id, not to an IterableDataset")
+        return _iterable_dataset_source(source, "IterableDataset")
     if not isinstance(source, (str, os.PathLike)):
-        raise DataSourceError(
-            f"source must be a datasets.Dataset, a DatasetDict, a local file path or a hub id, got {type(source).__name__}"
-        )
+        if isinstance(source, (bytes, bytearray, Mapping)) or not isinstance(source, Iterable):
+            raise DataSourceError(
+                "source must be a datasets.Dataset, a DatasetDict, an IterableDataset, an iterable of row dicts (a list, "
+                f"a generator), a local file or folder path or a hub id, got {type(source).__name__}"
+            )
+        if split is not None:
+            raise DataSourceError("split= applies to a DatasetDict or a hub id, not to an iterable of rows")
+        what = "list of rows" if isinstance(source, (list, tuple)) else f"rows of a {type(source).__name__}"
+        return _IterableSource(source, what)
     text = os.fspath(source)
     path = Path(text).expanduser()
     if path.is_dir():
         try:
             loaded = datasets.load_from_disk(str(path))
-        except FileNotFoundError as e:
-            raise DataSourceError(f"{text} is a folder but not one written by datasets' save_to_disk") from e
+        except FileNotFoundError:
+            # Not written by save_to_disk: a folder of data files, as datasets.load_dataset(folder) reads one.
+            return _folder_source(path, text, split, max_row_bytes)
         if isinstance(loaded, datasets.DatasetDict):
             ds, name = pick_split(loaded, split, text)
             return _DatasetSource(ds, f"{path.name}[{name!r}]")
@@ -376,6 +533,62 @@ def open_source(source: Any, split: str | None, max_row_bytes: int = ROW_BYTES_W
     if looks_like_file and not _looks_like_hub_id(text):
         raise DataSourceError(f"{text}: no such file")
     return _DatasetSource(*load_hub_dataset(text, split))
+
+
+def _iterable_dataset_source(dataset: Any, description: str) -> RowSource:
+    """A streaming dataset, read row by row; only its pair columns are decoded when it knows its columns."""
+    names = dataset.column_names
+    if names is not None:
+        dataset = dataset.select_columns([c for c in COLUMNS if c in names])
+    return _IterableSource(dataset.with_format(None), description)
+
+
+def _folder_source(path: Path, text: str, split: str | None, max_row_bytes: int) -> RowSource:
+    """`split` of a folder of data files, the files of each split found by datasets' own rules (a
+    ``train``/``test``/``validation`` keyword in the file or folder name, ``data/train-00000-of-00002``
+    shards, or every file as ``train``); each file is then read as a local file is, one at a time."""
+    from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
+
+    try:
+        splits = DataFilesDict.from_local_or_remote(get_data_patterns(str(path)), base_path=str(path))
+    except EmptyDatasetError:
+        found = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+        raise DataSourceError(
+            f"{text} is a folder but neither one written by datasets' save_to_disk nor one of data files "
+            f"({', '.join(FILE_SUFFIXES)}); it holds {_listing(found)}") from None
+    files = {str(name): [Path(f) for f in found] for name, found in splits.items()}
+
+    def named(paths: list[Path]) -> list[str]:
+        return [p.relative_to(path).as_posix() for p in paths]
+
+    owners: dict[Path, list[str]] = {}
+    for name, paths in files.items():
+        for p in paths:
+            owners.setdefault(p, []).append(name)
+    shared = {p: names for p, names in owners.items() if len(names) > 1}
+    if shared:
+        p, names = next(iter(shared.items()))
+        raise DataSourceError(f"{text}: the file {named([p])[0]} belongs to the splits {names} by its name; rename it "
+                              "so that one split keyword names it")
+    chosen, name = pick_split(files, split, f"the folder {text} (splits by file name: "
+                              + "; ".join(f"{n}: {_listing(named(ps))}" for n, ps in files.items()) + ")")
+    unsupported = [p for p in chosen if not p.name.endswith(FILE_SUFFIXES)]
+    if unsupported:
+        raise DataSourceError(f"{text}: split {name!r} has files of no supported type: {_listing(named(unsupported))} "
+                              f"(preference rows come in {', '.join(FILE_SUFFIXES)} files)")
+    kinds = {"parquet" if _is_parquet(p) else "json" for p in chosen}
+    if len(kinds) > 1:
+        raise DataSourceError(f"{text}: split {name!r} mixes Parquet and JSON files ({_listing(named(chosen))}); "
+                              "datasets reads one format per split, and so does epsdpo")
+    parts = [_FileSource(p, max_row_bytes, name=os.path.join(text, rel)) for p, rel in zip(chosen, named(chosen))]
+    return _FilesSource(parts, f"{path.name}[{name!r}]")
+
+
+def _listing(names: list[str], shown: int = 6) -> str:
+    if not names:
+        return "no files"
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def is_store_path(source: Any) -> bool:
