@@ -1,7 +1,7 @@
 """The keys of TRL's DPO configs that are not epsdpo settings: each refused or accepted without effect, with why.
 
-A TRL user's YAML (TRL 1.16's `DPOConfig`, `ModelConfig`, `ScriptArguments`, `DatasetMixtureConfig`)
-carries keys for things epsdpo does differently or not at all. Every such key is listed here once,
+A TRL user's YAML (TRL 1.16's `DPOConfig`, `ModelConfig`, `ScriptArguments`, `DatasetMixtureConfig`,
+and the launcher keys `trl dpo` itself reads) carries keys for things epsdpo does differently or not at all. Every such key is listed here once,
 with TRL's default and the one-line reason, so that the CLI (and the conversion of a `DPOConfig`)
 never meets a TRL key it cannot explain:
 
@@ -52,8 +52,8 @@ REFUSED: dict[str, Refused] = {
     "optim_args": Refused(None, "optimizer arguments beyond adam_beta1, adam_beta2, adam_epsilon and weight_decay "
                                 "are not supported"),
     "optim_target_modules": Refused(None, "only AdamW (optim) is supported, over every trained parameter"),
-    "average_tokens_across_devices": Refused(True, "the loss is a mean over the preference pairs of all ranks, "
-                                                   "as TRL's default (true) averages it"),
+    "average_tokens_across_devices": Refused(True, "the loss is averaged over the preference pairs of all "
+                                                   "ranks, as TRL's default (true) averages it"),
     "label_smoothing_factor": Refused(0.0, "a classification-loss setting; DPO's smoothing is cdpo_smoothing"),
     "bf16_full_eval": Refused(False, "evaluation runs in the training precision (bf16 computes in bf16 already)"),
     "fp16_full_eval": Refused(False, "evaluation runs in the training precision (fp16 computes in fp16 already)"),
@@ -135,6 +135,11 @@ REFUSED: dict[str, Refused] = {
     "streaming": Refused(False, "the pairs are tokenized into the store before training"),
     "datasets": Refused([], ONE_DATASET),
     "test_split_size": Refused(None, ONE_DATASET),
+    # keys TRL's `trl dpo` command hands to accelerate launch: epsdpo train is one process of a launched run
+    "num_processes": Refused(None, "launch the processes with torchrun --nproc_per_node N (or accelerate launch "
+                                   "--num_processes N) -m epsdpo train ...; see docs/launch.md"),
+    "accelerate_config": Refused(None, "launch with accelerate launch --config_file FILE -m epsdpo train ...; "
+                                       "see docs/launch.md"),
 }
 
 WITHOUT_EFFECT: dict[str, WithoutEffect] = {
