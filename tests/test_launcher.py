@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -253,3 +254,50 @@ def test_accelerate_launch_with_trls_multi_gpu_config_trains_on_two_cpu_ranks(tm
     checkpoint = tmp_path / "out" / "checkpoint-2"
     assert json.loads((checkpoint / "trainer_state.json").read_text())["world_size"] == 2
     assert json.loads((checkpoint / "training_config.json").read_text())["bf16"] is True  # multi_gpu.yaml's bf16
+
+
+# ------------------------------------------------------------------------------ multi-node
+def run_nodes(commands: list[list[str]], cwd: Path, timeout: float) -> list[subprocess.CompletedProcess]:
+    """Start every node's launcher at once, each in a session of its own, and wait for all; on a hang
+    every node's processes are killed and the test fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([str(Path(epsdpo.__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+    nodes = [subprocess.Popen(c, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for c in commands]
+    deadline, done = time.monotonic() + timeout, []
+    try:
+        for node, command in zip(nodes, commands):
+            output = node.communicate(timeout=max(1.0, deadline - time.monotonic()))[0]
+            done.append(subprocess.CompletedProcess(command, node.returncode, output))
+    except subprocess.TimeoutExpired:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+            node.communicate()
+        pytest.fail(f"the nodes did not end within {timeout:g} s")
+    return done
+
+
+def two_nodes(cfg: Path, *flags: str) -> list[list[str]]:
+    """`torchrun --nnodes 2` once per node, as on two machines: one process each, meeting at a c10d
+    rendezvous (here on localhost; on a cluster, the first node's address)."""
+    endpoint, run_id = f"127.0.0.1:{free_port()}", f"epsdpo-{os.getpid()}-{free_port()}"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", run_id]
+    return [[*torchrun, "-m", "epsdpo", "train", str(cfg), *flags] for _ in range(2)]
+
+
+@pytest.mark.slow
+def test_two_nodes_train_and_resume_with_torchrun_nnodes_2(tmp_path):
+    """Two simulated nodes (two torchrun agents, c10d rendezvous on localhost, gloo) train a run to
+    step 2, then resume it from its checkpoint and train on to step 3."""
+    cfg = launch_run_yaml(tmp_path)
+    for node in run_nodes(two_nodes(cfg), tmp_path, timeout=240):
+        assert node.returncode == 0, node.stdout[-3000:]
+    out = tmp_path / "out"
+    assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["world_size"] == 2
+    for node in run_nodes(two_nodes(cfg, "--max_steps", "3", "--resume"), tmp_path, timeout=240):
+        assert node.returncode == 0, node.stdout[-3000:]
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert (state["global_step"], state["world_size"]) == (3, 2)
+    assert [(r["step"], r["checkpoint"]) for r in state["resumes"]] == [(2, "checkpoint-2")]
