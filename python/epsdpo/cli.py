@@ -258,14 +258,18 @@ def _add_train_parser(sub: Any) -> argparse.ArgumentParser:
             "train", dataclass_types=[RunArguments, TrainConfigArguments], allow_abbrev=False,
             formatter_class=argparse.RawDescriptionHelpFormatter, usage=TRAIN_USAGE,
             help="train from a YAML config (TRL-style flags override it)",
-            description="Train from CONFIG.yaml, a mapping of the keys below: what to train on (model and\n"
-                        "train_data are required) and TrainConfig fields. Each key is also a flag, --key value or\n"
-                        "--key=value (underscores; the dashed spelling works too), that overrides the YAML. A\n"
-                        "boolean flag alone means true (--bf16) and also takes a value (--bf16 false, --bf16=no);\n"
-                        "--no_KEY sets a key that defaults to true to false. For a key that allows None, none\n"
-                        "(or null) sets it to None.",
+            description="Train from CONFIG.yaml (positional or --config, TRL's spelling) or from flags alone: a\n"
+                        "mapping of the keys below, what to train on (model and train_data, or TRL's\n"
+                        "model_name_or_path and dataset_name, are required) and TrainConfig fields. TRL keys that\n"
+                        "are no setting here are refused with the reason or accepted without effect (listed last).\n"
+                        "Each key is also a flag, --key value or --key=value (underscores; the dashed spelling\n"
+                        "works too), that overrides the YAML. A boolean flag alone means true (--bf16) and also\n"
+                        "takes a value (--bf16 false, --bf16=no); --no_KEY sets it to false. For a key that allows\n"
+                        "None, none (or null) sets it to None.",
             epilog="examples:\n"
                    "  epsdpo train run.yaml --learning_rate 1e-6 --layout=packed --bf16\n"
+                   "  epsdpo train --config run.yaml --no_gradient_checkpointing\n"
+                   "  epsdpo train --model_name_or_path M --dataset_name pairs.jsonl --output_dir out\n"
                    "  epsdpo train run.yaml --resume                      # newest checkpoint in output_dir\n"
                    "  epsdpo train run.yaml --resume_from_checkpoint out/checkpoint-200\n"
                    "  epsdpo train run.yaml --resume_from_checkpoint auto   # resume if there is a checkpoint, else start\n"
@@ -288,9 +292,10 @@ def _add_train_parser(sub: Any) -> argparse.ArgumentParser:
                     action.choices = (*action.choices, None)
         # Only the flags given reach the namespace, so they and only they override the YAML.
         action.default = argparse.SUPPRESS
+    negations = train.add_argument_group("--no_KEY for each boolean without one above (as TRL's flags)")
     for name, hint in hints.items():
         if hint is bool and f"--no_{name}" not in train._option_string_actions:  # TRL has one for each of its booleans
-            train.add_argument(f"--no_{name}", f"--no-{name.replace('_', '-')}", dest=name, action="store_const",
+            negations.add_argument(f"--no_{name}", f"--no-{name.replace('_', '-')}", dest=name, action="store_const",
                                const=False, default=argparse.SUPPRESS, help=f"Set {name} to false.")
     _add_trl_key_flags(train)
     train.add_argument("config", metavar="CONFIG.yaml", nargs="?", default=None,
