@@ -191,6 +191,7 @@ def test_resume_from_checkpoint_as_a_yaml_key(trainer, tmp_path, capsys):
     assert "resume_from_checkpoint=3 is invalid" in usage_error(capsys, "train", str(path))
 
 
+@pytest.mark.slow
 def test_trls_cli_docs_dpo_yaml_runs_with_only_the_program_name_changed(tmp_path, monkeypatch):
     """TRL's CLI docs: `trl dpo --config dpo_config.yaml` with a YAML of the model and the dataset,
     here a local model folder and a local file in place of the hub ids."""
@@ -288,3 +289,10 @@ def test_torch_dtype_is_dtype(tmp_path):
     assert TrainConfig(torch_dtype="bfloat16", use_peft=True).dtype == "bfloat16"
     with pytest.raises(ValueError, match=r"^torch_dtype='float32' is invalid: must be unset or equal to dtype"):
         TrainConfig(torch_dtype="float32", dtype="bfloat16")
+
+
+@pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
+def test_dtype_auto_is_refused_with_the_reason(key):
+    with pytest.raises(ValueError, match=rf"^{key}='auto' is invalid: .*auto would load the checkpoint's own "
+                                         "precision, often bfloat16, and trained weights must be float32"):
+        TrainConfig(**{key: "auto"})

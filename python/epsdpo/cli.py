@@ -346,16 +346,6 @@ def _add_trl_key_flags(train: argparse.ArgumentParser) -> None:
             group.add_argument(*spellings, type=_yaml_value, **common)
 
 
-def _check_trl_keys(values: dict[str, Any]) -> list[str]:
-    """Refuses (ValueError naming the key) a TRL key at a value epsdpo does not honour; returns the
-    lines that say which accepted keys change nothing here."""
-    for name, value in values.items():
-        why = trl_keys.refusal(name, value)
-        if why is not None:
-            raise ValueError(why)
-    return [line for name, value in values.items() if (line := trl_keys.without_effect(name, value))]
-
-
 def _apply_env(env: Any, source: str) -> None:
     """TRL's `env:` mapping: each variable set before anything runs, as TrlParser sets it."""
     import os
@@ -419,7 +409,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         config = TrainConfig.from_yaml(path, given, extras=extra)
         run_args = RunArguments(**{k: extra[k] for k in RUN_KEYS})
-        notes = _check_trl_keys({k: extra[k] for k in trl_keys.KEYS if extra[k] is not GIVEN_NOWHERE})
+        notes = trl_keys.check({k: extra[k] for k in trl_keys.KEYS if extra[k] is not GIVEN_NOWHERE})
         resume = _resume_choice(args, extra[RESUME_KEY])
         if extra[ENV_KEY] is not GIVEN_NOWHERE:
             _apply_env(extra[ENV_KEY], source)

@@ -335,6 +335,10 @@ class TrainConfig:
                 setattr(self, name, "no")
         if isinstance(self.resume_allow_changes, str):  # one name, as a YAML scalar
             self.resume_allow_changes = [self.resume_allow_changes]
+        for name in ("dtype", "torch_dtype"):  # TRL's ModelConfig also takes auto; said here, not as a bad choice
+            _check(getattr(self, name) != "auto", name, "auto",
+                   "float32, bfloat16, float16 or None: auto would load the checkpoint's own precision, often "
+                   "bfloat16, and trained weights must be float32 (docs/precision.md); None loads float32")
         self._check_types()
         for name in MAPPING_FIELDS:
             self._read_mapping(name)

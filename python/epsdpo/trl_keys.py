@@ -224,3 +224,14 @@ def without_effect(name: str, value: Any) -> str | None:
 def trl_default(name: str) -> Any:
     """TRL 1.16's default for a key of this table."""
     return (REFUSED.get(name) or WITHOUT_EFFECT[name]).trl_default
+
+
+def check(values: dict[str, Any]) -> list[str]:
+    """Refuses (ValueError, one line naming the key) the first of `values` (TRL keys of this table,
+    as a YAML or a DPOConfig gives them) at a value epsdpo does not honour; returns the lines that
+    say which of the accepted ones change nothing here."""
+    for name, value in values.items():
+        why = refusal(name, value)
+        if why is not None:
+            raise ValueError(why)
+    return [line for name, value in values.items() if (line := without_effect(name, value))]
