@@ -39,7 +39,7 @@ NON_DEFAULT = dict(
     max_row_bytes=4096, disable_dropout=False,
     gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True}, fsdp=True, chunk_size=256, precompute_ref_log_probs=False, precompute_ref_batch_size=16,
     logging_strategy="epoch", logging_steps=5, logging_first_step=True,
-    eval_strategy="epoch", eval_steps=10, save_strategy="steps", save_steps=20, save_total_limit=2, overwrite_output_dir=True, run_name="r1", report_to="none",
+    eval_strategy="epoch", eval_steps=10, save_strategy="steps", save_steps=20, save_total_limit=2, save_only_model=True, overwrite_output_dir=True, run_name="r1", report_to="none",
     resume_allow_changes=["learning_rate", "max_steps"],
     remove_unused_columns=False, push_to_hub=False, plots=False, progress=False,
 )

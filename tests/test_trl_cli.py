@@ -296,3 +296,20 @@ def test_dtype_auto_is_refused_with_the_reason(key):
     with pytest.raises(ValueError, match=rf"^{key}='auto' is invalid: .*auto would load the checkpoint's own "
                                          "precision, often bfloat16, and trained weights must be float32"):
         TrainConfig(**{key: "auto"})
+
+
+def test_save_only_model_checkpoints_hold_the_model_alone_and_refuse_a_resume(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from epsdpo.checkpoint import CheckpointError
+
+    Trainer(tiny_llama(0), tiny_config(tmp_path, save_only_model=True, save_steps=1, report_to="none"),
+            toy_store()).train()
+    checkpoint = tmp_path / "checkpoint-2"
+    assert (checkpoint / "model.safetensors").is_file()
+    assert not [f for f in ("training_state.pt", "kl_controller.bin", "sampler.bin") if (checkpoint / f).exists()]
+    AutoModelForCausalLM.from_pretrained(checkpoint)  # a model folder
+    resumed = Trainer(tiny_llama(0), tiny_config(tmp_path, max_steps=3, report_to="none"), toy_store())
+    with pytest.raises(CheckpointError, match=r"checkpoint-2 was written with save_only_model=True: it holds the "
+                                              r"model alone"):
+        resumed.train(resume_from_checkpoint=True)

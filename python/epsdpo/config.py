@@ -305,6 +305,10 @@ class TrainConfig:
     save_total_limit: int | None = field(default=None, metadata={"help": (
         "Keep at most this many checkpoints, >= 1, deleting the oldest (the one just written is always "
         "kept). None: keep all (TRL's meaning).")})
+    save_only_model: bool = field(default=False, metadata={"help": (
+        "Checkpoints hold the model alone (weights, config, tokenizer), without the optimizer, scheduler, "
+        "sampler and β state that resuming needs (transformers' meaning): smaller, and each loads with "
+        "from_pretrained, but a run cannot resume from them; resuming from one is refused.")})
     overwrite_output_dir: bool = field(default=False, metadata={"help": (
         "A fresh run refuses an output_dir holding another run's checkpoints or metrics; true clears them "
         "first (TRL/transformers' meaning). Resuming never needs it.")})

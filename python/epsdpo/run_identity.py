@@ -40,7 +40,7 @@ FREE_ON_RESUME = frozenset({
     "output_dir", "overwrite_output_dir", "resume_allow_changes",
     "logging_strategy", "logging_steps", "report_to", "run_name", "progress", "plots",
     "eval_strategy", "eval_steps", "per_device_eval_batch_size",
-    "save_strategy", "save_steps", "save_total_limit", "push_to_hub",
+    "save_strategy", "save_steps", "save_total_limit", "save_only_model", "push_to_hub",
     "dataset_cache_dir", "dataset_num_proc", "remove_unused_columns", "trust_remote_code",
     # how a step is computed, not what it computes
     "device", "ddp_timeout", "chunk_size", "gradient_checkpointing", "gradient_checkpointing_kwargs",

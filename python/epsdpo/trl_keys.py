@@ -95,8 +95,6 @@ REFUSED: dict[str, Refused] = {
     "metric_for_best_model": Refused(None, "save_strategy best is not supported; final/ is the last step's model"),
     "greater_is_better": Refused(None, "save_strategy best is not supported; final/ is the last step's model"),
     # DPOConfig: checkpoints and the hub
-    "save_only_model": Refused(False, "checkpoints always hold what resuming needs (optimizer, scheduler, sampler, "
-                                      "β state); the model alone is written at the end"),
     "save_on_each_node": Refused(False, "the main process writes checkpoints to one output_dir all nodes share"),
     "enable_jit_checkpoint": Refused(False, "checkpoints are written at save_steps and on SIGTERM (preemption) "
                                             "already; a JIT checkpoint is not supported"),
