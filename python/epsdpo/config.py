@@ -215,6 +215,7 @@ class TrainConfig:
     torch_dtype: Literal["float32", "bfloat16", "float16"] | None = field(default=None, metadata={"help": (
         "The older spelling of dtype (transformers 4's from_pretrained argument), with its meaning; set one "
         "of the two, or both to the same value.")})
+    # model loading and LoRA adapters (TRL's ModelConfig)
     model_init_kwargs: dict | str | None = field(default=None, metadata={"help": (
         "Keyword arguments for from_pretrained when the model (and ref_model) are given as paths, as a mapping "
         "or a JSON string, e.g. {\"attn_implementation\": \"eager\"} (TRL's meaning). Not dtype: see dtype.")})
