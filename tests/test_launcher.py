@@ -86,7 +86,8 @@ def test_trls_fsdp2_config_trains_with_fsdp_and_bf16_and_records_them(tmp_path, 
 def test_trls_fsdp1_config_is_refused(tmp_path):
     env = accelerate_env(tmp_path, TRL_FSDP2.replace("fsdp_version: 2", "fsdp_version: 1"))
     with pytest.raises(LauncherSettingError, match=r"^the launcher \(accelerate\) sets FSDP_VERSION=1: only FSDP2 is "
-                                                   r"supported; set fsdp_version: 2 in the accelerate config \(or fsdp: true under torchrun\)$"):
+                                                   r"supported; set fsdp_version: 2 in the accelerate config "
+                                                   r"\(or fsdp: true under torchrun\)$"):
         apply_launcher_settings(config(), env)
 
 
@@ -94,8 +95,8 @@ FSDP2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
 
 
 @pytest.mark.parametrize(("env", "named"), [
-    pytest.param({"ACCELERATE_USE_DEEPSPEED": "true"}, "ACCELERATE_USE_DEEPSPEED=true: DeepSpeed \\(ZeRO\\) is not supported",
-                 id="deepspeed"),
+    pytest.param({"ACCELERATE_USE_DEEPSPEED": "true"},
+                 "ACCELERATE_USE_DEEPSPEED=true: DeepSpeed \\(ZeRO\\) is not supported", id="deepspeed"),
     pytest.param({"ACCELERATE_USE_MEGATRON_LM": "true"}, "ACCELERATE_USE_MEGATRON_LM=true: Megatron-LM", id="megatron"),
     pytest.param({"ACCELERATE_USE_PARALLELISM_CONFIG": "true"}, "ACCELERATE_USE_PARALLELISM_CONFIG=true: tensor",
                  id="tensor-parallel"),

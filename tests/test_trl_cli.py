@@ -313,3 +313,11 @@ def test_save_only_model_checkpoints_hold_the_model_alone_and_refuse_a_resume(tm
     with pytest.raises(CheckpointError, match=r"checkpoint-2 was written with save_only_model=True: it holds the "
                                               r"model alone"):
         resumed.train(resume_from_checkpoint=True)
+
+
+def test_trls_other_names_of_settings(trainer, cfg, capsys):
+    assert run(cfg, "--use_cpu")["config"].device == "cpu"
+    assert run(cfg, "--disable_tqdm", "true")["config"].progress is False
+    assert run(cfg, "--use_cpu", "false", "--disable_tqdm", "false")["config"].progress is True
+    assert "use_cpu=True is invalid: must be false with device='cuda:1'" in usage_error(
+        capsys, "train", str(cfg), "--use_cpu", "--device", "cuda:1")

@@ -249,7 +249,8 @@ def test_fields_transformers_derives_from_the_set_ones_are_not_refused():
 
 
 @pytest.mark.parametrize(("fields", "refused"), [
-    (dict(use_liger_kernel=True), r"use_liger_kernel=True"), (dict(neftune_noise_alpha=5.0), r"neftune_noise_alpha=5.0"),
+    (dict(use_liger_kernel=True), r"use_liger_kernel=True"),
+    (dict(neftune_noise_alpha=5.0), r"neftune_noise_alpha=5.0"),
     (dict(fsdp="shard_grad_op"), r"fsdp_config=\{.*'reshard_after_forward': False.*\}"),
     (dict(torch_compile=True), r"torch_compile=True"),
     (dict(label_smoothing_factor=0.1), r"label_smoothing_factor=0.1"),

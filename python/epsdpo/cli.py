@@ -328,14 +328,18 @@ def _add_trl_key_flags(train: argparse.ArgumentParser) -> None:
     """Every key of `epsdpo.trl_keys` as a flag, in the form TRL's parser gives it (booleans with their
     `--no_key` where TRL's default is true, lists one word per item), so TRL's commands parse; what the
     value means is decided with the YAML's."""
-    group = train.add_argument_group("TRL keys refused or without effect here (each says why)")
+    group = train.add_argument_group("TRL keys that are other names, refused, or without effect here (each says why)")
     for name in trl_keys.KEYS:
         default = trl_keys.trl_default(name)
         spellings = dict.fromkeys((f"--{name}", f"--{name.replace('_', '-')}"))
-        why = (trl_keys.REFUSED[name].reason if name in trl_keys.REFUSED else trl_keys.WITHOUT_EFFECT[name].reason)
-        kind = "refused unless TRL's default" if name in trl_keys.REFUSED else "accepted, without effect"
-        common = dict(dest=name, default=argparse.SUPPRESS, help=f"TRL's {name}: {kind}: {why}.".replace("%", "%%"))
-        if isinstance(default, bool):
+        if name in trl_keys.OTHER_NAMES:
+            about = f"TRL's name for {trl_keys.OTHER_NAMES[name][1]}"
+        elif name in trl_keys.REFUSED:
+            about = f"TRL's {name}: refused unless TRL's default: {trl_keys.REFUSED[name].reason}"
+        else:
+            about = f"TRL's {name}: accepted, without effect: {trl_keys.WITHOUT_EFFECT[name].reason}"
+        common = dict(dest=name, default=argparse.SUPPRESS, help=f"{about}.".replace("%", "%%"))
+        if isinstance(default, bool) or name in trl_keys.OTHER_NAMES:
             group.add_argument(*spellings, type=_to_bool, nargs="?", const=True, metavar="BOOL", **common)
             if default:
                 group.add_argument(f"--no_{name}", f"--no-{name.replace('_', '-')}", action="store_const",
@@ -344,6 +348,17 @@ def _add_trl_key_flags(train: argparse.ArgumentParser) -> None:
             group.add_argument(*spellings, type=_yaml_value, nargs="+", **common)
         else:
             group.add_argument(*spellings, type=_yaml_value, **common)
+
+
+def _with_other_names(config: Any, values: dict[str, Any]) -> Any:
+    """`config` with what TRL's other names of its settings ask for (use_cpu: device, disable_tqdm:
+    progress); a device other than the CPU beside use_cpu true is an error naming both."""
+    changes: dict[str, Any] = {}
+    for name, value in values.items():
+        changes.update(trl_keys.as_settings(name, value))
+    if changes.get("device") and config.device not in (None, "cpu"):
+        raise ValueError(f"use_cpu=True is invalid: must be false with device={config.device!r} (choose one)")
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 def _apply_env(env: Any, source: str) -> None:
@@ -410,6 +425,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = TrainConfig.from_yaml(path, given, extras=extra)
         run_args = RunArguments(**{k: extra[k] for k in RUN_KEYS})
         notes = trl_keys.check({k: extra[k] for k in trl_keys.KEYS if extra[k] is not GIVEN_NOWHERE})
+        config = _with_other_names(config, {k: extra[k] for k in trl_keys.OTHER_NAMES if extra[k] is not GIVEN_NOWHERE})
         resume = _resume_choice(args, extra[RESUME_KEY])
         if extra[ENV_KEY] is not GIVEN_NOWHERE:
             _apply_env(extra[ENV_KEY], source)

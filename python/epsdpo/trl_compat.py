@@ -239,7 +239,7 @@ def _renamed(name: str, value: Any) -> dict[str, Any]:
     if not isinstance(value, bool):
         raise refuse(name, value, "True or False")
     if name == "use_cpu":
-        return {"device": "cpu"} if value else {}
+        return trl_keys.as_settings(name, value)
     return {"progress": not value}  # disable_tqdm
 
 

@@ -1,15 +1,16 @@
 """The keys of TRL's DPO configs that are not epsdpo settings: each refused or accepted without effect, with why.
 
 A TRL user's YAML (TRL 1.16's `DPOConfig`, `ModelConfig`, `ScriptArguments`, `DatasetMixtureConfig`,
-and the launcher keys `trl dpo` itself reads) carries keys for things epsdpo does differently or not at all. Every such key is listed here once,
-with TRL's default and the one-line reason, so that the CLI (and the conversion of a `DPOConfig`)
-never meets a TRL key it cannot explain:
+and the launcher keys `trl dpo` itself reads) carries keys for things epsdpo does differently or not
+at all. Every such key is listed here once, with TRL's default and the one-line reason, so that the
+CLI and the conversion of a `DPOConfig` (epsdpo.trl_compat) never meet a TRL key they cannot explain:
 
 - `REFUSED`: the values listed (TRL's default among them, so a YAML that spells out defaults runs)
   are accepted because they ask for nothing epsdpo does not do; any other value is refused with the
   reason, never trained silently without it.
 - `WITHOUT_EFFECT`: any value is accepted and changes nothing, for the reason given (said once in
   the run's log when a YAML sets one away from TRL's default).
+- `OTHER_NAMES`: TRL's name for an epsdpo setting (`use_cpu`: device, `disable_tqdm`: progress).
 
 Keys that are `TrainConfig` fields or `epsdpo train` run keys are not here: they mean what TRL means.
 """
@@ -80,7 +81,6 @@ REFUSED: dict[str, Refused] = {
     "use_weighting": Refused(False, "WPO's pair weighting is not supported"),
     "router_aux_loss_coef": Refused(None, "a mixture-of-experts router loss is not supported"),
     # DPOConfig: logging and evaluation
-    "disable_tqdm": Refused(None, "set progress: false to hide the progress bar", (False,)),
     "project": Refused("huggingface", "name the project through the backend's own setting (WANDB_PROJECT, "
                                       "TRACKIO_PROJECT, MLFLOW_EXPERIMENT_NAME)"),
     "trackio_space_id": Refused(None, "trackio logs locally here; a Space is not supported"),
@@ -104,7 +104,6 @@ REFUSED: dict[str, Refused] = {
     # DPOConfig: runtime
     "full_determinism": Refused(False, "seed seeds torch and the sampler; deterministic kernels are not forced"),
     "data_seed": Refused(None, "the sampler uses seed; a separate data seed is not supported"),
-    "use_cpu": Refused(False, "set device: cpu"),
     "accelerator_config": Refused(None, "accelerate's Accelerator is not used; see docs/launch.md"),
     "parallelism_config": Refused(None, "tensor / context / sequence parallelism is not supported; fsdp (FSDP2) "
                                         "and DDP are"),
@@ -189,10 +188,10 @@ WITHOUT_EFFECT: dict[str, WithoutEffect] = {
     "bnb_4bit_quant_storage": WithoutEffect(None, QUANTIZED_ONLY),
 }
 
-# Keys whose values are never written back (a token is a secret).
-SECRET = frozenset({"hub_token"})
+# TRL keys that are an epsdpo setting under another name: TRL's default, and the setting they stand for
+OTHER_NAMES: dict[str, tuple[Any, str]] = {"use_cpu": (False, "device"), "disable_tqdm": (None, "progress")}
 
-KEYS: tuple[str, ...] = (*REFUSED, *WITHOUT_EFFECT)
+KEYS: tuple[str, ...] = (*REFUSED, *WITHOUT_EFFECT, *OTHER_NAMES)
 
 
 def _same(value: Any, expected: Any) -> bool:
@@ -221,7 +220,23 @@ def without_effect(name: str, value: Any) -> str | None:
 
 def trl_default(name: str) -> Any:
     """TRL 1.16's default for a key of this table."""
+    if name in OTHER_NAMES:
+        return OTHER_NAMES[name][0]
     return (REFUSED.get(name) or WITHOUT_EFFECT[name]).trl_default
+
+
+def as_settings(name: str, value: Any) -> dict[str, Any]:
+    """The epsdpo settings a key of OTHER_NAMES asks for: use_cpu true is device cpu, disable_tqdm
+    true is progress false; their other values ask for nothing. ValueError for a value not a boolean."""
+    if value is None and name == "disable_tqdm":
+        return {}
+    if not isinstance(value, bool):
+        from epsdpo.safe_yaml import shown
+
+        raise ValueError(f"{name}={shown(value)} is invalid: must be true or false (TRL's meaning)")
+    if not value:
+        return {}
+    return {"device": "cpu"} if name == "use_cpu" else {"progress": False}
 
 
 def check(values: dict[str, Any]) -> list[str]:
