@@ -26,20 +26,20 @@ NON_DEFAULT = dict(
     output_dir="runs/x", method="tr_dpo", beta=0.2, beta_min=0.05, epsilon=0.05, epsilon_check=0.02, cdpo_smoothing=0.1,
     label_smoothing=0.0, loss_type="sigmoid",
     sync_ref_model=True, ref_model_sync_steps=16, ref_model_mixup_alpha=0.5, beta_dpo_alpha=0.3, beta_dpo_momentum=0.8, beta_dpo_filter=0.5,
-    learning_rate=1e-5, per_device_train_batch_size=2, per_device_eval_batch_size=3, gradient_accumulation_steps=4,
-    num_train_epochs=2.5, max_steps=7, lr_scheduler_type="cosine", warmup_steps=3.0, warmup_ratio=0.0,
+    learning_rate=1e-5, optim="adamw_torch_fused", adam_epsilon=1e-6, per_device_train_batch_size=2, per_device_eval_batch_size=3, gradient_accumulation_steps=4,
+    num_train_epochs=2.5, max_steps=7, lr_scheduler_type="cosine", lr_scheduler_kwargs={"num_cycles": 1.5}, warmup_steps=3.0, warmup_ratio=0.0,
     weight_decay=0.01,
     adam_beta1=0.8, adam_beta2=0.99, max_grad_norm=0.0, max_length=None, max_prompt_length=64, max_completion_length=32,
     truncation_mode="keep_start", prompt_truncation_mode="keep_start", layout="packed", padding_free=True,
     group_by_length=True, max_tokens_per_batch=4096, pad_to_multiple_of=8, skip_invalid=True, dataset_cache_dir="cache",
-    dataset_num_proc=4, seed=7, device="cpu", ddp_timeout=60, dtype="bfloat16",
+    dataset_num_proc=4, seed=7, device="cpu", ddp_timeout=60, tf32=False, dtype="bfloat16", torch_dtype="bfloat16",
     bf16=True, fp16=False, model_init_kwargs={"attn_implementation": "eager"},
     trust_remote_code=True, attn_implementation="sdpa", model_revision="v1", use_peft=True, lora_r=8,
     lora_alpha=16, lora_dropout=0.1, lora_target_modules=["q_proj", "v_proj"], chat_template_path="chat.jinja",
     max_row_bytes=4096, disable_dropout=False,
-    gradient_checkpointing=True, fsdp=True, chunk_size=256, precompute_ref_log_probs=False, precompute_ref_batch_size=16,
-    logging_strategy="epoch", logging_steps=5,
-    eval_strategy="epoch", eval_steps=10, save_strategy="steps", save_steps=20, save_total_limit=2, overwrite_output_dir=True, run_name="r1", report_to="none",
+    gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True}, fsdp=True, chunk_size=256, precompute_ref_log_probs=False, precompute_ref_batch_size=16,
+    logging_strategy="epoch", logging_steps=5, logging_first_step=True,
+    eval_strategy="epoch", eval_steps=10, save_strategy="steps", save_steps=20, save_total_limit=2, save_only_model=True, overwrite_output_dir=True, run_name="r1", report_to="none",
     resume_allow_changes=["learning_rate", "max_steps"],
     remove_unused_columns=False, push_to_hub=False, plots=False, progress=False,
 )
@@ -240,8 +240,12 @@ def test_other_config_file_errors(capsys, tmp_path):
     assert "broken.yaml: not valid YAML" in usage_error(capsys, "train", str(tmp_path / "broken.yaml"))
     (tmp_path / "empty.yaml").write_text("")
     line = usage_error(capsys, "train", str(tmp_path / "empty.yaml"))
-    assert "model and train_data required" in line and "--model --train_data" in line
-    assert "the following arguments are required: CONFIG.yaml" in usage_error(capsys, "train")
+    assert "model and train_data required" in line and "--model_name_or_path (or --model)" in line \
+        and "--dataset_name (or --train_data)" in line
+    # no YAML: the flags say everything (TRL's dpo.py commands), so what is missing is the model and data
+    assert usage_error(capsys, "train").endswith("model and train_data required (the model and the training data to "
+                                                 "use): pass --model_name_or_path (or --model) and --dataset_name (or "
+                                                 "--train_data)")
 
 
 def billion_laughs(levels: int = 9) -> str:

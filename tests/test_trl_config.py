@@ -204,7 +204,7 @@ def test_defaults_are_trls():
     ours = config.to_dict()
     # The differences the README's "Coming from TRL" table gives, each with its reason (output_dir has none)
     differ = {"bf16", "gradient_checkpointing", "eval_strategy", "save_strategy", "save_steps", "report_to",
-              "pad_to_multiple_of", "fsdp", "loss_type", "output_dir",
+              "pad_to_multiple_of", "fsdp", "loss_type", "output_dir", "optim",
               "model_revision", "dtype"}  # None: the default branch (TRL's main), float32 for a path (TRL's float32)
     for theirs in (dataclasses.asdict(trl.ModelConfig()), trl.DPOConfig(output_dir="unused", bf16=False).to_dict()):
         same = sorted(k for k in ours.keys() & theirs.keys() if k not in differ)

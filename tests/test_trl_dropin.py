@@ -178,7 +178,10 @@ class Unset:
 
 def test_every_dpo_config_field_is_taken_or_refused():
     """Each of DPOConfig's fields (its own and the ~130 of transformers' TrainingArguments) set to a value
-    of the user's own reaches TrainConfig or is refused naming the field; none is dropped unread."""
+    of the user's own reaches TrainConfig or is refused naming the field, or (a loader, hub or logging
+    knob of epsdpo.trl_keys.WITHOUT_EFFECT) is accepted and said to have no effect; none is dropped unread."""
+    from epsdpo import trl_keys
+
     base = dpo_config()
     fields = [f.name for f in dataclasses.fields(base) if f.init]
     assert len(fields) > 130
@@ -186,6 +189,10 @@ def test_every_dpo_config_field_is_taken_or_refused():
     for name in fields:
         changed = copy.copy(base)
         setattr(changed, name, Unset())
+        if name in trl_keys.WITHOUT_EFFECT:
+            with pytest.warns(UserWarning, match=rf"^{name} has no effect: \S"):
+                as_train_config(changed)
+            continue
         with pytest.raises(ValueError, match=rf"^{name}=<a value of its own> is (invalid|not supported): \S") as error:
             as_train_config(changed)
         assert "\n" not in str(error.value)
@@ -221,11 +228,17 @@ def test_trl_values_that_mean_the_same_under_another_form():
     assert as_train_config(dpo_config(use_cpu=True)).device == "cpu"
     assert as_train_config(dpo_config(disable_tqdm=True)).progress is False
     assert as_train_config(dpo_config(activation_checkpointing=False)).gradient_checkpointing is False
-    # what epsdpo's checkpointing does, as TRL's docs spell it; another wish is refused
-    assert as_train_config(dpo_config(gradient_checkpointing_kwargs={"use_reentrant": False})).gradient_checkpointing
-    refused = r"^gradient_checkpointing_kwargs=\{'use_reentrant': True\} is (invalid|not supported)"
-    with pytest.raises(ValueError, match=refused):
-        as_train_config(dpo_config(gradient_checkpointing_kwargs={"use_reentrant": True}))
+    # TrainConfig fields with transformers' meaning, taken as given
+    assert as_train_config(dpo_config(gradient_checkpointing_kwargs={"use_reentrant": True})) \
+        .gradient_checkpointing_kwargs == {"use_reentrant": True}
+    taken = as_train_config(dpo_config(adam_epsilon=1e-6, logging_first_step=True, save_only_model=True))
+    assert (taken.adam_epsilon, taken.logging_first_step, taken.save_only_model, taken.optim) == \
+        (1e-6, True, True, "adamw_torch_fused")  # TRL's default optimizer
+
+
+def test_a_dpo_config_field_without_effect_is_taken_and_said():
+    with pytest.warns(UserWarning, match=r"^dataloader_num_workers has no effect: batches are cut"):
+        as_train_config(dpo_config(dataloader_num_workers=4))
 
 
 def test_fields_transformers_derives_from_the_set_ones_are_not_refused():
@@ -236,7 +249,8 @@ def test_fields_transformers_derives_from_the_set_ones_are_not_refused():
 
 
 @pytest.mark.parametrize(("fields", "refused"), [
-    (dict(adam_epsilon=1e-6), r"adam_epsilon=1e-06"), (dict(neftune_noise_alpha=5.0), r"neftune_noise_alpha=5.0"),
+    (dict(use_liger_kernel=True), r"use_liger_kernel=True"),
+    (dict(neftune_noise_alpha=5.0), r"neftune_noise_alpha=5.0"),
     (dict(fsdp="shard_grad_op"), r"fsdp_config=\{.*'reshard_after_forward': False.*\}"),
     (dict(torch_compile=True), r"torch_compile=True"),
     (dict(label_smoothing_factor=0.1), r"label_smoothing_factor=0.1"),

@@ -55,6 +55,7 @@ TRAINING_CONFIG = "training_config.json"  # the TrainConfig; config.json is the 
 SHARDED = "sharded"
 # What resume reads besides the weights (`resume_reads`): each must be in the manifest, or it is read unchecked.
 RESUME_STATE_FILES = ("training_state.pt", "kl_controller.bin", "sampler.bin", TRAINER_STATE, TRAINING_CONFIG)
+MODEL_ONLY = "save_only_model"  # trainer_state.json's mark of a checkpoint without resume state
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest lists a few dozen files (thousands for FSDP shards): kilobytes
 # what save_pretrained writes in a safetensors header; transformers 4.x's from_pretrained refuses a file
 # whose metadata lacks it (safetensors' save_model writes metadata of its own for tied weights)
@@ -199,6 +200,7 @@ def save_checkpoint(
     tokenizer: Any = None,
     rng_per_rank: list[dict[str, Any]] | None = None,
     rank_files: dict[str, bytes] | None = None,
+    model_only: bool = False,
 ) -> Path:
     """Finish checkpoint `step` and rename it into place (rank 0).
 
@@ -210,7 +212,9 @@ def save_checkpoint(
     `from_pretrained` loads (`save_pretrained_files`); by default `model` when it is a module.
     `rng_per_rank`: every rank's `rng_state()`, in rank order (by default this process's alone).
     `rank_files`: the other ranks' state, by file name (their KL controllers: epsdpo.beta_ledger),
-    written and listed in the manifest like the rest."""
+    written and listed in the manifest like the rest. `model_only` (save_only_model): the weights,
+    the model folder's files and the two JSON files alone, without the state resuming needs; such a
+    checkpoint loads with from_pretrained and is refused as a resume point (`verify_checkpoint`)."""
     final = output_dir / f"{PREFIX}{step}"
     tmp = staging_dir(output_dir, step)
     if model is None:
@@ -225,6 +229,12 @@ def save_checkpoint(
         pretrained = model
     if pretrained is not None:
         save_pretrained_files(tmp, pretrained, tokenizer)
+    if model_only:
+        trainer_state = {**trainer_state, MODEL_ONLY: True}
+        for name, data in ((TRAINING_CONFIG, json.dumps(config, indent=2).encode()),
+                           (TRAINER_STATE, json.dumps(trainer_state, indent=2).encode())):
+            write_file(tmp / name, lambda path, data=data: path.write_bytes(data))
+        return _finish(output_dir, tmp, final, save_total_limit)
     rng_per_rank = rng_per_rank or [rng_state()]
     # "rng" stays rank 0's state, as checkpoints before per-rank states held it
     training = {"scheduler": scheduler.state_dict(), "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank,
@@ -237,6 +247,11 @@ def save_checkpoint(
                        (TRAINER_STATE, json.dumps(trainer_state, indent=2).encode()),
                        *(rank_files or {}).items()):
         write_file(tmp / name, lambda path, data=data: path.write_bytes(data))
+    return _finish(output_dir, tmp, final, save_total_limit)
+
+
+def _finish(output_dir: Path, tmp: Path, final: Path, save_total_limit: int | None) -> Path:
+    """The manifest written last, then the staged checkpoint renamed into place and old ones pruned."""
     _write_manifest(tmp)
     if final.exists():  # resumed from an earlier step: this step's old checkpoint is replaced
         _discard(final)
@@ -366,7 +381,15 @@ def _read_manifest(path: Path) -> dict[str, dict[str, Any]]:
 def verify_checkpoint(path: Path, reference: bool = False) -> None:
     """The manifest is a regular file of bounded size that lists every file resuming reads
     (`resume_reads`; `reference`: the run resumes a moving reference), and every file it lists is a
-    regular file with its size and SHA-256; raises CheckpointError naming the first that is not."""
+    regular file with its size and SHA-256; raises CheckpointError naming the first that is not. A
+    checkpoint written with save_only_model is refused as what it is, not as an incomplete one."""
+    listed = _read_manifest(path)
+    if "training_state.pt" not in listed and TRAINER_STATE in listed:
+        _verify_file(path / TRAINER_STATE, listed[TRAINER_STATE])
+        if read_trainer_state(path).get(MODEL_ONLY) is True:
+            raise CheckpointError(f"{path} was written with save_only_model=True: it holds the model alone, without "
+                                  "the optimizer, scheduler, sampler and β state a resume needs; start a new run "
+                                  "from its weights (model: the checkpoint folder) instead")
     files = require_listed(path, resume_reads(path, reference))
     for name, entry in files.items():
         _verify_file(path / name, entry)

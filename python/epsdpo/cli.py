@@ -1,10 +1,16 @@
 """The `epsdpo` command: `train`, `prepare`, `demo`.
 
-`epsdpo train CONFIG.yaml [--key value | --key=value ...]` parses its flags with transformers'
-`HfArgumentParser`, as TRL's scripts do: every `TrainConfig` field and every `RunArguments` field is
-a `--key` flag (underscores; the dashed spelling works too), and a flag overrides the YAML's value.
-The YAML and the flags are merged and validated by `TrainConfig.from_yaml`; every mistake is a
-one-line usage error naming the key (exit code 2).
+`epsdpo train [CONFIG.yaml | --config CONFIG.yaml] [--key value | --key=value ...]` parses its flags
+with transformers' `HfArgumentParser`, as TRL's scripts do: every `TrainConfig` field and every
+`RunArguments` field is a `--key` flag (underscores; the dashed spelling works too), every boolean
+has its `--no_key`, and a flag overrides the YAML's value; without a YAML the flags alone say
+everything (TRL's `dpo.py` commands). The YAML and the flags are merged and validated by
+`TrainConfig.from_yaml`; every mistake is a one-line usage error naming the key (exit code 2).
+
+A TRL YAML's keys that are not epsdpo settings are each in `epsdpo.trl_keys`: refused with the
+reason at a value that asks for what epsdpo does not do, or accepted without effect and said so
+once. TRL's own parser keys work as there: `env` (a mapping of environment variables set before the
+run) and `resume_from_checkpoint`.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from epsdpo import __version__
+from epsdpo import __version__, trl_keys
 from epsdpo.safe_yaml import shown
 
 
@@ -85,7 +91,11 @@ RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunArguments))
 BOOL_WORDS = frozenset({"yes", "no", "true", "false", "t", "f", "y", "n", "1", "0"})
 NONE_WORDS = frozenset({"none", "null", "~"})
 
-TRAIN_USAGE = "epsdpo train CONFIG.yaml [--key value | --key=value ...] [--resume | --resume_from_checkpoint PATH]"
+TRAIN_USAGE = ("epsdpo train [CONFIG.yaml | --config CONFIG.yaml] [--key value | --key=value ...] "
+               "[--resume | --resume_from_checkpoint PATH]")
+# Keys of TRL's parser itself (TrlParser) that a YAML may hold besides the dataclass fields
+ENV_KEY, RESUME_KEY = "env", "resume_from_checkpoint"
+GIVEN_NOWHERE = object()  # an `extras` value from_yaml did not fill: the key is in neither the YAML nor the flags
 
 
 def _load_data(source: Any, split: str | None, config: str | None = None) -> Any:
@@ -184,8 +194,9 @@ def _train_fields() -> dict[str, Any]:
 
 
 def _bool_flags() -> set[str]:
-    return {flag for name, hint in _train_fields().items() if hint is bool
-            for flag in (f"--{name}", f"--{name.replace('_', '-')}")}
+    names = [name for name, hint in _train_fields().items() if hint is bool]
+    names += [name for name in trl_keys.KEYS if isinstance(trl_keys.trl_default(name), bool)]
+    return {flag for name in names for flag in (f"--{name}", f"--{name.replace('_', '-')}")}
 
 
 def _bare_bool_flags(args: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -257,14 +268,18 @@ def _add_train_parser(sub: Any) -> argparse.ArgumentParser:
             "train", dataclass_types=[RunArguments, TrainConfigArguments], allow_abbrev=False,
             formatter_class=argparse.RawDescriptionHelpFormatter, usage=TRAIN_USAGE,
             help="train from a YAML config (TRL-style flags override it)",
-            description="Train from CONFIG.yaml, a mapping of the keys below: what to train on (model and\n"
-                        "train_data are required) and TrainConfig fields. Each key is also a flag, --key value or\n"
-                        "--key=value (underscores; the dashed spelling works too), that overrides the YAML. A\n"
-                        "boolean flag alone means true (--bf16) and also takes a value (--bf16 false, --bf16=no);\n"
-                        "--no_KEY sets a key that defaults to true to false. For a key that allows None, none\n"
-                        "(or null) sets it to None.",
+            description="Train from CONFIG.yaml (positional or --config, TRL's spelling) or from flags alone: a\n"
+                        "mapping of the keys below, what to train on (model and train_data, or TRL's\n"
+                        "model_name_or_path and dataset_name, are required) and TrainConfig fields. TRL keys that\n"
+                        "are no setting here are refused with the reason or accepted without effect (listed last).\n"
+                        "Each key is also a flag, --key value or --key=value (underscores; the dashed spelling\n"
+                        "works too), that overrides the YAML. A boolean flag alone means true (--bf16) and also\n"
+                        "takes a value (--bf16 false, --bf16=no); --no_KEY sets it to false. For a key that allows\n"
+                        "None, none (or null) sets it to None.",
             epilog="examples:\n"
                    "  epsdpo train run.yaml --learning_rate 1e-6 --layout=packed --bf16\n"
+                   "  epsdpo train --config run.yaml --no_gradient_checkpointing\n"
+                   "  epsdpo train --model_name_or_path M --dataset_name pairs.jsonl --output_dir out\n"
                    "  epsdpo train run.yaml --resume                      # newest checkpoint in output_dir\n"
                    "  epsdpo train run.yaml --resume_from_checkpoint out/checkpoint-200\n"
                    "  epsdpo train run.yaml --resume_from_checkpoint auto   # resume if there is a checkpoint, else start\n"
@@ -287,7 +302,16 @@ def _add_train_parser(sub: Any) -> argparse.ArgumentParser:
                     action.choices = (*action.choices, None)
         # Only the flags given reach the namespace, so they and only they override the YAML.
         action.default = argparse.SUPPRESS
-    train.add_argument("config", metavar="CONFIG.yaml", help="the run's YAML: keys as listed below")
+    negations = train.add_argument_group("--no_KEY for each boolean without one above (as TRL's flags)")
+    for name, hint in hints.items():
+        if hint is bool and f"--no_{name}" not in train._option_string_actions:  # TRL has one for each of its booleans
+            negations.add_argument(f"--no_{name}", f"--no-{name.replace('_', '-')}", dest=name, action="store_const",
+                               const=False, default=argparse.SUPPRESS, help=f"Set {name} to false.")
+    _add_trl_key_flags(train)
+    train.add_argument("config", metavar="CONFIG.yaml", nargs="?", default=None,
+                       help="the run's YAML: keys as listed below (none: the flags say everything)")
+    train.add_argument("--config", dest="config_flag", metavar="CONFIG.yaml", default=None,
+                       help="the run's YAML, in TRL's spelling (trl dpo --config CONFIG.yaml)")
     resume = train.add_mutually_exclusive_group()
     resume.add_argument("--resume", action="store_true",
                         help="resume from the newest complete checkpoint in output_dir")
@@ -297,6 +321,86 @@ def _add_train_parser(sub: Any) -> argparse.ArgumentParser:
                              "torchrun --max-restarts, which does this by itself on a restart)")
     train.set_defaults(func=cmd_train, parser=train)
     return train
+
+
+def _yaml_value(text: str) -> Any:
+    """A TRL-only key's flag value, read as a YAML scalar (7 → 7, true → True, null → None), as the
+    same key in the YAML would be."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _add_trl_key_flags(train: argparse.ArgumentParser) -> None:
+    """Every key of `epsdpo.trl_keys` as a flag, in the form TRL's parser gives it (booleans with their
+    `--no_key` where TRL's default is true, lists one word per item), so TRL's commands parse; what the
+    value means is decided with the YAML's."""
+    group = train.add_argument_group("TRL keys that are other names, refused, or without effect here (each says why)")
+    for name in trl_keys.KEYS:
+        default = trl_keys.trl_default(name)
+        spellings = dict.fromkeys((f"--{name}", f"--{name.replace('_', '-')}"))
+        if name in trl_keys.OTHER_NAMES:
+            about = f"TRL's name for {trl_keys.OTHER_NAMES[name][1]}"
+        elif name in trl_keys.REFUSED:
+            about = f"TRL's {name}: refused unless TRL's default: {trl_keys.REFUSED[name].reason}"
+        else:
+            about = f"TRL's {name}: accepted, without effect: {trl_keys.WITHOUT_EFFECT[name].reason}"
+        common = dict(dest=name, default=argparse.SUPPRESS, help=f"{about}.".replace("%", "%%"))
+        if isinstance(default, bool) or name in trl_keys.OTHER_NAMES:
+            group.add_argument(*spellings, type=_to_bool, nargs="?", const=True, metavar="BOOL", **common)
+            if default:
+                group.add_argument(f"--no_{name}", f"--no-{name.replace('_', '-')}", action="store_const",
+                                   const=False, **{**common, "help": f"Set {name} to false."})
+        elif isinstance(default, list):
+            group.add_argument(*spellings, type=_yaml_value, nargs="+", **common)
+        else:
+            group.add_argument(*spellings, type=_yaml_value, **common)
+
+
+def _with_other_names(config: Any, values: dict[str, Any]) -> Any:
+    """`config` with what TRL's other names of its settings ask for (use_cpu: device, disable_tqdm:
+    progress); a device other than the CPU beside use_cpu true is an error naming both."""
+    changes: dict[str, Any] = {}
+    for name, value in values.items():
+        changes.update(trl_keys.as_settings(name, value))
+    if changes.get("device") and config.device not in (None, "cpu"):
+        raise ValueError(f"use_cpu=True is invalid: must be false with device={config.device!r} (choose one)")
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def _apply_env(env: Any, source: str) -> None:
+    """TRL's `env:` mapping: each variable set before anything runs, as TrlParser sets it."""
+    import os
+
+    if not isinstance(env, dict) or not all(isinstance(k, str) and k for k in env):
+        raise ValueError(f"{source}: env={shown(env)} is invalid: must be a mapping of environment variable names "
+                         "to values (TRL's meaning)")
+    for name, value in env.items():
+        os.environ[name] = "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _resume_choice(args: argparse.Namespace, from_yaml: Any) -> bool | str | None:
+    """What to resume from: the flags, else the YAML's resume_from_checkpoint (TRL's key: a path,
+    `auto`, or true for the newest checkpoint)."""
+    if args.resume:
+        return True
+    if args.resume_from_checkpoint is not None:
+        return args.resume_from_checkpoint
+    if from_yaml is GIVEN_NOWHERE or from_yaml is None or from_yaml is False:
+        return None
+    if from_yaml is True or isinstance(from_yaml, str) and from_yaml:
+        return from_yaml
+    raise ValueError(f"resume_from_checkpoint={shown(from_yaml)} is invalid: must be a checkpoint path, auto or "
+                     "true (the newest checkpoint in output_dir)")
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _usage_message(error: Exception, config: str, given: dict[str, Any]) -> str:
@@ -317,23 +421,37 @@ def cmd_train(args: argparse.Namespace) -> int:
     from epsdpo.config import TrainConfig
 
     parser: argparse.ArgumentParser = args.parser
-    given = {k: v for k, v in vars(args).items() if k in _train_fields()}
-    if not Path(args.config).is_file():
-        flag = getattr(args, "bool_flag_before", {}).get(args.config)
-        parser.error(_bool_value_error(flag, args.config) if flag else f"{args.config}: no such file")
+    given = {k: v for k, v in vars(args).items() if k in _train_fields() or k in trl_keys.KEYS}
+    if args.config is not None and args.config_flag is not None:
+        parser.error(f"the YAML is given twice ({args.config} and --config {args.config_flag}): give it once")
+    path = args.config if args.config is not None else args.config_flag
+    source = path or "the command line"  # where a key without its own flag came from
+    if path is not None and not Path(path).is_file():
+        flag = getattr(args, "bool_flag_before", {}).get(path)
+        parser.error(_bool_value_error(flag, path) if flag else f"{path}: no such file")
     run = dict.fromkeys(RUN_KEYS)
+    extra = {**run, **dict.fromkeys((*trl_keys.KEYS, ENV_KEY, RESUME_KEY), GIVEN_NOWHERE)}
     try:
-        config = TrainConfig.from_yaml(args.config, given, extras=run)
-        run_args = RunArguments(**run)
+        config = TrainConfig.from_yaml(path, given, extras=extra)
+        run_args = RunArguments(**{k: extra[k] for k in RUN_KEYS})
+        notes = trl_keys.check({k: extra[k] for k in trl_keys.KEYS if extra[k] is not GIVEN_NOWHERE})
+        config = _with_other_names(config, {k: extra[k] for k in trl_keys.OTHER_NAMES if extra[k] is not GIVEN_NOWHERE})
+        resume = _resume_choice(args, extra[RESUME_KEY])
+        if extra[ENV_KEY] is not GIVEN_NOWHERE:
+            _apply_env(extra[ENV_KEY], source)
     except (ValueError, OSError) as error:
-        parser.error(_usage_message(error, args.config, given))
+        parser.error(_usage_message(error, source, given))
     except yaml.YAMLError as error:
-        parser.error(f"{args.config}: not valid YAML: {' '.join(str(error).split())}")
+        parser.error(f"{path}: not valid YAML: {' '.join(str(error).split())}")
     missing = [k for k in ("model", "train_data") if getattr(run_args, k) is None]
     if missing:
-        parser.error(f"{' and '.join(missing)} required (the model and the training data to use): set "
-                     f"{'them' if len(missing) > 1 else 'it'} in {args.config} or pass "
-                     + " ".join(f"--{k}" for k in missing))
+        trl_names = {"model": "model_name_or_path", "train_data": "dataset_name"}
+        parser.error(f"{' and '.join(missing)} required (the model and the training data to use): "
+                     + (f"set {'them' if len(missing) > 1 else 'it'} in {path} or pass " if path else "pass ")
+                     + " and ".join(f"--{trl_names[k]} (or --{k})" for k in missing))
+    if _is_main_process():
+        for note in notes:  # said once, by one process
+            print(f"epsdpo train: {note}", file=sys.stderr)
 
     from epsdpo.checkpoint import CheckpointError
     from epsdpo.data.sources import DataSourceError
@@ -348,7 +466,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         eval_data, eval_split, of_training_data = _eval_source(run_args, config)
     except ValueError as error:
-        parser.error(_usage_message(error, args.config, given))
+        parser.error(_usage_message(error, source, given))
 
     try:
         if of_training_data:
@@ -359,7 +477,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             run_args.model, config, _load_data(run_args.train_data, run_args.train_split, run_args.dataset_config),
             tokenizer=run_args.tokenizer, ref_model=run_args.ref_model, eval_dataset=eval_dataset,
         )
-        trainer.train(resume_from_checkpoint=True if args.resume else args.resume_from_checkpoint)
+        trainer.train(resume_from_checkpoint=resume)
     except (FileExistsError, FileNotFoundError, CheckpointError, DataSourceError, LauncherSettingError,
             ChatTemplateError, OutputDirBusyError, RanksDisagreeError, PeerTimeoutError) as error:
         # What the user fixes by choosing another folder, checkpoint, launcher config or template, by

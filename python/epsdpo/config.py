@@ -35,6 +35,9 @@ MAX_INT = 2**31 - 1
 # Device types a run can train on; anything else torch.device parses (meta, ...) holds no real data.
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 CHAT_TEMPLATE_SUFFIXES = (".jinja", ".j2")  # what TRL reads as a template file rather than a tokenizer
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")  # transformers' names of the one optimizer implemented
+# Fields that hold a mapping, or its JSON string as a command line gives it (TRL's `dict | str` fields)
+MAPPING_FIELDS = ("lr_scheduler_kwargs", "gradient_checkpointing_kwargs", "model_init_kwargs")
 
 
 @dataclass
@@ -97,6 +100,11 @@ class TrainConfig:
     # optimisation
     learning_rate: float = field(default=1e-6, metadata={"help": (
         "Peak learning rate of AdamW, >= 0 (TRL's meaning and DPOConfig default).")})
+    optim: str = field(default="adamw_torch", metadata={"help": (
+        "Optimizer, by transformers' name: adamw_torch (torch's AdamW) or adamw_torch_fused (the same update in "
+        "one fused kernel per step, TRL's default). AdamW is the one optimizer implemented; other names are "
+        "refused. Default adamw_torch, unlike TRL: the fused kernel is opt-in.")})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW ε, > 0 (TRL's meaning and default)."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": (
         "Preference pairs per micro-batch on each process, >= 1 (TRL's meaning and default). With "
         "max_tokens_per_batch it only sizes the length-grouping windows.")})
@@ -110,9 +118,15 @@ class TrainConfig:
         "meaning and default).")})
     max_steps: int = field(default=-1, metadata={"help": (
         "Optimizer steps to train for, >= 1; -1: as many as num_train_epochs needs (TRL's meaning).")})
-    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = field(
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr"] = field(
         default="linear", metadata={"help": (
-            "Learning-rate schedule after warm-up (transformers' names, meaning and default).")})
+            "Learning-rate schedule after warm-up (transformers' names, meaning and default). cosine_with_min_lr "
+            "decays to a floor that lr_scheduler_kwargs names: min_lr (a learning rate) or min_lr_rate (a "
+            "fraction of learning_rate).")})
+    lr_scheduler_kwargs: dict | str | None = field(default=None, metadata={"help": (
+        "Keyword arguments of the schedule, as a mapping or a JSON string (transformers' meaning), e.g. "
+        "{\"num_cycles\": 1} for cosine or {\"min_lr_rate\": 0.1} for cosine_with_min_lr. A key the schedule "
+        "does not take is refused. None: none.")})
     warmup_steps: float = field(default=0.0, metadata={"help": (
         "Linear learning-rate warm-up from 0: a number of optimizer steps when >= 1, a fraction of the total "
         "steps when below 1, none at 0 (the default). The meaning of transformers 5 / TRL 1.16.")})
@@ -182,6 +196,10 @@ class TrainConfig:
         "dying (a hung GPU, a stalled read) then ends the job after this long instead of holding it "
         "(docs/distributed.md).")})
     # Precision (docs/precision.md).
+    tf32: bool | None = field(default=None, metadata={"help": (
+        "Allow TF32 for float32 matmuls and convolutions on CUDA (transformers' meaning): true needs an "
+        "Ampere or newer GPU and is refused without one; false forbids it. None: torch's setting is left "
+        "as it is.")})
     dtype: Literal["float32", "bfloat16", "float16"] | None = field(default=None, metadata={"help": (
         "How the weights are stored: a model loaded from a path is loaded in it (None: float32), a model "
         "object is cast to it (None: kept as given). Trained weights must be float32, because an AdamW "
@@ -194,6 +212,9 @@ class TrainConfig:
     fp16: bool = field(default=False, metadata={"help": (
         "Compute in float16: autocast over the float32 weights, with a gradient scaler (TRL's meaning). Not "
         "with bf16.")})
+    torch_dtype: Literal["float32", "bfloat16", "float16"] | None = field(default=None, metadata={"help": (
+        "The older spelling of dtype (transformers 4's from_pretrained argument), with its meaning; set one "
+        "of the two, or both to the same value.")})
     # model loading and LoRA adapters (TRL's ModelConfig)
     model_init_kwargs: dict | str | None = field(default=None, metadata={"help": (
         "Keyword arguments for from_pretrained when the model (and ref_model) are given as paths, as a mapping "
@@ -236,6 +257,10 @@ class TrainConfig:
         "Recompute activations in backward instead of storing them: less memory, more compute (TRL's "
         "meaning). Default false, unlike TRL (true): the fused log-prob kernel already keeps the memory of the "
         "loss low, so the recomputation is opt-in.")})
+    gradient_checkpointing_kwargs: dict | str | None = field(default=None, metadata={"help": (
+        "Keyword arguments of the model's gradient_checkpointing_enable, as a mapping or a JSON string "
+        "(transformers' meaning), e.g. {\"use_reentrant\": false}. None: {\"use_reentrant\": false}. Used only "
+        "with gradient_checkpointing.")})
     fsdp: bool = field(default=False, metadata={"help": (
         "Under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of replicating "
         "them. A plain switch, unlike TrainingArguments.fsdp.")})
@@ -259,6 +284,8 @@ class TrainConfig:
     logging_steps: int = field(default=10, metadata={"help": (
         "Log metrics every this many optimizer steps, >= 1, and at the last step (TRL's meaning and "
         "default).")})
+    logging_first_step: bool = field(default=False, metadata={"help": (
+        "Also log the training metrics of the first optimizer step (TRL's meaning and default).")})
     eval_strategy: Literal["steps", "epoch", "no"] | None = field(default=None, metadata={"help": (
         "When the eval data is evaluated (TRL's meaning): steps (every eval_steps; unset, every logging_steps, "
         "as in TRL), epoch (at the end of each epoch) or no (never, not even at the end of training). Unless "
@@ -279,6 +306,10 @@ class TrainConfig:
     save_total_limit: int | None = field(default=None, metadata={"help": (
         "Keep at most this many checkpoints, >= 1, deleting the oldest (the one just written is always "
         "kept). None: keep all (TRL's meaning).")})
+    save_only_model: bool = field(default=False, metadata={"help": (
+        "Checkpoints hold the model alone (weights, config, tokenizer), without the optimizer, scheduler, "
+        "sampler and β state that resuming needs (transformers' meaning): smaller, and each loads with "
+        "from_pretrained, but a run cannot resume from them; resuming from one is refused.")})
     overwrite_output_dir: bool = field(default=False, metadata={"help": (
         "A fresh run refuses an output_dir holding another run's checkpoints or metrics; true clears them "
         "first (TRL/transformers' meaning). Resuming never needs it.")})
@@ -309,16 +340,21 @@ class TrainConfig:
                 setattr(self, name, "no")
         if isinstance(self.resume_allow_changes, str):  # one name, as a YAML scalar
             self.resume_allow_changes = [self.resume_allow_changes]
+        for name in ("dtype", "torch_dtype"):  # TRL's ModelConfig also takes auto; said here, not as a bad choice
+            _check(getattr(self, name) != "auto", name, "auto",
+                   "float32, bfloat16, float16 or None: auto would load the checkpoint's own precision, often "
+                   "bfloat16, and trained weights must be float32 (docs/precision.md); None loads float32")
         self._check_types()
-        if isinstance(self.model_init_kwargs, str):  # the command line's JSON form
-            try:
-                self.model_init_kwargs = json.loads(self.model_init_kwargs)
-            # not JSON, an integer over Python's 4300 digits (ValueError), nested past the recursion limit
-            except (ValueError, RecursionError) as error:
-                raise ValueError(f"model_init_kwargs={shown(self.model_init_kwargs)} is invalid: must be a JSON object "
-                                 f"({shown(str(error))[1:-1]})") from None
-        _check(self.model_init_kwargs is None or isinstance(self.model_init_kwargs, dict), "model_init_kwargs",
-               self.model_init_kwargs, "a mapping (or its JSON string) or None")
+        for name in MAPPING_FIELDS:
+            self._read_mapping(name)
+        _check(self.optim in OPTIMIZERS, "optim", self.optim,
+               "adamw_torch or adamw_torch_fused: AdamW is the one optimizer implemented")
+        _check(self.adam_epsilon > 0, "adam_epsilon", self.adam_epsilon, "a finite number > 0")
+        self._check_scheduler_kwargs()
+        if self.torch_dtype is not None:
+            _check(self.dtype in (None, self.torch_dtype), "torch_dtype", self.torch_dtype,
+                   f"unset or equal to dtype ({self.dtype!r}): they are two spellings of one setting")
+            self.dtype = self.torch_dtype
         _check(self.lora_r >= 1 and self.lora_alpha >= 1, "lora_r", (self.lora_r, self.lora_alpha),
                "lora_r and lora_alpha integers >= 1")
         _check(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "in [0, 1)")
@@ -402,6 +438,41 @@ class TrainConfig:
             _check(self.max_prompt_length < self.max_length, "max_prompt_length", self.max_prompt_length,
                    f"below max_length ({self.max_length})")
 
+    def _read_mapping(self, name: str) -> None:
+        """A `dict | str` field: the command line's JSON string becomes the mapping it spells."""
+        value = getattr(self, name)
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            # not JSON, an integer over Python's 4300 digits (ValueError), nested past the recursion limit
+            except (ValueError, RecursionError) as error:
+                raise ValueError(f"{name}={shown(value)} is invalid: must be a JSON object "
+                                 f"({shown(str(error))[1:-1]})") from None
+            setattr(self, name, value)
+        _check(value is None or isinstance(value, dict), name, value, "a mapping (or its JSON string) or None")
+
+    def _check_scheduler_kwargs(self) -> None:
+        """lr_scheduler_kwargs names only arguments its schedule takes, and cosine_with_min_lr its floor:
+        checked here, where the error names the field, not in transformers when the optimizer is built."""
+        given = self.lr_scheduler_kwargs or {}
+        if self.lr_scheduler_type == "cosine_with_min_lr":
+            _check(("min_lr" in given) != ("min_lr_rate" in given), "lr_scheduler_kwargs", given,
+                   "a mapping with min_lr or min_lr_rate (one of the two) for lr_scheduler_type=cosine_with_min_lr")
+        if not given:
+            return
+        import inspect
+
+        from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
+
+        function = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(self.lr_scheduler_type)]
+        # what get_scheduler passes itself, or the schedule's internal state
+        own = {"optimizer", "num_warmup_steps", "num_training_steps", "last_epoch"}
+        takes = [p for p in inspect.signature(function).parameters if p not in own]
+        unknown = [k for k in given if k not in takes]
+        _check(not unknown, "lr_scheduler_kwargs", given,
+               f"a mapping of the arguments lr_scheduler_type={self.lr_scheduler_type} takes "
+               f"({', '.join(takes) if takes else 'none'}); {', '.join(map(str, unknown))} is not one")
+
     def _check_device(self) -> None:
         """A device torch can name, of a kind that trains: checked here so that the error names the
         field instead of surfacing from torch at the first tensor moved. Whether this machine has it is
@@ -464,7 +535,7 @@ class TrainConfig:
                 ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
                 _check(ok, f.name, value, "a finite number" + (" or None" if type(None) in allowed else ""))
                 setattr(self, f.name, float(value))
-            elif dict in allowed and isinstance(value, (dict, str)):  # model_init_kwargs, checked in __post_init__
+            elif dict in allowed and isinstance(value, (dict, str)):  # MAPPING_FIELDS, read in __post_init__
                 continue
             elif list[str] in allowed and isinstance(value, str):  # report_to, lora_target_modules: one name
                 continue
@@ -543,13 +614,13 @@ class TrainConfig:
         return self.epsilon if self.epsilon_check is None else self.epsilon_check
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None, *,
+    def from_yaml(cls, path: str | Path | None, overrides: dict[str, Any] | None = None, *,
                   extras: dict[str, Any] | None = None) -> TrainConfig:
         """The config a YAML mapping of field names gives, `overrides` (e.g. from the command line)
-        taking precedence. `extras`: a dict whose keys the YAML and `overrides` may hold besides the
-        fields (the `epsdpo train` run keys: model, train_data, ...); their values are written into it.
-        Any other key is an error naming it."""
-        data = load_config_yaml(path) or {}  # bounded: no alias bomb, no recursion overflow
+        taking precedence; `path` None: `overrides` alone (a run given by flags only). `extras`: a dict
+        whose keys the YAML and `overrides` may hold besides the fields (the `epsdpo train` run keys:
+        model, train_data, ...); their values are written into it. Any other key is an error naming it."""
+        data = {} if path is None else load_config_yaml(path) or {}  # bounded: no alias bomb, no recursion overflow
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
         data.update(overrides or {})

@@ -44,8 +44,8 @@ def _refusals(env: Mapping[str, str]) -> list[tuple[str, str]]:
     """(variable=value, why) for every launcher setting epsdpo does not support."""
     found = []
     for name, why in (
-        ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed is not supported; launch an FSDP2 config (fsdp_version: 2) or "
-                                     "torchrun with fsdp: true"),
+        ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed (ZeRO) is not supported; to shard, launch an FSDP2 config "
+                                     "(fsdp_version: 2) or torchrun with fsdp: true"),
         ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM is not supported"),
         ("ACCELERATE_USE_PARALLELISM_CONFIG", "tensor / context / sequence parallelism is not supported; FSDP2 "
                                               "(fsdp: true) and DDP are"),
@@ -56,7 +56,7 @@ def _refusals(env: Mapping[str, str]) -> list[tuple[str, str]]:
         version = env.get("FSDP_VERSION", "1").strip()
         if version != "2":
             found.append((f"FSDP_VERSION={version}", "only FSDP2 is supported; set fsdp_version: 2 in the "
-                                                     "accelerate config"))
+                                                     "accelerate config (or fsdp: true under torchrun)"))
         if _true(env, "FSDP_OFFLOAD_PARAMS"):
             found.append(("FSDP_OFFLOAD_PARAMS=true", "CPU offload of parameters is not supported"))
         for name in ("FSDP_ACTIVATION_CHECKPOINTING", "FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD"):

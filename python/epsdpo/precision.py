@@ -130,3 +130,17 @@ def fsdp_mixed_precision(compute_dtype: str | None) -> Any:
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     return MixedPrecisionPolicy(param_dtype=TORCH_DTYPES[compute_dtype], reduce_dtype=torch.float32)
+
+
+def apply_tf32(tf32: bool | None, device: torch.device) -> None:
+    """The `tf32` setting, through transformers' own switch (`enable_tf32`: torch's fp32_precision):
+    true needs a device that computes in TF32 (a CUDA GPU of the Ampere generation or newer) and is
+    refused without one rather than ignored; None leaves torch's setting alone."""
+    if tf32 is None:
+        return
+    from transformers.utils.import_utils import enable_tf32, is_torch_tf32_available
+
+    if tf32 and not (device.type == "cuda" and is_torch_tf32_available()):
+        raise ValueError(f"tf32=True is invalid: must be False or None on {device} (TF32 needs an Ampere or newer "
+                         "CUDA GPU)")
+    enable_tf32(tf32)

@@ -37,6 +37,7 @@ from epsdpo.checkpoint import (
 )
 from epsdpo.beta_ledger import kl_state_files
 from epsdpo.distributed import DistInfo, all_reduce_sum, any_rank, barrier, gather_bytes, on_main_rank
+from epsdpo.sharding import full_model_state
 from epsdpo.run_identity import (
     UnverifiedResumeWarning,
     allowed,
@@ -67,7 +68,11 @@ def save_run(trainer: Trainer, sampler_state: bytes) -> None:
     # Each rank's own generators: with dropout on, every rank draws its own masks, so restoring rank 0's
     # state on every rank would not continue the run exactly
     rng_per_rank = _from_every_rank(rng_state(), t.dist)
-    if t.sharded:
+    model_only = t.config.save_only_model
+    if model_only:  # the weights alone, gathered whole from every rank's shards under FSDP (a collective)
+        model = full_model_state(t.model) if t.sharded else t.model
+        reference = None
+    elif t.sharded:
         if t.dist.is_main:
             begin_checkpoint(t.output_dir, step)
         barrier(t.dist)
@@ -86,7 +91,7 @@ def save_run(trainer: Trainer, sampler_state: bytes) -> None:
                            "resumes": t.resumes, "kl_state_files": kl_files},
             reference=reference, config=t.config.to_dict(), save_total_limit=t.config.save_total_limit,
             extra_state={"loss_scaler": t.precision.state_dict()}, pretrained=t.model, tokenizer=t.tokenizer,
-            rng_per_rank=rng_per_rank,
+            rng_per_rank=rng_per_rank, model_only=model_only,
         )
     barrier(t.dist)  # no rank moves on (or prunes, or resumes) before the checkpoint is in place
 

@@ -40,15 +40,16 @@ FREE_ON_RESUME = frozenset({
     "output_dir", "overwrite_output_dir", "resume_allow_changes",
     "logging_strategy", "logging_steps", "report_to", "run_name", "progress", "plots",
     "eval_strategy", "eval_steps", "per_device_eval_batch_size",
-    "save_strategy", "save_steps", "save_total_limit", "push_to_hub",
+    "save_strategy", "save_steps", "save_total_limit", "save_only_model", "push_to_hub",
     "dataset_cache_dir", "dataset_num_proc", "remove_unused_columns", "trust_remote_code",
     # how a step is computed, not what it computes
-    "device", "ddp_timeout", "chunk_size", "gradient_checkpointing", "attn_implementation",
+    "device", "ddp_timeout", "chunk_size", "gradient_checkpointing", "gradient_checkpointing_kwargs",
+    "attn_implementation", "tf32", "optim", "logging_first_step",
     "precompute_ref_log_probs", "precompute_ref_batch_size",
     # compared through what they decide: layout, the schedule's total and warm-up steps, the template the
     # tokenizer's fingerprint holds (the file may move), the rows the data's fingerprint holds
     "padding_free", "max_steps", "num_train_epochs", "warmup_steps", "warmup_ratio",
-    "chat_template_path", "max_row_bytes",
+    "chat_template_path", "max_row_bytes", "torch_dtype",
     # a sharded checkpoint resumes only into a sharded run: load_checkpoint refuses that by name
     "fsdp",
 })
@@ -70,7 +71,7 @@ CHANGEABLE_ON_RESUME = ("max_steps", "warmup_steps", "learning_rate", "lr_schedu
 ALIASES = {"num_train_epochs": "max_steps", "warmup_ratio": "warmup_steps"}
 
 # Schedules whose learning rate at a step depends on the total number of steps
-TOTAL_DEPENDENT_SCHEDULES = ("linear", "cosine")
+TOTAL_DEPENDENT_SCHEDULES = ("linear", "cosine", "cosine_with_min_lr")
 
 
 class UnverifiedResumeWarning(UserWarning):

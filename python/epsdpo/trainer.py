@@ -67,7 +67,13 @@ from epsdpo.models import (
     read_chat_template,
     with_lora,
 )
-from epsdpo.precision import Precision, check_trainable_precision, fsdp_mixed_precision, torch_dtype
+from epsdpo.precision import (
+    Precision,
+    apply_tf32,
+    check_trainable_precision,
+    fsdp_mixed_precision,
+    torch_dtype,
+)
 from epsdpo.rank_agreement import AUTO, agree_on_checkpoint, check_settings_agree, run_settings
 from epsdpo.reference_logps import lookup, precompute_reference_logps
 from epsdpo.reporting import MetricsLog, eval_summary
@@ -195,6 +201,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         auto = f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(config.device or auto)
+        apply_tf32(config.tf32, self.device)
         self.output_dir = Path(config.output_dir)
         # named on the model card: paths and hub ids as given, before loading turns them into objects
         self.sources = {"model": describe_source(model), "train": describe_source(train_dataset),
@@ -275,7 +282,8 @@ class Trainer:
             use_segment_attention(self.ref_model)
         if c.gradient_checkpointing and hasattr(self.model, "gradient_checkpointing_enable"):
             # Non-reentrant checkpointing: the reentrant kind marks parameters ready twice under DDP
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=c.gradient_checkpointing_kwargs or {"use_reentrant": False})
             if isinstance(self.ref_model, AdapterFreeReference):
                 # Frozen embeddings would otherwise cut the gradient path through checkpointed blocks
                 self.model.enable_input_require_grads()
@@ -347,14 +355,16 @@ class Trainer:
                 {"params": [p for p in self.params if p.ndim >= 2], "weight_decay": c.weight_decay},
                 {"params": [p for p in self.params if p.ndim < 2], "weight_decay": 0.0},
             ],
-            lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
+            lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon,
+            fused=True if c.optim == "adamw_torch_fused" else None,  # transformers' adamw_torch_fused
         )
         steps_per_epoch = math.ceil(len(self.sampler) / c.gradient_accumulation_steps)
         total = c.max_steps if c.max_steps > 0 else math.ceil(steps_per_epoch * c.num_train_epochs)
         from transformers import get_scheduler
 
         self.scheduler = get_scheduler(c.lr_scheduler_type, self.optimizer,
-                                       num_warmup_steps=c.warmup_steps_for(total), num_training_steps=total)
+                                       num_warmup_steps=c.warmup_steps_for(total), num_training_steps=total,
+                                       scheduler_specific_kwargs=c.lr_scheduler_kwargs)
         self.state = TrainerState(max_steps=total, beta=self.kl.beta)
         self.stall_watch = StallWatch(c.beta)
 
@@ -540,7 +550,8 @@ class Trainer:
                 self.state.beta = self.kl.beta
                 step, now = self.state.global_step, time.perf_counter()
                 metrics["tokens_per_second"] = metrics.pop("real_tokens") / (now - last)
-                if c.logging_strategy != "no" and (
+                # logging_first_step logs step 1 whatever the strategy, as transformers' DefaultFlowCallback
+                if (step == 1 and c.logging_first_step) or c.logging_strategy != "no" and (
                         step == self.state.max_steps or self._due(c.logging_strategy, c.logging_steps, step, ends_epoch)):
                     self.metrics.log({"step": step, **metrics})
                 if self.eval_store is not None and self._due(c.eval_strategy, c.eval_every(), step, ends_epoch):

@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+from epsdpo import trl_keys
 from epsdpo.config import TrainConfig
 from epsdpo.safe_yaml import shown
 
@@ -64,15 +65,14 @@ REASONS = {
                               "trainer.train(resume_from_checkpoint=...)",
     "deepspeed": "epsdpo shards with FSDP2: set fsdp=True (the config's fsdp) under torchrun",
     "torch_compile": "epsdpo does not compile the model; its log-prob kernel is fused already",
-    "adam_epsilon": "epsdpo's AdamW uses torch's default eps, 1e-8 (DPOConfig's default)",
-    "gradient_checkpointing_kwargs": "only {'use_reentrant': False}: epsdpo checkpoints without reentrancy, which "
-                                     "DDP needs",
-    "use_liger_kernel": "epsdpo's fused log-prob kernel is built in",
 }
 
 
 def _reason(name: str) -> str:
-    """Why DPOConfig's `name` is refused when set (the one place to give a field its reason)."""
+    """Why DPOConfig's `name` is refused when set: the reason `epsdpo.trl_keys` gives it (the table the
+    CLI refuses TRL's YAML keys by), else this module's."""
+    if name in trl_keys.REFUSED:
+        return trl_keys.REFUSED[name].reason
     return REASONS.get(name, f"epsdpo has no {name} setting; leave it at DPOConfig's default (the README's "
                              "'Coming from TRL')")
 
@@ -180,15 +180,16 @@ def as_train_config(args: Any) -> TrainConfig:
         value = getattr(args, name)
         if name in MIRRORS and _same(value, getattr(args, MIRRORS[name], NOT_TAKEN)):
             continue
-        if name == "gradient_checkpointing_kwargs" and value == {"use_reentrant": False}:
-            continue  # what epsdpo's gradient checkpointing does (TRL's docs spell it out)
         if name == "fsdp_config" and value is not None:
             if _is_full_shard(value):
                 continue
             raise refuse(name, value, "only the settings of epsdpo's FSDP2: version 2, full sharding "
                                       "(reshard_after_forward), one unit per transformer block, no CPU offload")
         if not _same(value, getattr(defaults, name)):
-            raise refuse(name, value, _reason(name))
+            no_effect = trl_keys.without_effect(name, value)
+            if no_effect is None:
+                raise refuse(name, value, _reason(name))
+            warnings.warn(no_effect, stacklevel=3)  # accepted (a loader or hub knob), and said
     return config
 
 
@@ -238,7 +239,7 @@ def _renamed(name: str, value: Any) -> dict[str, Any]:
     if not isinstance(value, bool):
         raise refuse(name, value, "True or False")
     if name == "use_cpu":
-        return {"device": "cpu"} if value else {}
+        return trl_keys.as_settings(name, value)
     return {"progress": not value}  # disable_tqdm
 
 
