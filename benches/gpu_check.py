@@ -23,8 +23,8 @@ ends, so a run that is killed, runs out of time or crashes keeps every section d
 
 Every row runs in its own try/except (the failure is recorded as its type and one line, and the run
 moves on); past `--deadline` seconds the running section is stopped and the rest recorded as not run;
-every subprocess has a timeout. Exit status 1 when a check failed or raised; the speed targets are
-reported, not enforced.
+every subprocess has a timeout. Exit status 1 when a check failed or raised, else 3 when the deadline
+left a chosen section unfinished; the speed targets are reported, not enforced.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +111,6 @@ class Section:
     render: Callable[[dict[str, Any]], list[str]]
     cpu_tiny_s: float | None  # measured wall time of `--device cpu --tiny` on 2 shared CPU cores
     gpu_estimate: str  # estimated wall time on one H100 at full size
-    needs: str | None = None  # None: runs anywhere; else the reason it cannot run off CUDA
 
 
 def one_line(error: BaseException) -> str:
@@ -678,6 +677,10 @@ def compare_run(run: int) -> Callable[[Context], dict[str, Any]]:
                 return {**result, "ok": False, "error": f"train_compare.py exited with code {code}",
                         "stderr": stderr[-3000:]}
             entry = json.loads(out.read_text())
+        # train_compare's temporary files and its --json path are gone with the run: keep no paths
+        entry.pop("command", None)
+        for key in ("store", "order"):
+            entry["data"].pop(key, None)
         failed = [r["case"] for r in entry["results"] if "error" in r]
         return {**result, **entry, "ok": not failed, **({"error": f"cases failed: {', '.join(failed)}"} if failed else {})}
 
@@ -688,7 +691,7 @@ def render_compare(result: dict[str, Any]) -> list[str]:
     shown = shlex.join(result["args"])  # the temporary --json path is left out
     lines = [f"`python benches/train_compare.py {shown}`", ""]
     if result.get("trl_skipped"):
-        lines += [f"Not run: {result['trl_skipped']}.", ""]
+        lines += [result["trl_skipped"][0].upper() + result["trl_skipped"][1:] + ".", ""]
     if "results" not in result:
         return lines + [f"**FAIL** ({result.get('error', 'no result')}):", "", "```", result.get("stderr", ""), "```", ""]
     return lines + [train_compare.config_table(result["spec"], result["data"], result["results"]), "",
@@ -910,8 +913,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     context.progress = lambda partial: None
     save()
     print(args.out.read_text())
-    failed = any(failed_checks(run["sections"][s.key]) for s in plan)
-    return 1 if failed else 0
+    if any(failed_checks(run["sections"][s.key]) for s in plan):
+        return 1
+    stopped = [s.key for s in plan if s.key in chosen and run["sections"][s.key]["status"] != "done"]
+    return 3 if stopped else 0
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,6 +65,7 @@ def test_gpu_check_runs_on_cpu_at_toy_sizes(tmp_path):
     compared = {r["case"] for r in sections["compare"]["result"]["results"] if "error" not in r}
     assert {"dpo_packed", "eps_packed"} <= compared
     assert str(tmp_path) not in page.split("## 5.")[1]  # no temporary paths on the page
+    assert tempfile.gettempdir() not in page + out.with_suffix(".json").read_text()
 
 
 @pytest.mark.slow
@@ -143,7 +145,7 @@ def test_the_deadline_stops_the_running_section_and_marks_the_rest_not_run(gpu_c
         _trivial(gpu_check, "after", lambda context: dict(rows=[dict(ok=True)]))])
     out = tmp_path / "page.md"
     started = time.perf_counter()
-    assert gpu_check.main(["--device", "cpu", "--out", str(out), "--deadline", "1.5"]) == 0
+    assert gpu_check.main(["--device", "cpu", "--out", str(out), "--deadline", "1.5"]) == 3  # unfinished
     assert time.perf_counter() - started < 10
     sections = json.loads(out.with_suffix(".json").read_text())["sections"]
     assert sections["quick"]["status"] == "done"
@@ -172,6 +174,26 @@ def test_a_subprocess_past_its_timeout_is_killed_with_its_children(gpu_check):
         time.sleep(0.05)
     else:
         pytest.fail(f"the timed-out subprocess's child {grandchild} is still running")
+
+
+def test_without_trl_the_trl_rows_are_skipped_with_the_extra_that_installs_it(gpu_check, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "trl" else real_find_spec(name, *args))
+    commands = []
+
+    def no_train_compare(command, timeout, env=None):
+        commands.append(command)
+        return 1, "", "train_compare stood in for by the test"
+
+    monkeypatch.setattr(gpu_check, "run_subprocess", no_train_compare)
+    result = gpu_check.compare_run(0)(_context(gpu_check))
+    cases = commands[0][commands[0].index("--cases") + 1].split(",")
+    assert "trl" not in cases and {"dpo_packed", "eps_packed"} <= set(cases)
+    assert result["trl_skipped"] == "the × TRL rows are not run: trl is not installed (pip install 'epsdpo[bench]')"
+    assert result["ok"] is False and result["error"] == "train_compare.py exited with code 1"
+    assert "The × TRL rows are not run: trl is not installed (pip install 'epsdpo[bench]')." in gpu_check.render_compare(result)
+    for args in gpu_check.compare_args(False, with_trl=False):
+        assert "trl" not in args[args.index("--cases") + 1].split(",")
 
 
 # --------------------------------------------------------------------------------------------------
