@@ -227,6 +227,7 @@ def _context(gpu_check):
                              deadline_at=time.perf_counter() + 600)
 
 
+@pytest.mark.slow
 def test_a_row_naming_a_kernel_fails_when_the_spy_counted_no_call(gpu_check):
     """On CPU the varlen kernel and flex never run: rows that name them, forced to run here, must
     fail with the counts (the old rows ran the per-segment loop and the 4-D mask and passed)."""
@@ -242,6 +243,7 @@ def test_a_row_naming_a_kernel_fails_when_the_spy_counted_no_call(gpu_check):
         assert f"{kernel} ran 0 times" in gpu_check._verdict(row)
 
 
+@pytest.mark.slow
 def test_a_varlen_row_passes_when_the_kernel_ran_with_the_window_convention(gpu_check, monkeypatch):
     """The positive control, through epsdpo.attention's own varlen call: with a stand-in kernel that
     reads window_size as flash-attention does, the sliding-window row sees (W − 1, 0) on every call
