@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 import epsdpo
+
+# the result page's hand-written verdict, under its title, survives a rerun (examples/report_page.py)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from report_page import kept_verdict  # noqa: E402
 
 
 def synthetic(n: int, seed: int = 0):
@@ -115,8 +121,10 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write:
+        old = Path(args.write).read_text() if Path(args.write).is_file() else ""
         with open(args.write, "w") as f:
             f.write("# Data path: collation speed and padding\n\n")
+            f.write(kept_verdict(old))
             f.write("Command (2 CPU cores):\n\n```bash\npython benches/bench_collate.py --write docs/data_path.md\n```\n\n")
             f.write(table + "\n\n")
             f.write(

@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# the result page's hand-written verdict, under its title, survives a rerun (examples/report_page.py)
+sys.path.insert(0, str(ROOT / "examples"))
+from report_page import kept_verdict, with_verdict  # noqa: E402
 CASES = {
     "a": "epsdpo ε-DPO",
     "b": "epsdpo DPO",
@@ -280,12 +283,14 @@ def main() -> None:
     print(verdict(results))
     if args.out:
         command = "python benches/bench_loss_memory.py " + " ".join(sys.argv[1:])
-        args.out.write_text(
+        page = (
             "# Memory and time of one ε-DPO step: epsdpo vs a naive ε-DPO vs TRL DPO\n\n"
             f"{SETUP}\nCommand (from the repository root):\n\n    {command}\n\n"
             f"Machine: {_versions()}. One-minute load average {load_before:.1f} before the run and "
             f"{os.getloadavg()[0]:.1f} after it.\n\n{text}\n\n{verdict(results)}"
         )
+        old = args.out.read_text() if args.out.is_file() else ""
+        args.out.write_text(with_verdict(page, kept_verdict(old)))
 
 
 if __name__ == "__main__":

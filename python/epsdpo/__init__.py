@@ -25,12 +25,17 @@ from epsdpo._core import (
 
 if TYPE_CHECKING:
     from epsdpo.config import TrainConfig
+    from epsdpo.config import TrainConfig as DPOConfig
     from epsdpo.data import load_preferences
     from epsdpo.heads import split_causal_lm
     from epsdpo.loss import epsilon_dpo_loss, kl_steps, pair_betas, pair_log_ratio
     from epsdpo.ops import perturbed_logps, sequence_logps
     from epsdpo.scoring import batch_logps
     from epsdpo.trainer import Trainer
+    from epsdpo.trainer import Trainer as DPOTrainer
+
+# TRL's names, so that code written for TRL's DPOTrainer runs with only its import changed
+_ALIASES = {"DPOConfig": "TrainConfig", "DPOTrainer": "Trainer"}
 
 _LAZY = {
     "TrainConfig": "epsdpo.config",
@@ -48,6 +53,7 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
+    name = _ALIASES.get(name, name)
     if name in _LAZY:
         import importlib
 
@@ -59,6 +65,8 @@ __all__ = [
     "BatchSampler",
     "Collator",
     "ConfigError",
+    "DPOConfig",
+    "DPOTrainer",
     "EpsdpoError",
     "InternalError",
     "InvalidPairError",

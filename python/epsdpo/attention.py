@@ -10,11 +10,20 @@ keyword arguments, which transformers passes from the model call down to every a
   arguments it behaves exactly like sdpa (generation, evaluation). With them it runs, best first:
   torch's own varlen kernel (`torch.nn.attention.varlen.varlen_attn` with `window_size` and `enable_gqa`, as in torch 2.15; CUDA, half
   precision) in one call for the whole batch; else causal sdpa on each segment, for any device.
+  Under autocast q, k, v are handed to the kernel in autocast's dtype: it is a custom op with no
+  autocast rule, and q, k arrive float32 there (RoPE computes in float32) while v is already half.
+  With segment arguments no mask is built either (`_segment_mask`): the segments say who attends
+  to whom, so a sliding-window model gets no unused [R, 1, L, L] window mask.
 
 Shared-prompt batches are not sequences end to end (a rejected answer must not see the chosen one
 beside it), so no varlen call expresses them. On CUDA they attend through `flex_attention` with a
 block mask of the batch's rule (`segment_block_mask`), which skips the masked blocks instead of
-materialising an L×L mask; elsewhere they keep the 4-D mask (flex has no CPU backward).
+materialising an L×L mask; elsewhere they keep the 4-D mask (flex has no CPU backward). The block
+mask is built by a compiled `create_block_mask` (eager, it materialises the B×1×L×L mask it
+compresses) once per batch (`BatchBlockMask`), shared by the policy and reference forwards.
+
+Each path is one module-level function (`_varlen`, `_flex_attention`, `_sdpa_per_segment`), so a
+check can count which one ran by wrapping it.
 
 Boundaries are offsets into the batch flattened to R·L tokens; a run of padding is a segment of its
 own, so every token belongs to one segment (its outputs are never scored).
@@ -23,6 +32,9 @@ own, so every token belongs to one segment (its outputs are never scored).
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -95,11 +107,15 @@ def flex_attention_available(device: torch.device) -> bool:
     return True
 
 
+def _compiles_flex(device: torch.device) -> bool:
+    """Whether flex's pieces run compiled on `device`: on CUDA, where eager flex materialises what it
+    exists to avoid; elsewhere flex only serves tests, which the compile time would dominate."""
+    return device.type == "cuda"
+
+
 def segment_block_mask(segment_ids: Tensor, branch_ids: Tensor) -> object:
     """A flex_attention `BlockMask` of the batch attention rule (epsdpo.scoring): same segment,
     causal, and a branch sees the shared part and itself; padding attends only to itself."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     rows, length = segment_ids.shape
 
     def allowed(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
@@ -107,7 +123,41 @@ def segment_block_mask(segment_ids: Tensor, branch_ids: Tensor) -> object:
         inside = (seg_q == seg_k) & (seg_k >= 0) & (k <= q) & ((br_k == 0) | (br_k == br_q))
         return inside | ((q == k) & (seg_q < 0))
 
-    return create_block_mask(allowed, rows, None, length, length, device=segment_ids.device)
+    build = _create_block_mask(segment_ids.device)
+    return build(allowed, rows, None, length, length, device=segment_ids.device)
+
+
+_compiled_create_block_mask = None
+
+
+def _create_block_mask(device: torch.device) -> Any:
+    """create_block_mask, compiled once where flex runs compiled. Eager, it evaluates the mask rule on
+    the whole B×1×L×L grid (plus vmap intermediates) before compressing it; compiled, the evaluation
+    fuses into the per-block reduction and no L×L tensor is stored. torch.compile(create_block_mask)
+    is the way torch 2.15's sources give (its `_compile=True` flag is deprecated and does the same)."""
+    global _compiled_create_block_mask
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if not _compiles_flex(device):
+        return create_block_mask
+    if _compiled_create_block_mask is None:
+        _compiled_create_block_mask = torch.compile(create_block_mask)
+    return _compiled_create_block_mask
+
+
+class BatchBlockMask:
+    """The block mask of one batch, built on first request and handed to every later request for the
+    same batch tensors: the policy and the reference forward share it (each layer already shares its
+    forward's). Another batch's tensors (a reference on another device) get their own."""
+
+    def __init__(self) -> None:
+        self._built: tuple[Tensor, Tensor, object] | None = None
+
+    def get(self, segment_ids: Tensor, branch_ids: Tensor) -> object:
+        built = self._built
+        if built is None or built[0] is not segment_ids or built[1] is not branch_ids:
+            built = self._built = (segment_ids, branch_ids, segment_block_mask(segment_ids, branch_ids))
+        return built[2]
 
 
 _compiled_flex = None
@@ -119,10 +169,11 @@ def _flex_attention(query: Tensor, key: Tensor, value: Tensor, block_mask: objec
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
-    if query.is_cuda and _compiled_flex is None:
+    if not _compiles_flex(query.device):
+        return flex_attention(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa)
+    if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=True)
-    run = _compiled_flex if query.is_cuda else flex_attention
-    return run(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa)
+    return _compiled_flex(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa)
 
 
 def _is_block_mask(mask: object) -> bool:
@@ -133,9 +184,24 @@ def _is_block_mask(mask: object) -> bool:
     return isinstance(mask, BlockMask)
 
 
-def _varlen_usable(query: Tensor, dropout: float, training: bool) -> bool:
-    return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _varlen_attn() is not None
-            and not (dropout and training))
+# Where and in what torch's varlen kernel runs: its flash-attention and cuDNN backends are CUDA-only
+# and half precision only
+_VARLEN_DEVICES = ("cuda",)
+_VARLEN_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def varlen_kernel_supports(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's varlen kernel can take a batch on `device` in `dtype`."""
+    return device.type in _VARLEN_DEVICES and dtype in _VARLEN_DTYPES and _varlen_attn() is not None
+
+
+def _attention_dtype(query: Tensor) -> torch.dtype:
+    """The dtype attention computes in: autocast's where autocast is on for the query's device, as
+    sdpa under autocast would take its operands, else the query's own."""
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return query.dtype
 
 
 def _segment_sdpa(
@@ -171,13 +237,24 @@ def _segment_sdpa(
             "this model's attention adds a position bias or is not causal, which segment attention does not "
             "apply; load it with attn_implementation='eager' to train on packed or padded batches"
         )
-    rows, heads, length, dim = query.shape
-    if _varlen_usable(query, dropout, module.training):
+    # The kernel takes no dropout, and the custom op has no autocast rule: give it q, k, v in the
+    # dtype autocast would have chosen (q, k arrive float32, v half, under autocast over float32 weights)
+    dtype = _attention_dtype(query)
+    if not (dropout and module.training) and varlen_kernel_supports(query.device, dtype):
+        query, key, value = (t.to(dtype) for t in (query, key, value))
         return _varlen(query, key, value, cu_seq_lens_q, kwargs.get("max_length_q"), scaling, sliding_window), None
+    dropout_p = dropout if module.training else 0.0
+    return _sdpa_per_segment(query, key, value, cu_seq_lens_q, dropout_p, scaling, sliding_window), None
+
+
+def _sdpa_per_segment(query: Tensor, key: Tensor, value: Tensor, cu_seq_lens: Tensor, dropout_p: float,
+                      scaling: float | None, sliding_window: int | None) -> Tensor:
+    """Causal sdpa on each segment in turn, for any device and dtype; query [R, Hq, L, D] → [R, L, Hq, D]."""
+    rows, heads, length, dim = query.shape
     # [R, H, L, D] → [H, R·L, D]: segments are then contiguous slices along dim 1
     flat_q, flat_k, flat_v = (t.transpose(0, 1).reshape(t.shape[1], rows * length, dim) for t in (query, key, value))
     gqa = flat_q.shape[0] != flat_k.shape[0]
-    bounds = cu_seq_lens_q.tolist()
+    bounds = cu_seq_lens.tolist()
     outputs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         span = end - start
@@ -189,11 +266,10 @@ def _segment_sdpa(
             band = (offset >= 0) & (offset < sliding_window)
         outputs.append(F.scaled_dot_product_attention(
             flat_q[:, start:end], flat_k[:, start:end], flat_v[:, start:end],
-            attn_mask=band, dropout_p=dropout if module.training else 0.0,
-            is_causal=band is None, scale=scaling, enable_gqa=gqa,
+            attn_mask=band, dropout_p=dropout_p, is_causal=band is None, scale=scaling, enable_gqa=gqa,
         ))
     out = torch.cat(outputs, dim=1)  # [H, R·L, D]
-    return out.reshape(heads, rows, length, dim).permute(1, 2, 0, 3).contiguous(), None
+    return out.reshape(heads, rows, length, dim).permute(1, 2, 0, 3).contiguous()
 
 
 def _varlen(query: Tensor, key: Tensor, value: Tensor, cu_seq_lens: Tensor, longest: int | None,
@@ -211,6 +287,34 @@ def _varlen(query: Tensor, key: Tensor, value: Tensor, cu_seq_lens: Tensor, long
     return out.reshape(rows, length, heads, dim)
 
 
+# Set for the duration of a model call that passes segment boundaries (see `segments_given`)
+_segments_given: ContextVar[bool] = ContextVar("epsdpo_segments_given", default=False)
+
+
+@contextmanager
+def segments_given() -> Iterator[None]:
+    """Scope of a model call whose attention layers get segment boundaries (`varlen_kwargs`): its mask
+    builder then builds nothing. transformers hands a mask builder only sizes and a 2-D mask, never
+    the call's keyword arguments, so the call says so here."""
+    token = _segments_given.set(True)
+    try:
+        yield
+    finally:
+        _segments_given.reset(token)
+
+
+def _segment_mask(*args: Any, **kwargs: Any) -> Tensor | None:
+    """`SEGMENT_SDPA`'s mask builder: none inside `segments_given` (attention runs inside each segment
+    and reads no mask, and a sliding-window model would otherwise get a [R, 1, L, L] one), else
+    sdpa's. Training batches pass an all-ones 2-D mask, for which sdpa's builder returns None unless
+    a sliding window is shorter than the rows."""
+    from transformers.masking_utils import sdpa_mask
+
+    if _segments_given.get():
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
 _registered = False
 
 
@@ -220,12 +324,10 @@ def register() -> None:
     if _registered:
         return
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(SEGMENT_SDPA, _segment_sdpa)
-    # Masks are built as for sdpa; training batches pass an all-ones 2-D mask, for which sdpa's mask
-    # builder returns None, so no L×L mask is ever made for them.
-    AttentionMaskInterface.register(SEGMENT_SDPA, sdpa_mask)
+    AttentionMaskInterface.register(SEGMENT_SDPA, _segment_mask)
     _registered = True
 
 

@@ -448,19 +448,31 @@ def build_parser() -> argparse.ArgumentParser:
     _option(prepare, "output", help="also save the store to this file (train on it with train_data: FILE.store)")
     prepare.set_defaults(func=cmd_prepare, parser=prepare)
 
+    from epsdpo.recipes.demo_options import FIXED_SETTINGS, DemoOptions
+
+    shown_default = DemoOptions()
+    fixed = ", ".join(f"{k}={v}" for k, v in FIXED_SETTINGS.items())
     demo = sub.add_parser("demo", help="ε-DPO on SmolLM2-135M-Instruct with the bundled demo data (CPU, minutes)",
+                          description=f"ε-DPO on SmolLM2-135M-Instruct with the bundled demo data. Fixed: {fixed}.",
                           **plain)
-    _option(demo, "output_dir", default=None, help="where metrics, plots and the model go (default: outputs/demo)")
-    _option(demo, "max_steps", type=int, default=None, help="optimizer steps")
-    _option(demo, "batch_size", type=int, default=None, help="preference pairs per step")
-    _option(demo, "learning_rate", type=float, default=None)
-    _option(demo, "beta", type=float, default=None)
-    _option(demo, "epsilon", type=float, default=None)
-    _option(demo, "layout", choices=["padded", "packed", "shared_prompt"], default=None)
-    _option(demo, "eval_prompts", type=int, default=None, help="held-out prompts scored before and after training")
-    _option(demo, "threads", type=int, default=None, help="torch CPU threads")
-    _option(demo, "bf16", action="store_true", default=None,
-            help="compute in bf16 (autocast) over fp32 master weights, as training on a GPU does")
+
+    def demo_option(name: str, what: str, **kwargs: Any) -> None:
+        # default=None keeps an option not given out of DemoOptions(...), so the dataclass's default is the
+        # one that runs; the help shows it
+        _option(demo, name, default=None, help=f"{what} (default: {getattr(shown_default, name)})", **kwargs)
+
+    demo_option("output_dir", "where metrics, plots and the model go")
+    demo_option("max_steps", "optimizer steps", type=int)
+    demo_option("batch_size", "preference pairs per step", type=int)
+    demo_option("learning_rate", "peak learning rate of the cosine schedule", type=float)
+    demo_option("beta", "initial KL penalty β", type=float)
+    demo_option("epsilon", "ε-DPO step size ε", type=float)
+    demo_option("layout", "batch layout", choices=["padded", "packed", "shared_prompt"])
+    demo_option("eval_prompts", "held-out prompts scored before and after training", type=int)
+    demo_option("max_new_tokens", "longest answer generated per held-out prompt, in tokens", type=int)
+    demo_option("threads", "torch CPU threads; None: torch's choice", type=int)
+    demo_option("bf16", "compute in bf16 (autocast) over fp32 master weights, as training on a GPU does",
+                action="store_true")
     demo.set_defaults(func=cmd_demo, parser=demo)
     return parser
 

@@ -194,6 +194,7 @@ class TrainConfig:
     fp16: bool = field(default=False, metadata={"help": (
         "Compute in float16: autocast over the float32 weights, with a gradient scaler (TRL's meaning). Not "
         "with bf16.")})
+    # model loading and LoRA adapters (TRL's ModelConfig)
     model_init_kwargs: dict | str | None = field(default=None, metadata={"help": (
         "Keyword arguments for from_pretrained when the model (and ref_model) are given as paths, as a mapping "
         "or a JSON string, e.g. {\"attn_implementation\": \"eager\"} (TRL's meaning). Not dtype: see dtype.")})

@@ -28,8 +28,10 @@ from torch import Tensor, nn
 from epsdpo.attention import (
     SEGMENT_SDPA,
     VARLEN_IMPLEMENTATIONS,
+    BatchBlockMask,
     flex_attention_available,
     segment_block_mask,
+    segments_given,
     varlen_kwargs,
 )
 from epsdpo.models import AdapterFreeReference
@@ -88,7 +90,7 @@ def _to_tensors(batch: Batch, device: torch.device) -> dict[str, Any]:
     """The batch arrays this module reads, as tensors on `device` (numpy arrays are not copied on CPU),
     with the collator's facts about the batch as they are (the boundaries stay on the host)."""
     tensors: dict[str, Any] = {key: torch.as_tensor(batch[key], device=device) for key in _BATCH_KEYS}
-    tensors.update({key: batch[key] for key in _BATCH_FACTS if key in batch})
+    tensors.update({key: batch[key] for key in (*_BATCH_FACTS, _BLOCK_MASK) if key in batch})
     return tensors
 
 
@@ -106,6 +108,9 @@ def _sliding_window(config: Any) -> int | None:
 # What the Rust collator states about a batch beside its arrays: the layout and the varlen boundaries.
 # Reading them spares each forward pass the device-to-host syncs of working them out from the ids.
 _BATCH_FACTS = ("layout", "cu_seqlens", "max_seqlen")
+# Where `batch_logps` keeps the batch's flex block mask (a `BatchBlockMask`), so that the policy and the
+# reference forward share one build
+_BLOCK_MASK = "block_mask"
 
 
 def _layout_facts(tensors: Mapping[str, Any]) -> tuple[bool, bool]:
@@ -132,8 +137,9 @@ def _backbone_inputs(model: nn.Module, tensors: Mapping[str, Any], dtype: torch.
         inputs["attention_mask"] = torch.ones_like(segment_ids)
     elif implementation in VARLEN_IMPLEMENTATIONS and not branched:
         inputs.update(varlen_kwargs(segment_ids, implementation, tensors.get("cu_seqlens"), tensors.get("max_seqlen")))
-        # All-ones tells sdpa's mask builder there is nothing to mask (it then builds none); flash
-        # attention takes the varlen path only without a mask.
+        # SEGMENT_SDPA's mask builder builds nothing for a call with segments (see `_run`); an all-ones
+        # mask rather than None spares transformers' search of position_ids for packed sequences (a
+        # host sync). Flash attention takes the varlen path only without a mask.
         inputs["attention_mask"] = None if implementation != SEGMENT_SDPA else torch.ones_like(segment_ids)
     elif right_padded:
         inputs["attention_mask"] = (segment_ids >= 0).long()
@@ -146,7 +152,9 @@ def _backbone_inputs(model: nn.Module, tensors: Mapping[str, Any], dtype: torch.
                 "epsdpo.attention) or the padded layout"
             )
         if implementation == SEGMENT_SDPA and flex_attention_available(segment_ids.device):
-            inputs["attention_mask"] = segment_block_mask(segment_ids, branch_ids)
+            shared = tensors.get(_BLOCK_MASK)
+            block_mask = shared.get if shared is not None else segment_block_mask
+            inputs["attention_mask"] = block_mask(segment_ids, branch_ids)
         else:
             inputs["attention_mask"] = build_attention_mask(segment_ids, branch_ids, dtype)
     else:
@@ -162,18 +170,26 @@ def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return parameter.device, parameter.dtype
 
 
+def _run(model: nn.Module, inputs: dict[str, Any]) -> Any:
+    """The model called on `inputs`; a call that passes segment boundaries says so to the mask builder,
+    which then builds no mask (epsdpo.attention.segments_given)."""
+    scope = segments_given() if "cu_seq_lens_q" in inputs else nullcontext()
+    with scope:
+        return model(**inputs, use_cache=False)
+
+
 def forward_hidden(backbone: nn.Module, batch: Batch) -> Tensor:
     """Final hidden states [N, H] of the positions in `batch["logit_index"]`."""
     device, dtype = _device_dtype(backbone)
     tensors = _to_tensors(batch, device)
-    hidden = backbone(**_backbone_inputs(backbone, tensors, dtype), use_cache=False).last_hidden_state
+    hidden = _run(backbone, _backbone_inputs(backbone, tensors, dtype)).last_hidden_state
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, tensors["logit_index"].long())
 
 
 def _forward_logits(model: nn.Module, tensors: Mapping[str, Tensor]) -> Tensor:
     """Full-logits fallback: logits [N, V] of the scored positions via `model(...).logits`."""
     _, dtype = _device_dtype(model)
-    logits = model(**_backbone_inputs(model, tensors, dtype), use_cache=False).logits
+    logits = _run(model, _backbone_inputs(model, tensors, dtype)).logits
     return logits.reshape(-1, logits.shape[-1]).index_select(0, tensors["logit_index"].long())
 
 
@@ -265,8 +281,10 @@ def batch_logps(
     (`split_causal_lm` returns None), or whose heads transform logits differently, are scored from
     full logits instead. Chunk sizes: see `epsdpo.ops.perturbed_logps`.
     """
-    # Converted once: the scorers and the backbones below then reuse these tensors as they are.
-    batch = {**_to_tensors(batch, _device_dtype(policy)[0]), "num_sequences": batch["num_sequences"]}
+    # Converted once: the scorers and the backbones below then reuse these tensors as they are, and
+    # the block mask built for them (shared-prompt batches on CUDA) by the first forward.
+    batch = {**_to_tensors(batch, _device_dtype(policy)[0]), "num_sequences": batch["num_sequences"],
+             _BLOCK_MASK: BatchBlockMask()}
     reference_scope = nullcontext
     if isinstance(reference, AdapterFreeReference):
         reference, reference_scope = reference.policy, reference.disabled

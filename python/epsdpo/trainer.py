@@ -78,6 +78,7 @@ from epsdpo.sharding import full_model_state, grad_norm_value, shard
 from epsdpo.staged import replace_file, write_folder
 from epsdpo.stall_watch import StallWatch, StalledTrainingError  # noqa: F401  (raised from here)
 from epsdpo.step_metrics import StepSums
+from epsdpo.trl_compat import trainer_inputs
 
 if TYPE_CHECKING:
     from epsdpo._core import Batch
@@ -133,16 +134,25 @@ class Trainer:
 
         config = epsdpo.TrainConfig(output_dir="runs/mine", beta=0.1, epsilon=0.01, layout="packed",
                                     learning_rate=5e-7, bf16=True, save_steps=100)
-        trainer = epsdpo.Trainer("path/to/model", config, train_dataset="pairs.jsonl",
+        trainer = epsdpo.Trainer("path/to/model", args=config, train_dataset="pairs.jsonl",
                                  eval_dataset="held_out.jsonl")
         state = trainer.train()                     # or train(resume_from_checkpoint=True)
         print(state.global_step, state.beta, trainer.evaluate()["eval_rewards/accuracies"])
+
+    The call is TRL's `DPOTrainer`'s: ``Trainer(model=..., ref_model=None, args=DPOConfig(...),
+    train_dataset=..., eval_dataset=None, processing_class=tokenizer, callbacks=[...],
+    peft_config=LoraConfig(...))``, by keyword or in its positional order, `args` a `TrainConfig` or a
+    TRL `DPOConfig` (epsdpo.trl_compat); TRL's arguments epsdpo does not take (data_collator,
+    compute_metrics, optimizers, quantization_config) are refused when given. The earlier form
+    ``Trainer(model, config, train_dataset, tokenizer=...)`` still works: a config in the second
+    position cannot be a reference model; `config=` and `tokenizer=` are other names of `args=` and
+    `processing_class=`.
 
     `model` and `ref_model` are modules or paths (a folder, a `.gguf` file, a hub id where a hub is
     reachable); without `ref_model` the reference is a frozen copy of the initial policy (a PEFT
     policy's own base model, adapters off). Datasets are a `PreferenceStore`, a saved `.store`, a
     `datasets.Dataset` or a local `.jsonl` / `.json` / `.parquet` file in TRL's preference formats;
-    raw text needs a `tokenizer` (by default the model's own). Outputs go under `config.output_dir`:
+    raw text needs a tokenizer (by default the model's own). Outputs go under `config.output_dir`:
     `metrics.jsonl`, checkpoints, `final/` (with its model card, README.md), `beta_ledger.npz` and
     plots. Every `checkpoint-N/` and `final/` loads with `AutoModelForCausalLM.from_pretrained`
     (a sharded FSDP checkpoint excepted: see epsdpo.checkpoint).
@@ -151,12 +161,32 @@ class Trainer:
     def __init__(
         self,
         model: nn.Module | str | Path,
-        config: TrainConfig,
-        train_dataset: Any,
-        tokenizer: Any = None,
+        *positional: Any,
         ref_model: nn.Module | str | Path | None = None,
+        args: Any = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
         eval_dataset: Any = None,
+        processing_class: Any = None,
+        compute_metrics: Any = None,
+        callbacks: list[Any] | None = None,
+        optimizers: tuple[Any, Any] = (None, None),
+        quantization_config: Any = None,
+        peft_config: Any = None,
+        tokenizer: Any = None,
+        config: TrainConfig | None = None,
     ) -> None:
+        # TRL's DPOTrainer call (keywords, or its positional order), or epsdpo's earlier
+        # Trainer(model, config, train_dataset, ...) when the second argument is a config (epsdpo.trl_compat)
+        given = trainer_inputs(model, positional, dict(
+            ref_model=ref_model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
+            callbacks=callbacks, optimizers=optimizers, quantization_config=quantization_config,
+            peft_config=peft_config, tokenizer=tokenizer, config=config))
+        config, ref_model, train_dataset, eval_dataset, tokenizer = (
+            given.config, given.ref_model, given.train_dataset, given.eval_dataset, given.tokenizer)
+        # transformers' TrainerCallback objects, in the order given
+        self.callbacks: list[Any] = given.callbacks
         # what the launcher (accelerate launch) asks for is part of the run's settings, recorded with them
         self.config = config = apply_launcher_settings(config, os.environ)
         _check_evaluation_has_data(config, eval_dataset)
@@ -585,15 +615,33 @@ class Trainer:
             self._micro_batch(batch, sums, train=False)
         return sums.all_reduce(self.dist).metrics(prefix="eval_")
 
-    def save_model(self, path: str | Path) -> None:
-        """The policy (and tokenizer) in Hugging Face format, loadable by `from_pretrained`. Every rank
+    def save_model(self, output_dir: str | Path | None = None) -> None:
+        """The policy (and tokenizer) in Hugging Face format, loadable by `from_pretrained`, in
+        `output_dir` (by default the config's output_dir, as transformers' save_model()). Every rank
         calls it (a sharded model is gathered first); rank 0 writes."""
+        path = self.output_dir if output_dir is None else Path(output_dir)
         state = full_model_state(self.model) if self.sharded else None
         if not self.dist.is_main:
             return
         # Written in place, not staged like final/: `path` may be a folder holding other files (the
-        # output_dir itself, as transformers' save_model() defaults to), which a staged replace would delete.
-        write_file(Path(path), lambda folder: self._write_model(folder, state))
+        # output_dir itself, the default), which a staged replace would delete.
+        write_file(path, lambda folder: self._write_model(folder, state))
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: epsdpo uploads nothing (TRL's trainer.push_to_hub())."""
+        raise NotImplementedError("push_to_hub() is not supported: epsdpo has no hub upload; push output_dir/final "
+                                  "with huggingface_hub's upload_folder")
+
+    @property
+    def args(self) -> TrainConfig:
+        """The run's settings under TRL's name (`trainer.args`); a DPOConfig given arrives as the
+        TrainConfig it maps to (epsdpo.trl_compat)."""
+        return self.config
+
+    @property
+    def processing_class(self) -> Any:
+        """The tokenizer, under TRL's name."""
+        return self.tokenizer
 
     def _write_model(self, path: Path, state: dict[str, Tensor] | None) -> None:
         path.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,21 +17,9 @@ import torch
 from epsdpo.config import TrainConfig
 from epsdpo.evaluation import generate_answers, score_answers, win_rate
 from epsdpo.models import load_causal_lm, load_tokenizer, smollm2_gguf_path
+from epsdpo.recipes.demo_options import FIXED_SETTINGS, DemoOptions
 
-
-@dataclass
-class DemoOptions:
-    output_dir: str = "outputs/demo"
-    max_steps: int = 24
-    batch_size: int = 4
-    learning_rate: float = 5e-6
-    beta: float = 0.1
-    epsilon: float = 0.05
-    layout: str = "packed"
-    eval_prompts: int = 48
-    max_new_tokens: int = 48
-    threads: int | None = None
-    bf16: bool = False  # bf16 autocast over fp32 master weights, as on a GPU
+__all__ = ["DemoOptions", "run_demo"]
 
 
 def run_demo(options: DemoOptions) -> dict[str, Any]:
@@ -59,8 +46,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     config = TrainConfig(
         output_dir=str(out), beta=options.beta, epsilon=options.epsilon, learning_rate=options.learning_rate,
         per_device_train_batch_size=options.batch_size, max_steps=options.max_steps, layout=options.layout,
-        lr_scheduler_type="cosine", warmup_ratio=0.1, max_length=512, max_prompt_length=384, seed=0,
-        save_steps=None, logging_steps=1, bf16=options.bf16, overwrite_output_dir=True,
+        save_steps=None, logging_steps=1, bf16=options.bf16, overwrite_output_dir=True, **FIXED_SETTINGS,
     )
     trainer = Trainer(policy, config, demo_dataset("train"), tokenizer=tokenizer)
     trainer.train()
