@@ -56,6 +56,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import train_compare  # noqa: E402  (benches/ is not a package)
 
+# the page's hand-written verdict, under its title, survives a rerun (examples/report_page.py)
+sys.path.insert(0, str(ROOT / "examples"))
+from report_page import kept_verdict, with_verdict  # noqa: E402
+
 import epsdpo  # noqa: E402
 import epsdpo.attention as attention  # noqa: E402
 from epsdpo.attention import use_segment_attention  # noqa: E402
@@ -872,9 +876,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                date=time.strftime("%Y-%m-%d"), wall_s=0.0,
                                sections={s.key: dict(status="not run", reason="not reached") for s in plan})
 
+    verdict = kept_verdict(args.out.read_text()) if args.out.is_file() else ""
+
     def save() -> None:
         run["wall_s"] = time.perf_counter() - started
-        write_atomically(args.out, report(run, plan, device))
+        write_atomically(args.out, with_verdict(report(run, plan, device), verdict))
         write_atomically(args.out.with_suffix(".json"), json.dumps(run, indent=1, default=str))
 
     for section in plan:

@@ -81,7 +81,7 @@ def test_a_killed_run_keeps_the_sections_it_finished(tmp_path):
         while time.monotonic() < deadline and proc.poll() is None:
             if out.with_suffix(".json").exists():
                 sections = json.loads(out.with_suffix(".json").read_text())["sections"]
-                if sections["kernel"]["status"] == "done":
+                if sections["kernel"]["status"] == "done" and sections["layouts"]["status"] == "running":
                     break
             time.sleep(0.05)
         assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
@@ -155,6 +155,20 @@ def test_the_deadline_stops_the_running_section_and_marks_the_rest_not_run(gpu_c
     assert sections["after"] == dict(status="not run", reason="the --deadline of 2 s had passed")
     assert "Not run: endless, after." in out.read_text()
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # no alarm left behind
+
+
+def test_a_rerun_keeps_the_hand_written_verdict_under_the_title(gpu_check, monkeypatch, tmp_path):
+    monkeypatch.setattr(gpu_check, "sections", lambda tiny: [
+        _trivial(gpu_check, "quick", lambda context: dict(rows=[dict(ok=True)]))])
+    from report_page import VERDICT_MARKER  # examples/, on the path once gpu_check is loaded
+
+    out = tmp_path / "page.md"
+    verdict = f"**Verdict:** every check passes on one H100.\n{VERDICT_MARKER}"
+    out.write_text(f"# GPU check\n\n{verdict}\n\nold numbers\n")
+    assert gpu_check.main(["--device", "cpu", "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[:4] == ["# GPU check", "", *verdict.splitlines()]
+    assert "old numbers" not in out.read_text() and "rows of quick" in out.read_text()
 
 
 def test_a_subprocess_past_its_timeout_is_killed_with_its_children(gpu_check):
@@ -252,7 +266,7 @@ def test_a_varlen_row_passes_when_the_kernel_ran_with_the_window_convention(gpu_
 
     calls = []
     monkeypatch.setattr(attention, "_varlen_attn", lambda: _segment_kernel(calls))
-    monkeypatch.setattr(attention, "_varlen_usable", lambda *args, **kwargs: True)
+    monkeypatch.setattr(attention, "varlen_kernel_supports", lambda device, dtype: True)  # CPU, float32 too
     path = gpu_check.AttentionPath("torch varlen_attn, sliding window 6", "sdpa", ("packed",), window=6,
                                    expects=gpu_check.VARLEN, precisions=("float32",))
     [row] = gpu_check.check_layouts(_context(gpu_check), [path])["rows"]
