@@ -53,6 +53,7 @@ def test_gpu_check_runs_on_cpu_at_toy_sizes(tmp_path):
         assert heading in page, heading
     sections = json.loads(out.with_suffix(".json").read_text())["sections"]
     assert all(record["status"] == "done" for record in sections.values()), sections
+    assert " min in all, " in page
     assert {r["dtype"] for r in sections["kernel"]["result"]["rows"]} == {"float32", "bfloat16"}
     layouts = sections["layouts"]["result"]["rows"]
     assert {r["layout"] for r in layouts if r.get("ok")} == {"packed", "shared_prompt"}
@@ -99,6 +100,7 @@ def test_a_killed_run_keeps_the_sections_it_finished(tmp_path):
     kernel = page.split("## 1. Fused kernel")[1].split("## 2.")[0]
     assert kernel.count("| pass |") == 4
     assert "running (the run stopped before this section ended)" in page
+    assert " min so far, " in page
 
 
 def _trivial(gpu_check, key, run):
