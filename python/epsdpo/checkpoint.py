@@ -50,7 +50,8 @@ from torch import nn
 
 PREFIX = "checkpoint-"
 MANIFEST = "manifest.json"  # written last: its presence marks a finished checkpoint
-TRAINER_STATE = "trainer_state.json"
+TRAINER_STATE = "trainer_state.json"  # transformers' TrainerState, as TrainerState.save_to_json writes it
+RUN_STATE = "epsdpo_state.json"  # epsdpo's own: β, its rule's state, the run's identity, per-rank ledger files
 TRAINING_CONFIG = "training_config.json"  # the TrainConfig; config.json is the model's, as from_pretrained expects
 SHARDED = "sharded"
 # What resume reads besides the weights (`resume_reads`): each must be in the manifest, or it is read unchecked.
@@ -190,7 +191,7 @@ def save_checkpoint(
     scheduler: Any,
     kl_state: bytes,
     sampler_state: bytes,
-    trainer_state: dict[str, Any],
+    trainer_state: Any,
     config: dict[str, Any],
     save_total_limit: int | None = None,
     reference: nn.Module | dict[str, torch.Tensor] | None = None,
@@ -199,6 +200,7 @@ def save_checkpoint(
     tokenizer: Any = None,
     rng_per_rank: list[dict[str, Any]] | None = None,
     rank_files: dict[str, bytes] | None = None,
+    run_state: dict[str, Any] | None = None,
 ) -> Path:
     """Finish checkpoint `step` and rename it into place (rank 0).
 
@@ -210,7 +212,8 @@ def save_checkpoint(
     `from_pretrained` loads (`save_pretrained_files`); by default `model` when it is a module.
     `rng_per_rank`: every rank's `rng_state()`, in rank order (by default this process's alone).
     `rank_files`: the other ranks' state, by file name (their KL controllers: epsdpo.beta_ledger),
-    written and listed in the manifest like the rest."""
+    written and listed in the manifest like the rest. `trainer_state`: transformers' TrainerState
+    (written with its save_to_json) or a mapping; `run_state`: epsdpo's own state, beside it."""
     final = output_dir / f"{PREFIX}{step}"
     tmp = staging_dir(output_dir, step)
     if model is None:
@@ -232,10 +235,14 @@ def save_checkpoint(
     if optimizer_state is not None:
         training["optimizer"] = optimizer_state
     write_file(tmp / "training_state.pt", lambda path: torch.save(training, path))
+    if hasattr(trainer_state, "save_to_json"):
+        write_file(tmp / TRAINER_STATE, lambda path: trainer_state.save_to_json(str(path)))
+    else:
+        write_file(tmp / TRAINER_STATE, lambda path: path.write_text(json.dumps(trainer_state, indent=2)))
+    own = {RUN_STATE: json.dumps(run_state, indent=2).encode()} if run_state is not None else {}
     for name, data in (("kl_controller.bin", kl_state), ("sampler.bin", sampler_state),
                        (TRAINING_CONFIG, json.dumps(config, indent=2).encode()),
-                       (TRAINER_STATE, json.dumps(trainer_state, indent=2).encode()),
-                       *(rank_files or {}).items()):
+                       *own.items(), *(rank_files or {}).items()):
         write_file(tmp / name, lambda path, data=data: path.write_bytes(data))
     _write_manifest(tmp)
     if final.exists():  # resumed from an earlier step: this step's old checkpoint is replaced
@@ -270,7 +277,9 @@ def previous_run_outputs(output_dir: Path) -> list[Path]:
     """What a run writes into its output_dir, found there before this run wrote anything."""
     if not output_dir.is_dir():
         return []
-    names = ("metrics.jsonl", "final", "beta_ledger.npz", "plots")
+    names = {"metrics.jsonl", "final", "beta_ledger.npz", "plots"}
+    if (output_dir / "final").is_dir():  # the final model's copy in output_dir itself (Trainer._write_outputs)
+        names |= {p.name for p in (output_dir / "final").iterdir()}
     # what a killed run leaves too: staging and trash folders (checkpoints, final/), temporary
     # ledgers (epsdpo.staged); not the run lock, which belongs to whichever run holds the folder
     leftovers = rf"\.?{PREFIX}\d+(\.tmp|\.trash)?|\.final\.(tmp|trash)|\.beta_ledger\.npz\.tmp"
@@ -432,7 +441,23 @@ def resolve_checkpoint(output_dir: Path, resume: str | Path | bool) -> Path:
 def read_trainer_state(path: Path) -> dict[str, Any]:
     """trainer_state.json of a verified checkpoint, as a mapping; anything else (nested past the
     recursion limit, not an object: checksums can be recomputed) is a CheckpointError naming it."""
-    file = path / TRAINER_STATE
+    return _read_json_object(path / TRAINER_STATE)
+
+
+def read_run_state(path: Path) -> dict[str, Any]:
+    """epsdpo's own state of a verified checkpoint (step, β, the β rule's state, the run's identity, the
+    per-rank ledger files): `epsdpo_state.json` when the manifest lists it, beside transformers'
+    trainer_state.json; a checkpoint written before the two were apart kept it in trainer_state.json."""
+    if RUN_STATE in require_listed(path, []):
+        return _read_json_object(path / RUN_STATE)
+    state = read_trainer_state(path)
+    if "beta" not in state:
+        raise CheckpointError(f"{path} holds neither {RUN_STATE} nor β in {TRAINER_STATE}: it is not an epsdpo "
+                              "checkpoint this version resumes (its weights still load with from_pretrained)")
+    return state
+
+
+def _read_json_object(file: Path) -> dict[str, Any]:
     try:
         state = json.loads(file.read_bytes())
     except (ValueError, RecursionError) as error:

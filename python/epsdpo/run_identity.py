@@ -41,6 +41,7 @@ FREE_ON_RESUME = frozenset({
     "logging_strategy", "logging_steps", "report_to", "run_name", "progress", "plots",
     "eval_strategy", "eval_steps", "per_device_eval_batch_size",
     "save_strategy", "save_steps", "save_total_limit", "push_to_hub",
+    "metric_for_best_model", "greater_is_better", "load_best_model_at_end",
     "dataset_cache_dir", "dataset_num_proc", "remove_unused_columns", "trust_remote_code",
     # how a step is computed, not what it computes
     "device", "ddp_timeout", "chunk_size", "gradient_checkpointing", "attn_implementation",
