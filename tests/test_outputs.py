@@ -18,6 +18,7 @@ from safetensors.torch import load_model
 from epsdpo.checkpoint import MANIFEST, TRAINING_CONFIG
 from epsdpo.config import TrainConfig
 from epsdpo.model_card import RunFacts, model_card
+from epsdpo.reporting import TIMINGS
 from epsdpo.trainer import Trainer
 from test_trainer import config, series
 from tiny import VOCAB, tiny_llama, toy_store
@@ -163,7 +164,7 @@ def test_eval_data_is_evaluated_at_the_end_once(tmp_path, capsys, eval_steps, ma
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "eval_loss" in r] == expected
     printed = [line for line in capsys.readouterr().out.splitlines() if " eval: " in line]
-    last = trainer.state.log_history[-1]
+    last = [r for r in trainer.state.log_history if "eval_loss" in r][-1]
     assert len(printed) == len(expected)
     assert printed[-1] == (f"step {max_steps} eval: loss {last['eval_loss']:.4g} | rewards/accuracies "
                            f"{last['eval_rewards/accuracies']:.4g} | rewards/margins {last['eval_rewards/margins']:.4g}"
@@ -182,7 +183,7 @@ def test_the_final_evaluation_keeps_resume_exact(tmp_path):
     full.train()
     resumed = Trainer(tiny_llama(0), config(tmp_path / "resumed", max_steps=4), toy_store(), eval_dataset=eval_data)
     resumed.train(resume_from_checkpoint=tmp_path / "run" / "checkpoint-2")
-    strip = lambda history: [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in history]  # noqa: E731
+    strip = lambda history: [{k: v for k, v in r.items() if k not in TIMINGS} for r in history]  # noqa: E731
     assert strip(resumed.state.log_history) == strip(full.state.log_history)
     assert evals(full) == [4]
 

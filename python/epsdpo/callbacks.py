@@ -74,10 +74,12 @@ class ScheduleCallback(DefaultFlowCallback):
                 control.should_save = True
 
     def on_epoch_end(self, args: TrainConfig, state: HfTrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if args.logging_strategy == "epoch":
-            control.should_log = True
         if self.has_eval_data and args.eval_strategy == "epoch":
             control.should_evaluate = True
+        if state.global_step >= state.max_steps:
+            return  # the last step was logged and saved after it ended (on_step_end)
+        if args.logging_strategy == "epoch":
+            control.should_log = True
         if args.save_strategy == "epoch":
             control.should_save = True
 

@@ -542,20 +542,17 @@ class Trainer:
                 self.state.num_input_tokens_seen += int(metrics["real_tokens"])
                 metrics["tokens_per_second"] = metrics.pop("real_tokens") / (now - last)
                 totals.add_step(metrics.pop("pairs"), metrics["loss"])
-                # the schedule (ScheduleCallback) and the user's callbacks raise the flags acted on below
+                # the schedule (ScheduleCallback) and the user's callbacks raise the flags acted on, after
+                # the step and again after its epoch ends, as in transformers' loop
                 self.control = self.callback_handler.on_step_end(c, self.state, self.control)
+                did_evaluate, saved = self._act_on_control(metrics, sampler_state)
                 if ends_epoch:
                     self.control = self.callback_handler.on_epoch_end(c, self.state, self.control)
                     in_epoch = False
-                agree_across_ranks(self.control, self.dist)
-                if self.control.should_log:
-                    self._log(metrics)
-                if self.control.should_evaluate:
-                    self._evaluate_and_log(step)
+                    evaluated_at_epoch_end, saved_at_epoch_end = self._act_on_control(metrics, sampler_state)
+                    did_evaluate, saved = did_evaluate or evaluated_at_epoch_end, saved or saved_at_epoch_end
+                if did_evaluate:
                     evaluated = step
-                saved = self.control.should_save
-                if saved:
-                    self._save(sampler_state)
                 signum = stop.agreed(self.dist)
                 if signum is not None:
                     if not saved:
@@ -584,6 +581,19 @@ class Trainer:
         barrier(self.dist)  # no rank leaves (and tears down its process group) while rank 0 writes
         self.control = self.callback_handler.on_train_end(c, self.state, self.control)
         return self.state
+
+    def _act_on_control(self, metrics: dict[str, float], sampler_state: bytes) -> tuple[bool, bool]:
+        """Log, evaluate and save as the control flags say (raised on one rank: on all), in transformers'
+        order; whether it evaluated and whether it saved. Each event lowers its flag."""
+        agree_across_ranks(self.control, self.dist)
+        evaluate, save = self.control.should_evaluate, self.control.should_save
+        if self.control.should_log:
+            self._log(metrics)
+        if evaluate:
+            self._evaluate_and_log(self.state.global_step)
+        if save:
+            self._save(sampler_state)
+        return evaluate, save
 
     def _log(self, logs: dict[str, float]) -> None:
         """One record, as transformers' Trainer.log makes it: the values with the epoch and the training
