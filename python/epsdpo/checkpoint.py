@@ -277,12 +277,12 @@ def previous_run_outputs(output_dir: Path) -> list[Path]:
     """What a run writes into its output_dir, found there before this run wrote anything."""
     if not output_dir.is_dir():
         return []
-    names = {"metrics.jsonl", "final", "beta_ledger.npz", "plots"}
+    names = {"metrics.jsonl", "final", "beta_ledger.npz", "plots", TRAINER_STATE}
     if (output_dir / "final").is_dir():  # the final model's copy in output_dir itself (Trainer._write_outputs)
         names |= {p.name for p in (output_dir / "final").iterdir()}
     # what a killed run leaves too: staging and trash folders (checkpoints, final/), temporary
     # ledgers (epsdpo.staged); not the run lock, which belongs to whichever run holds the folder
-    leftovers = rf"\.?{PREFIX}\d+(\.tmp|\.trash)?|\.final\.(tmp|trash)|\.beta_ledger\.npz\.tmp"
+    leftovers = rf"\.?{PREFIX}\d+(\.tmp|\.trash)?|\.final\.(tmp|trash)|\.(beta_ledger\.npz|trainer_state\.json)\.tmp"
     return sorted(p for p in output_dir.iterdir() if p.name in names or re.fullmatch(leftovers, p.name))
 
 

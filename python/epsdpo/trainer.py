@@ -20,6 +20,8 @@ Every micro-batch of a cycle uses the same base β, and the `kl/beta` logged for
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import time
@@ -43,7 +45,7 @@ from epsdpo.callbacks import (
     agree_across_ranks,
     best_metric_improved,
 )
-from epsdpo.checkpoint import PREFIX, list_checkpoints, write_file
+from epsdpo.checkpoint import PREFIX, TRAINER_STATE, list_checkpoints, write_file
 from epsdpo.config import TrainConfig
 from epsdpo.beta_ledger import merged_ledger
 from epsdpo.distributed import (
@@ -703,6 +705,10 @@ class Trainer:
             write_run_card(self, staging)
 
         write_file(self.output_dir / "final", lambda folder: write_folder(folder, write_final))
+        # transformers' TrainerState of the finished run, where transformers' save_state() puts it
+        write_file(self.output_dir / TRAINER_STATE, lambda path: replace_file(
+            path, lambda handle: handle.write(json.dumps(dataclasses.asdict(self.state), indent=2, sort_keys=True)
+                                              .encode() + b"\n")))
         # ... and its files at the root too, where TRL's script leaves the model: from_pretrained(output_dir)
         write_file(self.output_dir, lambda root: publish_files(root / "final", root, MODEL_MARKERS))
         self.metrics.close()
