@@ -235,14 +235,15 @@ def save_checkpoint(
     if optimizer_state is not None:
         training["optimizer"] = optimizer_state
     write_file(tmp / "training_state.pt", lambda path: torch.save(training, path))
+    for name, data in (("kl_controller.bin", kl_state), ("sampler.bin", sampler_state),
+                       (TRAINING_CONFIG, json.dumps(config, indent=2).encode())):
+        write_file(tmp / name, lambda path, data=data: path.write_bytes(data))
     if hasattr(trainer_state, "save_to_json"):
         write_file(tmp / TRAINER_STATE, lambda path: trainer_state.save_to_json(str(path)))
     else:
         write_file(tmp / TRAINER_STATE, lambda path: path.write_text(json.dumps(trainer_state, indent=2)))
     own = {RUN_STATE: json.dumps(run_state, indent=2).encode()} if run_state is not None else {}
-    for name, data in (("kl_controller.bin", kl_state), ("sampler.bin", sampler_state),
-                       (TRAINING_CONFIG, json.dumps(config, indent=2).encode()),
-                       *own.items(), *(rank_files or {}).items()):
+    for name, data in (*own.items(), *(rank_files or {}).items()):
         write_file(tmp / name, lambda path, data=data: path.write_bytes(data))
     _write_manifest(tmp)
     if final.exists():  # resumed from an earlier step: this step's old checkpoint is replaced
