@@ -176,3 +176,17 @@ def test_add_pop_and_remove_callback(tmp_path):
     trainer.remove_callback(first)
     trainer.train()
     assert first.events == [("on_init_end", 0)] and ("on_train_end", 1) in second.events
+
+
+@pytest.mark.slow
+def test_a_flag_raised_on_one_rank_is_acted_on_by_every_rank(tmp_path):
+    """Under torchrun a save, an evaluation and a stop are collectives: raised by one rank's callback,
+    every rank acts on it (no hang, one checkpoint, one evaluation, both ranks stop at step 3)."""
+    from torchrun_job import run_torchrun
+
+    done = run_torchrun("dist_callback_worker.py", tmp_path, nproc=2, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0] == ranks[1] == {"seen": [["save", 1], ["evaluate", 2]], "step": 3}
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert (tmp_path / "config.json").is_file() and (tmp_path / "final" / "config.json").is_file()
