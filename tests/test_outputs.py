@@ -331,11 +331,13 @@ def test_trainer_state_json_is_transformers_with_beta_beside_it(tmp_path):
         assert (state.logging_steps, state.eval_steps, state.save_steps, state.train_batch_size) == (1, 2, 2, 8)
         assert state.is_world_process_zero and state.is_local_process_zero
         # a checkpoint's history ends before the run's closing summary; the one at the end holds it all
-        assert state.log_history == [r for r in history if r["step"] <= step and (folder == out or "train_runtime" not in r)]
+        assert state.log_history == [r for r in history
+                                     if r["step"] <= step and (folder == out or "train_runtime" not in r)]
         assert state.num_input_tokens_seen == [r for r in history if r["step"] == step][0]["num_tokens"]
         kept = [r for r in evals if r["step"] <= step]
         first_best = max(kept, key=lambda r: r["eval_rewards/accuracies"])
-        assert (state.best_metric, state.best_global_step) == (first_best["eval_rewards/accuracies"], first_best["step"])
+        assert state.best_metric == first_best["eval_rewards/accuracies"]
+        assert state.best_global_step == first_best["step"]
     assert HfTrainerState.load_from_json(str(out / "trainer_state.json")).best_model_checkpoint == str(
         out / f"checkpoint-{best['step']}")
     assert len(HfTrainerState.load_from_json(str(out / "trainer_state.json")).log_history) == len(history)

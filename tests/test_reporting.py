@@ -96,7 +96,8 @@ def test_tensorboard_event_files_read_back_under_transformers_logging_dir(tmp_pa
     (folder,) = (tmp_path / "runs").iterdir()
     assert re.fullmatch(r"[A-Z][a-z]{2}\d{2}_\d{2}-\d{2}-\d{2}_" + re.escape(socket.gethostname()), folder.name)
     scalars = read_tensorboard(folder)
-    assert scalars.keys() == {"train/loss", "train/kl/beta", "train/epoch", "eval/loss"}  # epoch: train/, as transformers
+    # an eval record's epoch is train/epoch, as transformers tags it
+    assert scalars.keys() == {"train/loss", "train/kl/beta", "train/epoch", "eval/loss"}
     assert [(s, round(v, 6)) for s, v in scalars["train/loss"]] == [(3, 0.69)]
     assert [(s, round(v, 6)) for s, v in scalars["eval/loss"]] == [(3, 0.7)]
 

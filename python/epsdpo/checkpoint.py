@@ -16,10 +16,12 @@ and renamed into place, so a crash leaves either the whole checkpoint or none.
   policy's `config.json` and `generation_config.json` (a PEFT policy: `adapter_config.json` and
   `adapter_model.safetensors`, as PEFT writes them) and the tokenizer's files, so that
   `AutoModelForCausalLM.from_pretrained("checkpoint-N")` loads the policy of step N. The run's own
-  settings are in `training_config.json`. A sharded (FSDP) checkpoint has `config.json` but no
-  `model.safetensors`, so `from_pretrained` cannot read it: its weights are DCP shards, for resuming
-  (or for `torch.distributed.checkpoint.format_utils.dcp_to_torch_save`); `final/` holds the
-  gathered model.
+  settings are in `training_config.json`; `trainer_state.json` is transformers' TrainerState
+  (`TrainerState.load_from_json` reads it), and epsdpo's own state (β, the β rule, the run's
+  identity, the per-rank ledger files) is `epsdpo_state.json` beside it. A sharded (FSDP) checkpoint
+  has `config.json` but no `model.safetensors`, so `from_pretrained` cannot read it: its weights are
+  DCP shards, for resuming (or for `torch.distributed.checkpoint.format_utils.dcp_to_torch_save`);
+  `final/` holds the gathered model.
 - Outside `sharded/`, nothing is unpickled with arbitrary classes: `training_state.pt` is read with
   `torch.load(weights_only=True)`, which accepts tensors and plain containers only.
 - `manifest.json`, written last, lists every file's size and SHA-256. Its presence marks a finished

@@ -1,6 +1,8 @@
 """Where logged metrics go: the in-memory history, `metrics.jsonl`, and the logging backends a run
 names in `report_to` (TensorBoard, Weights & Biases, Trackio, MLflow), each through its own library;
-an evaluation's main metrics also go to the console (`eval_summary`). Only rank 0 writes."""
+an evaluation's main metrics also go to the console (`eval_summary`). Only rank 0 writes. TensorBoard
+is laid out as transformers lays it out (`output_dir/runs/<date>_<host>`, `train/` and `eval/` tags),
+so that dashboards built on TRL runs line up; `RunTotals` is transformers' closing summary."""
 
 from __future__ import annotations
 

@@ -21,7 +21,6 @@ import torch.distributed
 from epsdpo.checkpoint import (
     PREFIX,
     RUN_STATE,
-    TRAINER_STATE,
     SHARDED,
     TRAINING_CONFIG,
     CheckpointError,

@@ -3,7 +3,7 @@
 A checkpoint restores the KL controller (β and ε), the sampler, the optimizer and the scheduler of
 the run that wrote it; a resumed run that asks for another β, ε, method, learning rate or dataset
 would otherwise train with the checkpoint's values while its config and model card show its own.
-So every checkpoint records its run's identity (`trainer_state.json`, "run_identity"): the
+So every checkpoint records its run's identity (`epsdpo_state.json`, "run_identity"): the
 TrainConfig fields that decide training, with facts of the run itself (the schedule's total
 optimizer steps, warm-up steps, world size, and fingerprints of the tokenized training data and of
 the tokenizer). `resume_run` compares it with the resuming run's and refuses any difference, listing

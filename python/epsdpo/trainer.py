@@ -454,8 +454,8 @@ class Trainer:
             self.method.beta_rule.skip_step()
         self.stall_watch.after_step(step, grad_norm, global_pairs, self.kl.beta)
         metrics = sums.all_reduce(self.dist).metrics()
-        metrics.update({"grad_norm": grad_norm, "learning_rate": lr, "kl/beta": beta, "real_tokens": sums["real_tokens"],
-                        "pairs": global_pairs})
+        metrics.update({"grad_norm": grad_norm, "learning_rate": lr, "kl/beta": beta,
+                        "real_tokens": sums["real_tokens"], "pairs": global_pairs})
         if self.precision.scaler is not None:
             metrics.update({"loss_scale": self.precision.scaler.get_scale(), "skipped_step": float(not applied)})
         return metrics
@@ -476,8 +476,10 @@ class Trainer:
     def train(self, resume_from_checkpoint: str | Path | bool | None = None) -> TrainerState:
         """Train to `max_steps` (or `num_train_epochs`), logging, evaluating and saving on the way,
         evaluate once more at the end when there is eval data (unless the last step just was, or
-        eval_strategy is no), then
-        write `final/` with its model card, `beta_ledger.npz` and plots. `resume_from_checkpoint`: a
+        eval_strategy is no), log transformers' closing summary (train_runtime, train_loss, ...), then
+        write `final/` with its model card (and its files into output_dir itself), `trainer_state.json`,
+        `beta_ledger.npz` and plots. The callbacks are called at transformers' events throughout, and the
+        loop honours their TrainerControl flags (`epsdpo.callbacks`). `resume_from_checkpoint`: a
         checkpoint folder, or True for the newest in `output_dir`; the run then continues exactly. "auto":
         the newest complete checkpoint when there is one, else a fresh start — what a torchelastic restart
         (TORCHELASTIC_RESTART_COUNT > 0) does by itself. Under torchrun rank 0 chooses the checkpoint and
@@ -558,7 +560,7 @@ class Trainer:
                 signum = stop.agreed(self.dist)
                 if signum is not None:
                     if not saved:
-                        save_run(self, sampler_state)
+                        self._save(sampler_state)
                     raise TrainingInterrupted(signum, step, self.output_dir / f"{PREFIX}{step}")
                 if progress is not None:
                     progress.update(1)
