@@ -535,13 +535,21 @@ def final_files(out: Path) -> set[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["final_card", "ledger"])
+@pytest.mark.parametrize("point", ["final_card", "ledger", "root_model"])
 def test_sigkill_while_writing_the_final_outputs_leaves_them_whole_or_absent(worker, reference, tmp_path, point):
-    """Killed as final/'s model card is about to be written, or with beta_ledger.npz half written:
-    neither final/ without its card nor a truncated ledger may be left (both used to be written in
-    place); a resumed run then writes them whole."""
+    """Killed as final/'s model card is about to be written, with beta_ledger.npz half written, or
+    with the final model's files half copied into output_dir: neither final/ without its card, nor a
+    truncated ledger, nor a model from_pretrained(output_dir) finds half-written may be left (the first
+    two used to be written in place); a resumed run then writes them whole."""
+    from transformers import AutoModelForCausalLM
+
     out = tmp_path / "run"
     Job(tmp_path, "killed", out, fault={"point": point, "k": 0}).killed(worker)
+    if point == "root_model":
+        assert [p for p in final_files(out) if (out / p).exists()], "the kill came before any file reached output_dir"
+        assert not (out / "config.json").exists(), "the model's config is in output_dir before all its files"
+        with pytest.raises((OSError, ValueError)):
+            AutoModelForCausalLM.from_pretrained(out)
 
     if (out / "final").exists():
         assert final_files(out) == final_files(reference.out), "final/ is there but incomplete"
@@ -554,6 +562,9 @@ def test_sigkill_while_writing_the_final_outputs_leaves_them_whole_or_absent(wor
     assert_same_run(resumed, resumed.succeeded(worker), reference)
     assert final_files(out) == final_files(reference.out)
     assert not [p.name for p in out.iterdir() if p.name.startswith((".final", ".beta_ledger"))]
+    for name in final_files(out):  # and output_dir itself holds the final model, whole
+        assert (out / name).read_bytes() == (out / "final" / name).read_bytes(), name
+    AutoModelForCausalLM.from_pretrained(out)
 
 
 # ------------------------------------------------------------------------- SIGTERM / SIGINT
