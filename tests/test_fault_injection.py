@@ -349,7 +349,7 @@ def test_a_full_disk_fails_the_checkpoint_naming_the_file_and_keeps_the_last_one
 
     out = small_tmpfs / "run"
     Trainer(tiny_llama(0), tiny_config(out, 1), toy_store()).train()
-    for name in [p.name for p in (out / "final").iterdir()]:  # the final model's links in output_dir itself
+    for name in [p.name for p in (out / "final").iterdir()]:  # the final model's copy in output_dir itself
         (out / name).unlink()
     shutil.rmtree(out / "final")  # room for the test's own bookkeeping only
     first = out / "checkpoint-1"

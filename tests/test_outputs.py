@@ -259,6 +259,10 @@ def test_output_dir_itself_loads_the_final_model(tmp_path):
     again = Trainer(tiny_llama(1), config(tmp_path, max_steps=1, overwrite_output_dir=True), toy_store())
     again.train()
     assert same(state_dict_of(out), state_dict_of(out / "final")) and not same(state_dict_of(out), final)
+    # the copy is the root's own: a write in place there (save_model(output_dir) writes so) leaves final/ whole
+    kept = state_dict_of(out / "final")
+    (out / "model.safetensors").write_bytes(b"")
+    assert same(state_dict_of(out / "final"), kept)
 
 
 class Killed(BaseException):

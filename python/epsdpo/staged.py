@@ -66,8 +66,10 @@ def publish_files(source: Path, into: Path, markers: tuple[str, ...]) -> None:
     """Put every entry of the finished folder `source` into `into`, which holds other things too (so
     `source` cannot simply be renamed into place). A reader that needs one of `markers` to find the
     rest (`from_pretrained` reads config.json first) sees the old files, none, or the new ones whole:
-    the markers in `into` are removed first, each other entry is linked (or copied) to a hidden name
-    and renamed over its namesake, and the markers come last, the same way."""
+    the markers in `into` are removed first, each other entry is copied to a hidden name and renamed
+    over its namesake, and the markers come last, the same way. Copied, not hard-linked: a later write
+    in place (TRL's habit `trainer.save_model(output_dir)`) would otherwise write through into `source`
+    too, and a crash there would damage both."""
     for name in markers:
         (into / name).unlink(missing_ok=True)
     entries = sorted(source.iterdir(), key=lambda entry: entry.name in markers)  # markers last
@@ -78,8 +80,5 @@ def publish_files(source: Path, into: Path, markers: tuple[str, ...]) -> None:
             continue
         tmp = into / f".{entry.name}.tmp"
         tmp.unlink(missing_ok=True)
-        try:
-            os.link(entry, tmp)  # the same bytes under a second name: no copy of a large model
-        except OSError:
-            shutil.copyfile(entry, tmp)
+        shutil.copyfile(entry, tmp)
         os.replace(tmp, into / entry.name)
