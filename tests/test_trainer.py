@@ -46,7 +46,7 @@ def test_loss_falls_and_beta_follows_the_logged_steps(tmp_path):
     np.testing.assert_allclose(beta[1:], beta[:-1] / (1 + 0.02 * mean_step[:-1]), rtol=1e-12)
     np.testing.assert_allclose(trainer.kl.beta_history()[:-1], beta, rtol=1e-12)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == list(range(1, 25))
+    assert [json.loads(line)["step"] for line in lines] == [*range(1, 25), 24]  # then the run's summary
     ledger = np.load(tmp_path / "run" / "beta_ledger.npz")
     assert ledger["plus"].sum() + ledger["zero"].sum() + ledger["minus"].sum() == 24 * 8
 

@@ -310,6 +310,16 @@ class TrainConfig:
         "Checkpoints hold the model alone (weights, config, tokenizer), without the optimizer, scheduler, "
         "sampler and β state that resuming needs (transformers' meaning): smaller, and each loads with "
         "from_pretrained, but a run cannot resume from them; resuming from one is refused.")})
+    metric_for_best_model: str | None = field(default=None, metadata={"help": (
+        "An evaluation metric (eval_ prefix optional, e.g. loss or rewards/accuracies) whose best value is "
+        "tracked in trainer_state.json's best_metric, best_global_step and best_model_checkpoint, and which "
+        "transformers' EarlyStoppingCallback watches (transformers' meaning).")})
+    greater_is_better: bool | None = field(default=None, metadata={"help": (
+        "Whether a greater metric_for_best_model is better. None: true unless the metric's name ends in loss "
+        "(transformers' default).")})
+    load_best_model_at_end: bool = field(default=False, metadata={"help": (
+        "Accepted only as false: the final model is the last step's. The best checkpoint is named in "
+        "trainer_state.json's best_model_checkpoint, and loads with from_pretrained.")})
     overwrite_output_dir: bool = field(default=False, metadata={"help": (
         "A fresh run refuses an output_dir holding another run's checkpoints or metrics; true clears them "
         "first (TRL/transformers' meaning). Resuming never needs it.")})
@@ -376,6 +386,9 @@ class TrainConfig:
                + ", ".join(map(repr, REPORTER_BACKENDS)))
         _check(not self.push_to_hub, "push_to_hub", self.push_to_hub,
                "False: epsdpo has no hub upload; push output_dir/final with huggingface_hub's upload_folder")
+        _check(not self.load_best_model_at_end, "load_best_model_at_end", self.load_best_model_at_end,
+               "False: the final model is the last step's; trainer_state.json's best_model_checkpoint names the "
+               "best checkpoint (metric_for_best_model), which loads with from_pretrained")
         _check(not (self.bf16 and self.fp16), "fp16", self.fp16, "False when bf16=True (choose one compute precision)")
         _check(self.beta >= MIN_BETA, "beta", self.beta, f"a finite number >= {MIN_BETA:g} (a smaller β trains nothing)")
         _check(self.beta_min is None or MIN_BETA <= self.beta_min <= self.beta, "beta_min", self.beta_min,
@@ -564,6 +577,12 @@ class TrainConfig:
         if self.eval_strategy == "steps":
             return self.eval_steps or self.logging_steps  # TRL's fallback for an unset eval_steps
         return self.eval_steps if self.eval_strategy is None else None
+
+    def greater_is_better_resolved(self) -> bool:
+        """greater_is_better, or transformers' default for metric_for_best_model: a loss is better smaller."""
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        return not (self.metric_for_best_model or "loss").endswith("loss")
 
     def save_every(self) -> int | None:
         """Optimizer steps between checkpoints under save_strategy (None: none by step)."""

@@ -3,7 +3,7 @@
 A checkpoint restores the KL controller (β and ε), the sampler, the optimizer and the scheduler of
 the run that wrote it; a resumed run that asks for another β, ε, method, learning rate or dataset
 would otherwise train with the checkpoint's values while its config and model card show its own.
-So every checkpoint records its run's identity (`trainer_state.json`, "run_identity"): the
+So every checkpoint records its run's identity (`epsdpo_state.json`, "run_identity"): the
 TrainConfig fields that decide training, with facts of the run itself (the schedule's total
 optimizer steps, warm-up steps, world size, and fingerprints of the tokenized training data and of
 the tokenizer). `resume_run` compares it with the resuming run's and refuses any difference, listing
@@ -41,6 +41,7 @@ FREE_ON_RESUME = frozenset({
     "logging_strategy", "logging_steps", "report_to", "run_name", "progress", "plots",
     "eval_strategy", "eval_steps", "per_device_eval_batch_size",
     "save_strategy", "save_steps", "save_total_limit", "save_only_model", "push_to_hub",
+    "metric_for_best_model", "greater_is_better", "load_best_model_at_end",
     "dataset_cache_dir", "dataset_num_proc", "remove_unused_columns", "trust_remote_code",
     # how a step is computed, not what it computes
     "device", "ddp_timeout", "chunk_size", "gradient_checkpointing", "gradient_checkpointing_kwargs",
