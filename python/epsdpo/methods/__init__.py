@@ -1,12 +1,14 @@
 """The training methods, one file each, and the registry that maps a config's `method` to one.
 
-| method        | β per pair                            | loss (TRL's `loss_type`) | after each optimizer step |
-|---------------|---------------------------------------|--------------------------|---------------------------|
-| `dpo`         | fixed β                               | sigmoid                  | —                         |
-| `epsilon_dpo` | β/(1 + ε·s_i), base β moves           | sigmoid                  | the β update              |
-| `tr_dpo`      | fixed β                               | sigmoid                  | every τ steps, θ_ref ← α·θ + (1−α)·θ_ref |
-| `beta_dpo`    | one β per batch (and a data filter)   | sigmoid                  | —                         |
-| `ipo`         | fixed β (τ)                           | ipo                      | —                         |
+| method        | β per pair                          | loss (TRL's `loss_type`) | after each optimizer step |
+|---------------|-------------------------------------|--------------------------|---------------------------|
+| `dpo`         | fixed β                             | sigmoid                  | —                         |
+| `epsilon_dpo` | β/(1 + ε·s_i), base β moves         | sigmoid                  | the β update              |
+| `tr_dpo`      | fixed β                             | sigmoid                  | the reference update (a)  |
+| `beta_dpo`    | one β per batch (and a data filter) | sigmoid                  | —                         |
+| `ipo`         | fixed β (IPO's τ)                   | ipo                      | —                         |
+
+(a) every τ steps, θ_ref ← α·θ + (1 − α)·θ_ref.
 
 Any method with `sync_ref_model=True` also moves its reference as TR-DPO does. What a method is
 (`Method`) and the parts they share are in `epsdpo.methods.base`.
