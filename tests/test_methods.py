@@ -26,7 +26,7 @@ NAME_READERS = {PACKAGE / "config.py", *(PACKAGE / "methods").glob("*.py")}
 
 
 def config_for(name: str, **overrides) -> TrainConfig:
-    return TrainConfig(method=name, loss_type=method_class(name).loss_type, progress=False, **overrides)
+    return TrainConfig(**{"method": name, "loss_type": method_class(name).loss_type, "progress": False, **overrides})
 
 
 def test_the_configs_method_names_are_the_registrys():
@@ -108,3 +108,13 @@ def test_ipo_is_method_ipo_with_trls_loss_type(loss_type):
 def test_ipo_combinations_it_would_not_honour_are_refused_in_one_line(settings, refusal):
     with pytest.raises(ValueError, match=refusal):
         TrainConfig(**settings)
+
+
+def test_the_progress_bar_names_the_method(tmp_path, capsys):
+    from epsdpo.trainer import Trainer
+    from tiny import toy_store
+
+    config = config_for("ipo", output_dir=str(tmp_path / "run"), max_steps=1, max_length=32, plots=False,
+                        report_to="none", progress=True)
+    Trainer(tiny_llama(0), config, toy_store(8)).train()
+    assert "IPO: 100%" in capsys.readouterr().err

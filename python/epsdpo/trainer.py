@@ -552,7 +552,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         return tqdm(total=self.state.max_steps, initial=self.state.global_step,
-                    desc="ε-DPO" if self.config.check_epsilon else "DPO", unit="step")
+                    desc=self.method.title, unit="step")
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

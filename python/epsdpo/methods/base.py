@@ -37,7 +37,7 @@ class Method(Protocol):
     """One training method, as the trainer, the config, the checkpoints and the model card use it."""
 
     title: ClassVar[str]
-    """Its name in prose ("ε-DPO"): the model card's."""
+    """Its name in prose ("ε-DPO"): the model card's and the progress bar's."""
     loss_type: ClassVar[str]
     """TRL's `loss_type` of the loss it trains (a config must name the same)."""
     own_fields: ClassVar[tuple[str, ...]]
