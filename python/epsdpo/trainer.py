@@ -124,7 +124,7 @@ def _check_evaluation_has_data(config: TrainConfig, eval_dataset: Any) -> None:
 
 
 class Trainer:
-    """Trains a causal LM on preference pairs with ε-DPO (or DPO, TR-DPO, β-DPO: `config.method`).
+    """Trains a causal LM on preference pairs with ε-DPO (or DPO, TR-DPO, β-DPO, IPO: `config.method`).
 
     Example::
 
