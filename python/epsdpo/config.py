@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from epsdpo.methods import METHOD_NAMES, method_class
 from epsdpo.safe_yaml import MAX_SHOWN, load_config_yaml, shown
 
 REPORTER_ALONE = ("jsonl", "none", "all")
@@ -26,6 +27,8 @@ REPORTERS = REPORTER_ALONE + REPORTER_BACKENDS
 # 0.1, the paper's 0.01–0.5), so no real setting is refused.
 MIN_BETA = 1e-6
 
+# The methods of epsdpo.methods' registry: adding one there adds it here
+MethodName = Literal[METHOD_NAMES]  # type: ignore[valid-type]
 Layout = Literal["padded", "packed", "shared_prompt"]
 LAYOUTS: tuple[str, ...] = typing.get_args(Layout)  # the batch layouts of the Rust collator
 
@@ -49,9 +52,10 @@ class TrainConfig:
         "Directory for checkpoints, final/ (the trained model), metrics.jsonl, beta_ledger.npz and plots/ "
         "(TRL's meaning).")})
     # ε-DPO (docs/algorithm.md, 'The step rule')
-    method: Literal["epsilon_dpo", "dpo", "tr_dpo", "beta_dpo"] = field(default="epsilon_dpo", metadata={"help": (
+    method: MethodName = field(default="epsilon_dpo", metadata={"help": (
         "Training rule: epsilon_dpo (β adapts per pair and per step), dpo (fixed β), tr_dpo (fixed β; the "
-        "reference moves toward the policy) or beta_dpo (one β per batch). See docs/algorithm.md.")})
+        "reference moves toward the policy), beta_dpo (one β per batch) or ipo (IPO's squared loss at a fixed "
+        "β, with loss_type=ipo). See docs/algorithm.md.")})
     beta: float = field(default=0.1, metadata={"help": (
         "KL penalty β of the DPO loss (TRL's beta). For epsilon_dpo the initial base β, which then "
         "adapts; for beta_dpo the base β₀. At least 1e-6 (MIN_BETA): a smaller β trains nothing.")})
@@ -75,9 +79,9 @@ class TrainConfig:
         "loss_type=sigmoid ignores it, and its robust/EXO meanings are other losses. For conservative DPO "
         "smoothing use cdpo_smoothing.")})
     loss_type: str | list[str] = field(default="sigmoid", metadata={"help": (
-        "TRL's loss choice, accepted only as sigmoid (or [sigmoid]): the sigmoid DPO loss, which every method "
-        "here trains with. TRL's plain DPO (loss_type=sigmoid) is method=dpo; the β rule is chosen by "
-        "method, and TRL's other loss types are not implemented.")})
+        "TRL's loss choice, one name (or a list of one): sigmoid, the DPO loss every method but ipo trains "
+        "with, or ipo, with method=ipo. TRL's plain DPO (loss_type=sigmoid) is method=dpo and its IPO "
+        "(loss_type=ipo) is method=ipo; TRL's other loss types are not implemented.")})
     # baselines (epsdpo.baselines): TR-DPO soft reference update, β-DPO batch β and data filter
     sync_ref_model: bool = field(default=False, metadata={"help": (
         "TR-DPO's soft update of the reference toward the policy every ref_model_sync_steps steps (TRL's "
@@ -393,8 +397,6 @@ class TrainConfig:
         _check(self.beta >= MIN_BETA, "beta", self.beta, f"a finite number >= {MIN_BETA:g} (a smaller β trains nothing)")
         _check(self.beta_min is None or MIN_BETA <= self.beta_min <= self.beta, "beta_min", self.beta_min,
                f"None or between {MIN_BETA:g} and beta ({self.beta:g})")
-        _check(self.beta_min is None or self.method != "beta_dpo", "beta_min", self.beta_min,
-               "None with method='beta_dpo': it floors ε-DPO's base β, not β-DPO's batch β")
         _check(0 <= self.epsilon < 1, "epsilon", self.epsilon, "in [0, 1)")
         _check(self.epsilon_check is None or 0 <= self.epsilon_check < 1, "epsilon_check", self.epsilon_check,
                "None or in [0, 1)")
@@ -410,8 +412,7 @@ class TrainConfig:
                "0 (TRL's sigmoid loss ignores it); for conservative DPO smoothing set cdpo_smoothing")
         if isinstance(self.loss_type, list) and len(self.loss_type) == 1:
             self.loss_type = self.loss_type[0]  # TRL's list form, [sigmoid]
-        _check(self.loss_type == "sigmoid", "loss_type", self.loss_type,
-               "'sigmoid' (the DPO loss); choose the training rule with method= (dpo, epsilon_dpo, tr_dpo, beta_dpo)")
+        self._check_method()
         if self.padding_free:
             _check(self.layout != "shared_prompt", "padding_free", self.padding_free,
                    "False with layout='shared_prompt' (padding_free=True means layout='packed')")
@@ -518,6 +519,19 @@ class TrainConfig:
                f"a device this machine has: torch sees {count} {device.type} device(s), "
                f"{device.type}:0 to {device.type}:{count - 1}")
 
+    def _check_method(self) -> None:
+        """The loss TRL's loss_type names is the method's own, then the method's own checks."""
+        _check(self.method in METHOD_NAMES, "method", self.method, "one of " + ", ".join(map(repr, METHOD_NAMES)))
+        method = method_class(self.method)
+        by_loss: dict[str, list[str]] = {}
+        for name in METHOD_NAMES:
+            by_loss.setdefault(method_class(name).loss_type, []).append(name)
+        losses = "; ".join(f"{', '.join(names)}: {loss!r}" for loss, names in by_loss.items())
+        _check(self.loss_type == method.loss_type, "loss_type", self.loss_type,
+               f"{method.loss_type!r} for method={self.method!r}; the loss goes with the method= ({losses})")
+        for holds, name, value, allowed in method.checks(self):
+            _check(holds, name, value, allowed)
+
     def _check_precompute(self) -> None:
         """precompute_ref_log_probs replaces the reference by numbers fixed before training; refused
         where training needs the reference itself."""
@@ -613,7 +627,7 @@ class TrainConfig:
     @property
     def moves_reference(self) -> bool:
         """Whether the reference follows the policy during training (TR-DPO's soft update)."""
-        return self.sync_ref_model or self.method == "tr_dpo"
+        return method_class(self.method).reference_moves(self)
 
     @property
     def compute_dtype(self) -> str | None:
@@ -622,15 +636,13 @@ class TrainConfig:
 
     @property
     def step_epsilon(self) -> float:
-        """ε_s of the β update β/(1 + ε·s); every other method keeps β fixed (ε = 0)."""
-        return self.epsilon if self.method == "epsilon_dpo" else 0.0
+        """ε_s of the β update β/(1 + ε·s); every method but ε-DPO keeps β fixed (ε = 0)."""
+        return method_class(self.method).step_epsilon(self)
 
     @property
     def check_epsilon(self) -> float:
         """ε_c of the perturbed policies; 0 skips the perturbation work entirely."""
-        if self.method != "epsilon_dpo":
-            return 0.0
-        return self.epsilon if self.epsilon_check is None else self.epsilon_check
+        return method_class(self.method).check_epsilon(self)
 
     @classmethod
     def from_yaml(cls, path: str | Path | None, overrides: dict[str, Any] | None = None, *,

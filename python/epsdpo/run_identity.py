@@ -32,6 +32,8 @@ import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
+from epsdpo.methods import unused_method_fields
+
 if TYPE_CHECKING:
     from epsdpo.config import TrainConfig
     from epsdpo.trainer import Trainer
@@ -98,9 +100,8 @@ def identity(config: TrainConfig, *, total_steps: int, world_size: int, train_da
             values[f.name] = getattr(config, f.name)
     # What each method does not use cannot make two runs differ
     values["epsilon"], values["epsilon_check"] = config.step_epsilon, config.check_epsilon
-    if config.method != "beta_dpo":
-        for name in ("beta_dpo_alpha", "beta_dpo_momentum", "beta_dpo_filter"):
-            values[name] = None
+    for name in unused_method_fields(config.method):
+        values[name] = None
     if not config.moves_reference:
         values["ref_model_sync_steps"] = values["ref_model_mixup_alpha"] = None
     values["max_steps"] = total_steps if config.lr_scheduler_type in TOTAL_DEPENDENT_SCHEDULES else None

@@ -6,8 +6,8 @@ One optimizer step, top to bottom (`_train_step`):
    background thread); their pairs are counted over all ranks;
 2. per micro-batch (`_micro_batch`): reference forward (no grad) and policy forward; the fused
    kernel gives per-sequence policy / reference / relaxed / tightened log-probs, the step rule s_i;
-   the method's β rule (`epsdpo.beta_rules`) gives β_i; the ε-DPO loss, divided by the cycle's
-   global pair count, is backpropagated;
+   the method (`epsdpo.methods`) gives each pair's step, its β_i and its loss, which, divided by the
+   cycle's global pair count, is backpropagated;
 3. DDP averages (FSDP reduce-scatters) gradients during the last micro-batch's backward; clip,
    AdamW, scheduler; a non-finite weight stops the run here, before anything is saved, and so does
    fp16 loss scaling that keeps skipping steps (`Precision.stalled`);
@@ -64,7 +64,6 @@ from epsdpo.distributed import (
 from epsdpo.feed import CycleFeed, as_store, check_vocabulary, filler_batch, make_collator, make_sampler
 from epsdpo.interrupt import StopOnSignal, TrainingInterrupted
 from epsdpo.launcher import apply_launcher_settings
-from epsdpo.loss import epsilon_dpo_loss, kl_steps, pair_log_ratio
 from epsdpo.methods import build_method
 from epsdpo.model_card import describe_source, write_run_card
 from epsdpo.models import (
@@ -135,7 +134,7 @@ def _check_evaluation_has_data(config: TrainConfig, eval_dataset: Any) -> None:
 
 
 class Trainer:
-    """Trains a causal LM on preference pairs with ε-DPO (or DPO, TR-DPO, β-DPO: `config.method`).
+    """Trains a causal LM on preference pairs with ε-DPO (or DPO, TR-DPO, β-DPO, IPO: `config.method`).
 
     Example::
 
@@ -396,11 +395,7 @@ class Trainer:
             reference_chosen, reference_rejected = seq.reference.chunk(2)
         else:
             reference_chosen, reference_rejected = lookup(precomputed, batch)
-        if self.config.check_epsilon > 0:
-            steps = kl_steps(pair_log_ratio(seq.policy.detach()), pair_log_ratio(seq.relaxed),
-                             pair_log_ratio(seq.tightened))
-        else:
-            steps = torch.zeros_like(policy_chosen, dtype=torch.long)
+        steps = self.method.pair_steps(seq)
         return PairLogps(policy_chosen, policy_rejected, reference_chosen, reference_rejected, steps)
 
     def _micro_batch(self, batch: Batch, sums: StepSums, *, train: bool) -> PairLosses:
@@ -408,10 +403,7 @@ class Trainer:
         training and evaluation)."""
         logps = self._score(batch, "train" if train else "eval")
         betas = self.method.beta_rule.pair_betas(batch["pair_ids"], logps, train=train)
-        losses, reward_chosen, reward_rejected = epsilon_dpo_loss(
-            logps.policy_chosen, logps.policy_rejected, logps.reference_chosen, logps.reference_rejected,
-            betas.betas, self.config.cdpo_smoothing,
-        )
+        losses, reward_chosen, reward_rejected = self.method.loss(logps, betas.betas, batch)
         sums.add(logps, betas.betas, losses, reward_chosen, reward_rejected, batch)
         return PairLosses(logps, betas, losses, reward_chosen, reward_rejected)
 
@@ -684,7 +676,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         return tqdm(total=self.state.max_steps, initial=self.state.global_step,
-                    desc="ε-DPO" if self.config.check_epsilon else "DPO", unit="step")
+                    desc=self.method.title, unit="step")
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
