@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import nn
 
-from epsdpo._core import BatchSampler, Collator, PreferenceStore, TruncationError
+from epsdpo._core import BatchSampler, Collator, PreferenceStore, Truncation, TruncationError
 from epsdpo.config import TrainConfig
 from epsdpo.distributed import DistInfo
 
@@ -26,8 +26,7 @@ if TYPE_CHECKING:
 def make_collator(config: TrainConfig, tokenizer: Any) -> Collator:
     pad = getattr(tokenizer, "pad_token_id", None)
     return Collator(
-        config.layout, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-        max_completion_length=config.max_completion_length, prompt_truncation_mode=config.prompt_truncation_mode, pad_token_id=pad if pad is not None else 0,
+        config.layout, truncation=config.truncation, pad_token_id=pad if pad is not None else 0,
         pad_to_multiple_of=config.pad_to_multiple_of, skip_empty=config.skip_invalid,
     )
 
@@ -56,8 +55,7 @@ def as_store(dataset: Any, config: TrainConfig, tokenizer: Any, collator: Collat
         from epsdpo.data.cache import DEFAULT
 
         store, _ = load_preferences(
-            dataset, tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-            max_completion_length=config.max_completion_length, prompt_truncation_mode=config.prompt_truncation_mode,
+            dataset, tokenizer, truncation=collator.truncation,
             cache_dir=DEFAULT if config.dataset_cache_dir is None else config.dataset_cache_dir,
             skip_invalid=config.skip_invalid, max_row_bytes=config.max_row_bytes, progress=progress,
         )
@@ -65,8 +63,7 @@ def as_store(dataset: Any, config: TrainConfig, tokenizer: Any, collator: Collat
         raise ValueError("the preference dataset is empty")
     lengths = collator.truncated_lengths(store)
     empty, identical = lengths["empty"], lengths["identical"]
-    limits = (f"max_length={config.max_length}, max_prompt_length={config.max_prompt_length}"
-              + (f", max_completion_length={config.max_completion_length}" if config.max_completion_length else ""))
+    limits = truncation_limits(collator.truncation)
     if len(empty) == len(store):
         raise ValueError(f"no pair can be trained on: every completion of all {len(store)} pairs is empty after "
                          f"truncation to {limits}")
@@ -94,6 +91,12 @@ def as_store(dataset: Any, config: TrainConfig, tokenizer: Any, collator: Collat
     return store, lengths
 
 
+def truncation_limits(truncation: Truncation) -> str:
+    """The length limits as messages name them (max_completion_length only when set)."""
+    return (f"max_length={truncation.max_length}, max_prompt_length={truncation.max_prompt_length}"
+            + (f", max_completion_length={truncation.max_completion_length}" if truncation.max_completion_length else ""))
+
+
 def check_vocabulary(store: PreferenceStore, model: nn.Module) -> None:
     """Every token id must index the model's embedding; a store tokenized for another vocabulary would
     otherwise fail deep inside the forward pass with a bare IndexError. The store's own bound settles
@@ -111,11 +114,11 @@ def check_vocabulary(store: PreferenceStore, model: nn.Module) -> None:
             )
 
 
-def make_sampler(config: TrainConfig, lengths: dict[str, Any], dist: DistInfo) -> BatchSampler:
+def make_sampler(config: TrainConfig, collator: Collator, lengths: dict[str, Any], dist: DistInfo) -> BatchSampler:
     chosen = lengths["prompt"] + lengths["chosen"]
     rejected = lengths["prompt"] + lengths["rejected"]
     if config.max_tokens_per_batch:
-        mode = dict(mode="token_budget", max_tokens=config.max_tokens_per_batch, padded=config.layout != "packed")
+        mode = dict(mode="token_budget", max_tokens=config.max_tokens_per_batch, padded=not collator.packs_rows)
     else:
         mode = dict(mode="length_grouped" if config.group_by_length else "shuffle")
     return BatchSampler(chosen, rejected, config.per_device_train_batch_size, seed=config.seed,

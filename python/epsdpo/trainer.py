@@ -323,7 +323,7 @@ class Trainer:
         for store in (self.train_store, self.eval_store):
             if store is not None:
                 check_vocabulary(store, self.model)
-        self.sampler = make_sampler(c, train_lengths, self.dist)
+        self.sampler = make_sampler(c, self.collator, train_lengths, self.dist)
         self.feed = CycleFeed(self.train_store, self.collator, self.sampler, c.gradient_accumulation_steps)
 
     def _setup_reference_logps(self) -> None:
