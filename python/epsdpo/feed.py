@@ -125,13 +125,32 @@ def make_sampler(config: TrainConfig, collator: Collator, lengths: dict[str, Any
                         world_size=dist.world_size, rank=dist.rank, **mode)
 
 
+COLLATE_THREAD = "epsdpo-collate"  # the name prefix of CycleFeed's worker thread
+
+
 class CycleFeed:
     """Accumulation cycles of collated micro-batches, each with the sampler state after it (what a
-    checkpoint taken after that cycle must resume from) and whether it ends an epoch."""
+    checkpoint taken after that cycle must resume from) and whether it ends an epoch.
+
+    Its collating thread lives while `cycles` runs: the pool is started there and shut down when the
+    cycles run out, and `close()` (or leaving a `with` block) shuts it down when training stops early,
+    since an abandoned generator is only finalised whenever the garbage collector gets to it."""
 
     def __init__(self, store: PreferenceStore, collator: Collator, sampler: BatchSampler, accumulation: int) -> None:
         self.store, self.collator, self.sampler, self.accumulation = store, collator, sampler, accumulation
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epsdpo-collate")
+        self._pool: ThreadPoolExecutor | None = None
+
+    def close(self) -> None:
+        """Stop the collating thread (a cycle being collated for nobody is dropped); safe to repeat."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> CycleFeed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _take_cycle(self) -> tuple[list[np.ndarray], bool]:
         """The next cycle's pair indices, and whether it ends its epoch; a cycle never spans two epochs."""
@@ -152,18 +171,23 @@ class CycleFeed:
 
     def cycles(self, count: int) -> Iterator[tuple[list[Batch], bytes, bool]]:
         """`count` cycles; the next one is collated in the background while the caller trains on this one."""
-        def submit() -> tuple[Any, bytes, bool]:
-            cycle, ends_epoch = self._take_cycle()
-            return self._pool.submit(self._collate, cycle), self.sampler.state_dict()["state"], ends_epoch
-
         if count <= 0:
             return
-        pending, state, ends_epoch = submit()
-        for index in range(count):
-            batches, state_after, ended = pending.result(), state, ends_epoch
-            if index + 1 < count:
-                pending, state, ends_epoch = submit()
-            yield batches, state_after, ended
+        pool = self._pool = self._pool or ThreadPoolExecutor(max_workers=1, thread_name_prefix=COLLATE_THREAD)
+
+        def submit() -> tuple[Any, bytes, bool]:
+            cycle, ends_epoch = self._take_cycle()
+            return pool.submit(self._collate, cycle), self.sampler.state_dict()["state"], ends_epoch
+
+        try:
+            pending, state, ends_epoch = submit()
+            for index in range(count):
+                batches, state_after, ended = pending.result(), state, ends_epoch
+                if index + 1 < count:
+                    pending, state, ends_epoch = submit()
+                yield batches, state_after, ended
+        finally:
+            self.close()
 
 
 def filler_batch(collator: Collator, store: PreferenceStore) -> Batch:

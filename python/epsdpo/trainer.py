@@ -520,6 +520,7 @@ class Trainer:
                     "raise ddp_timeout if a step, evaluation or save can legitimately take longer") from error
             raise
         finally:
+            self.feed.close()  # its collating thread ends with the run, however the run ends
             lock.release()
 
     def _train(self, resume_from_checkpoint: str | Path | bool | None, stop: StopOnSignal) -> TrainerState:
