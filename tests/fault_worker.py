@@ -46,7 +46,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 POINTS = ("weights", "training_state", "manifest", "before_rename", "after_rename", "rmtree", "final_card", "ledger",
-          "signal")
+          "root_model", "signal")
 
 
 def _die() -> None:
@@ -132,6 +132,24 @@ def install_fault(point: str, k: int, signals: list[str] | None = None) -> None:
             _die()
 
         np.savez = savez
+    elif point == "root_model":  # the final model's files going into output_dir itself: one renamed in, the rest not
+        import epsdpo.trainer as trainer_module
+
+        real_publish = trainer_module.publish_files
+
+        def publish_files(source, into, markers):
+            real_replace, renamed = os.replace, {"n": 0}
+
+            def replace(src, dst, *args, **kwargs):
+                real_replace(src, dst, *args, **kwargs)
+                renamed["n"] += 1
+                if renamed["n"] == 2:
+                    _die()
+
+            os.replace = replace
+            real_publish(source, into, markers)
+
+        trainer_module.publish_files = publish_files
     elif point == "signal":
         from epsdpo.trainer import Trainer
 

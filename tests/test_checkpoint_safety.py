@@ -103,9 +103,9 @@ def test_a_planted_pickle_payload_never_runs(checkpoint, tmp_path, monkeypatch):
 
 def test_an_edited_global_step_is_refused(checkpoint, tmp_path):
     path = tampered(checkpoint, tmp_path)
-    state = json.loads((path / "trainer_state.json").read_text())
+    state = json.loads((path / "epsdpo_state.json").read_text())
     state["global_step"] = 1
-    (path / "trainer_state.json").write_text(json.dumps(state))
+    (path / "epsdpo_state.json").write_text(json.dumps(state))
     _write_manifest(path)  # consistent checksums: only the cross-check with the KL state can tell
     with pytest.raises(CheckpointError, match="says step 1 .* holds 2 steps"):
         resume(path, tmp_path)
@@ -114,13 +114,13 @@ def test_an_edited_global_step_is_refused(checkpoint, tmp_path):
 @pytest.mark.parametrize("names", [["../../etc/passwd"], ["kl_controller.bin", "kl_controller_rank1.bin"],
                                    ["sampler.bin"], [], "kl_controller.bin", 5, {"0": "kl_controller.bin"}])
 def test_edited_per_rank_kl_state_files_are_refused(checkpoint, tmp_path, names):
-    """Which file holds each rank's β ledger comes from trainer_state.json: anything but this world
+    """Which file holds each rank's β ledger comes from epsdpo_state.json: anything but this world
     size's own names is refused, never followed to another file."""
     path = tampered(checkpoint, tmp_path)
-    state = json.loads((path / "trainer_state.json").read_text())
+    state = json.loads((path / "epsdpo_state.json").read_text())
     assert state["kl_state_files"] == ["kl_controller.bin"]
     state["kl_state_files"] = names
-    (path / "trainer_state.json").write_text(json.dumps(state))
+    (path / "epsdpo_state.json").write_text(json.dumps(state))
     _write_manifest(path)  # consistent checksums: only reading the names can tell
     with pytest.raises(CheckpointError, match="kl_state_files is .*, not the 1 per-rank files"):
         resume(path, tmp_path)
@@ -128,9 +128,9 @@ def test_edited_per_rank_kl_state_files_are_refused(checkpoint, tmp_path, names)
 
 def test_a_checkpoint_from_before_per_rank_kl_state_resumes(checkpoint, tmp_path, recwarn):
     path = tampered(checkpoint, tmp_path)
-    state = json.loads((path / "trainer_state.json").read_text())
+    state = json.loads((path / "epsdpo_state.json").read_text())
     del state["kl_state_files"]
-    (path / "trainer_state.json").write_text(json.dumps(state))
+    (path / "epsdpo_state.json").write_text(json.dumps(state))
     _write_manifest(path)
     resume(path, tmp_path)
     assert not [w for w in recwarn if "KL controller only" in str(w.message)]  # one process: nothing is missing

@@ -39,7 +39,9 @@ NON_DEFAULT = dict(
     max_row_bytes=4096, disable_dropout=False,
     gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True}, fsdp=True, chunk_size=256, precompute_ref_log_probs=False, precompute_ref_batch_size=16,
     logging_strategy="epoch", logging_steps=5, logging_first_step=True,
-    eval_strategy="epoch", eval_steps=10, save_strategy="steps", save_steps=20, save_total_limit=2, save_only_model=True, overwrite_output_dir=True, run_name="r1", report_to="none",
+    eval_strategy="epoch", eval_steps=10, save_strategy="steps", save_steps=20, save_total_limit=2, save_only_model=True,
+    metric_for_best_model="rewards/accuracies", greater_is_better=True, load_best_model_at_end=False,
+    overwrite_output_dir=True, run_name="r1", report_to="none",
     resume_allow_changes=["learning_rate", "max_steps"],
     remove_unused_columns=False, push_to_hub=False, plots=False, progress=False,
 )
@@ -93,10 +95,10 @@ def test_non_default_values_cover_every_field():
     assert sorted(NON_DEFAULT) == sorted(FIELDS)
     defaults = TrainConfig()
     # fp16 cannot be on with bf16=True, nor warmup_ratio with warmup_steps, nor precompute_ref_log_probs with
-    # tr_dpo; label_smoothing, loss_type, truncation_mode and push_to_hub have one value
+    # tr_dpo; label_smoothing, loss_type, truncation_mode, load_best_model_at_end and push_to_hub have one value
     assert [k for k, v in NON_DEFAULT.items() if getattr(defaults, k) == v] == [
         "label_smoothing", "loss_type", "warmup_ratio", "truncation_mode", "fp16", "precompute_ref_log_probs",
-        "push_to_hub"]
+        "load_best_model_at_end", "push_to_hub"]
 
 
 def test_help_lists_every_field_with_its_help(capsys, monkeypatch):

@@ -205,3 +205,43 @@ def test_the_prompt_cut_has_train_configs_name():
     for function in (epsdpo.load_preferences, compute_stats):
         parameters = inspect.signature(function).parameters
         assert "truncation" in parameters and "truncation_mode" not in parameters
+
+
+def _compared_layout_names(source: str) -> list[int]:
+    """Lines of `x == "packed"`-like comparisons (==, !=, in, not in, ...) of a layout name, and of any
+    comparison of a name or attribute called `layout`."""
+    import ast
+
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Compare):
+            continue
+        operands = [node.left, *node.comparators]
+        constants = [o for o in operands if isinstance(o, ast.Constant)]
+        constants += [e for o in operands if isinstance(o, (ast.Tuple, ast.List, ast.Set)) for e in o.elts
+                      if isinstance(e, ast.Constant)]
+        named = any(isinstance(o, ast.Attribute) and o.attr == "layout" or isinstance(o, ast.Name) and o.id == "layout"
+                    for o in operands)
+        if named or any(c.value in LAYOUTS for c in constants):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_no_layout_name_is_compared_outside_the_config():
+    """The collator's properties say what a layout means; only the config (which maps padding_free to a
+    layout) may spell a name in a comparison, and the Rust registry, which is not Python."""
+    from pathlib import Path
+
+    package = Path(epsdpo.__file__).parent
+    found = [f"{path.relative_to(package)}:{line}" for path in sorted(package.rglob("*.py"))
+             if path.name != "config.py" for line in _compared_layout_names(path.read_text(encoding="utf-8"))]
+    assert found == []
+
+
+def test_the_layout_name_check_finds_each_kind_of_comparison():
+    source = ('def f(config, layout, name):\n'
+              '    a = config.layout == "shared_prompt"\n'
+              '    b = name in ("packed", "x")\n'
+              '    c = layout != name\n'
+              '    d = name == "dpo"\n')
+    assert _compared_layout_names(source) == [2, 3, 4]

@@ -290,7 +290,7 @@ def test_the_beta_ledger_books_every_ranks_pairs_once_and_resumes_per_rank(tmp_p
     # the checkpoint keeps each rank's controller, listed in its manifest
     checkpoint = out / "checkpoint-2"
     verify_checkpoint(checkpoint)
-    assert json.loads((checkpoint / "trainer_state.json").read_text())["kl_state_files"] == [
+    assert json.loads((checkpoint / "epsdpo_state.json").read_text())["kl_state_files"] == [
         "kl_controller.bin", "kl_controller_rank1.bin"]
     # resumed at step 2, each rank continues its own ledger: the run's ledger is the uninterrupted one's
     launch_ledger(out, "resume")
@@ -301,9 +301,9 @@ def test_the_beta_ledger_books_every_ranks_pairs_once_and_resumes_per_rank(tmp_p
     # a checkpoint written before every rank's controller was kept still resumes, every rank from rank 0's, and says so
     from epsdpo.checkpoint import _write_manifest
 
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state = json.loads((checkpoint / "epsdpo_state.json").read_text())
     del state["kl_state_files"]
-    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    (checkpoint / "epsdpo_state.json").write_text(json.dumps(state))
     (checkpoint / "kl_controller_rank1.bin").unlink()
     _write_manifest(checkpoint)
     assert "holds rank 0's KL controller only" in launch_ledger(out, "resume")

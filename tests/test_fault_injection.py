@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file
 
 import epsdpo
+from epsdpo.reporting import TIMINGS
 from epsdpo.checkpoint import MANIFEST, list_checkpoints, resolve_checkpoint, staging_dir, verify_checkpoint
 
 HERE = Path(__file__).resolve().parent
@@ -141,7 +142,7 @@ def reference(tmp_path_factory):
 
 # --------------------------------------------------------------------------------------- checks
 def without_timing(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in record.items() if k != "tokens_per_second"} for record in history]
+    return [{k: v for k, v in record.items() if k not in TIMINGS} for record in history]
 
 
 def assert_same_tree(a, b, where: str = "") -> None:
@@ -197,7 +198,8 @@ def assert_same_run(job: Job, data: dict, reference: Job) -> None:
 
 
 def logged_steps(out: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if "train_runtime" not in r]  # not the run's closing summary
 
 
 # ------------------------------------------------------------------------- SIGKILL in a checkpoint
@@ -287,7 +289,7 @@ def test_sigkill_while_pruning_an_old_checkpoint(worker, reference, tmp_path):
 # ------------------------------------------------------------------------------- a full disk
 PAGE = 4096
 WRITE_ORDER = ("model.safetensors", "config.json", "generation_config.json", "training_state.pt", "kl_controller.bin",
-               "sampler.bin", "training_config.json", "trainer_state.json", MANIFEST)
+               "sampler.bin", "training_config.json", "trainer_state.json", "epsdpo_state.json", MANIFEST)
 
 
 @pytest.fixture
@@ -347,6 +349,8 @@ def test_a_full_disk_fails_the_checkpoint_naming_the_file_and_keeps_the_last_one
 
     out = small_tmpfs / "run"
     Trainer(tiny_llama(0), tiny_config(out, 1), toy_store()).train()
+    for name in [p.name for p in (out / "final").iterdir()]:  # the final model's copy in output_dir itself
+        (out / name).unlink()
     shutil.rmtree(out / "final")  # room for the test's own bookkeeping only
     first = out / "checkpoint-1"
     before = WRITE_ORDER.index(target)
@@ -531,13 +535,21 @@ def final_files(out: Path) -> set[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["final_card", "ledger"])
+@pytest.mark.parametrize("point", ["final_card", "ledger", "root_model"])
 def test_sigkill_while_writing_the_final_outputs_leaves_them_whole_or_absent(worker, reference, tmp_path, point):
-    """Killed as final/'s model card is about to be written, or with beta_ledger.npz half written:
-    neither final/ without its card nor a truncated ledger may be left (both used to be written in
-    place); a resumed run then writes them whole."""
+    """Killed as final/'s model card is about to be written, with beta_ledger.npz half written, or
+    with the final model's files half copied into output_dir: neither final/ without its card, nor a
+    truncated ledger, nor a model from_pretrained(output_dir) finds half-written may be left (the first
+    two used to be written in place); a resumed run then writes them whole."""
+    from transformers import AutoModelForCausalLM
+
     out = tmp_path / "run"
     Job(tmp_path, "killed", out, fault={"point": point, "k": 0}).killed(worker)
+    if point == "root_model":
+        assert [p for p in final_files(out) if (out / p).exists()], "the kill came before any file reached output_dir"
+        assert not (out / "config.json").exists(), "the model's config is in output_dir before all its files"
+        with pytest.raises((OSError, ValueError)):
+            AutoModelForCausalLM.from_pretrained(out)
 
     if (out / "final").exists():
         assert final_files(out) == final_files(reference.out), "final/ is there but incomplete"
@@ -550,6 +562,9 @@ def test_sigkill_while_writing_the_final_outputs_leaves_them_whole_or_absent(wor
     assert_same_run(resumed, resumed.succeeded(worker), reference)
     assert final_files(out) == final_files(reference.out)
     assert not [p.name for p in out.iterdir() if p.name.startswith((".final", ".beta_ledger"))]
+    for name in final_files(out):  # and output_dir itself holds the final model, whole
+        assert (out / name).read_bytes() == (out / "final" / name).read_bytes(), name
+    AutoModelForCausalLM.from_pretrained(out)
 
 
 # ------------------------------------------------------------------------- SIGTERM / SIGINT

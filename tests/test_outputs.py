@@ -18,6 +18,7 @@ from safetensors.torch import load_model
 from epsdpo.checkpoint import MANIFEST, TRAINING_CONFIG
 from epsdpo.config import TrainConfig
 from epsdpo.model_card import RunFacts, model_card
+from epsdpo.reporting import TIMINGS
 from epsdpo.trainer import Trainer
 from test_trainer import config, series
 from tiny import VOCAB, tiny_llama, toy_store
@@ -163,7 +164,7 @@ def test_eval_data_is_evaluated_at_the_end_once(tmp_path, capsys, eval_steps, ma
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "eval_loss" in r] == expected
     printed = [line for line in capsys.readouterr().out.splitlines() if " eval: " in line]
-    last = trainer.state.log_history[-1]
+    last = [r for r in trainer.state.log_history if "eval_loss" in r][-1]
     assert len(printed) == len(expected)
     assert printed[-1] == (f"step {max_steps} eval: loss {last['eval_loss']:.4g} | rewards/accuracies "
                            f"{last['eval_rewards/accuracies']:.4g} | rewards/margins {last['eval_rewards/margins']:.4g}"
@@ -182,7 +183,7 @@ def test_the_final_evaluation_keeps_resume_exact(tmp_path):
     full.train()
     resumed = Trainer(tiny_llama(0), config(tmp_path / "resumed", max_steps=4), toy_store(), eval_dataset=eval_data)
     resumed.train(resume_from_checkpoint=tmp_path / "run" / "checkpoint-2")
-    strip = lambda history: [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in history]  # noqa: E731
+    strip = lambda history: [{k: v for k, v in r.items() if k not in TIMINGS} for r in history]  # noqa: E731
     assert strip(resumed.state.log_history) == strip(full.state.log_history)
     assert evals(full) == [4]
 
@@ -223,3 +224,154 @@ def test_logged_learning_rate_matches_transformers_trainer(tmp_path):
                                          learning_rate=PEAK), toy_store())
     ours.train()
     np.testing.assert_allclose(series(ours, "learning_rate"), theirs, rtol=1e-12)
+
+
+# ------------------------------------------------------- the outputs TRL's tools read, where they read them
+def state_dict_of(path):
+    """The model from_pretrained loads from `path` (its state dict), or None where it finds no model."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    except (OSError, ValueError):
+        return None
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+
+def same(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_output_dir_itself_loads_the_final_model(tmp_path):
+    from transformers import AutoTokenizer
+
+    trainer = Trainer(tiny_llama(0), config(tmp_path, max_steps=2), toy_store(), tokenizer=word_tokenizer())
+    trainer.train()
+    out = tmp_path / "run"
+    at_root, final = state_dict_of(out), state_dict_of(out / "final")
+    assert at_root is not None and same(at_root, final)
+    assert same(at_root, {k: v for k, v in trainer.model.state_dict().items()})
+    assert AutoTokenizer.from_pretrained(out)("w5 w7")["input_ids"] == [5, 7]
+    assert (out / "README.md").read_text() == (out / "final" / "README.md").read_text()  # the model card too
+    assert not list(out.glob(".*.tmp"))
+    # a fresh run told to overwrite the folder clears the copy with the rest of the old run's outputs
+    again = Trainer(tiny_llama(1), config(tmp_path, max_steps=1, overwrite_output_dir=True), toy_store())
+    again.train()
+    assert same(state_dict_of(out), state_dict_of(out / "final")) and not same(state_dict_of(out), final)
+    # the copy is the root's own: a write in place there (save_model(output_dir) writes so) leaves final/ whole
+    kept = state_dict_of(out / "final")
+    (out / "model.safetensors").write_bytes(b"")
+    assert same(state_dict_of(out / "final"), kept)
+
+
+class Killed(BaseException):
+    """The process dying at this point: nothing after it runs, no handler cleans up."""
+
+
+@pytest.mark.parametrize("before", ["empty", "older_model"])
+def test_a_final_save_killed_at_any_point_leaves_no_half_model_in_output_dir(tmp_path, monkeypatch, before):
+    """The final model's files reach output_dir by renames; killed at each rename in turn, output_dir
+    holds no model from_pretrained finds, or a whole one (the older one, or the new), never a mix.
+    The older model has tied embeddings: its config over the new weights, or the reverse, would not load
+    whole."""
+    import os
+
+    from epsdpo.staged import publish_files
+    from epsdpo.trainer import MODEL_MARKERS
+
+    trainer = Trainer(tiny_llama(0), config(tmp_path / "train", max_steps=1), toy_store(), tokenizer=word_tokenizer())
+    trainer.train()
+    final = tmp_path / "train" / "run" / "final"
+    new = state_dict_of(final)
+    older = tmp_path / "older"
+    tiny_llama(7, tie=True).save_pretrained(older)
+    old = state_dict_of(older)
+    real_replace = os.replace
+    seen = set()
+    for kill_at in range(100):
+        root = tmp_path / f"out{kill_at}"
+        if before == "older_model":
+            shutil.copytree(older, root)
+        shutil.copytree(final, root / "final")
+        calls = iter(range(1000))
+
+        def dying_replace(src, dst, *args, kill_at=kill_at, **kwargs):
+            if next(calls) == kill_at:
+                raise Killed
+            return real_replace(src, dst, *args, **kwargs)
+
+        monkeypatch.setattr(os, "replace", dying_replace)
+        try:
+            publish_files(root / "final", root, MODEL_MARKERS)
+            finished = True
+        except Killed:
+            finished = False
+        monkeypatch.setattr(os, "replace", real_replace)
+        found = state_dict_of(root)
+        outcome = "none" if found is None else "new" if same(found, new) else "old" if same(found, old) else "mixed"
+        assert outcome in ("none", "new"), (kill_at, outcome)  # the old one's config.json goes first
+        seen.add(outcome)
+        if finished:
+            assert outcome == "new"
+            break
+    assert kill_at > 3 and seen == {"none", "new"}
+
+
+def test_trainer_state_json_is_transformers_with_beta_beside_it(tmp_path):
+    from transformers import TrainerState as HfTrainerState
+
+    trainer = Trainer(tiny_llama(0), config(tmp_path, max_steps=4, save_steps=2, eval_steps=2,
+                                            metric_for_best_model="rewards/accuracies"),
+                      toy_store(), eval_dataset=toy_store(16, seed=5))
+    trainer.train()
+    out = tmp_path / "run"
+    history = trainer.state.log_history
+    evals = [r for r in history if "eval_loss" in r]
+    best = max(evals, key=lambda r: r["eval_rewards/accuracies"])  # first of the best: a tie is no improvement
+    for folder, step in ((out / "checkpoint-2", 2), (out / "checkpoint-4", 4), (out, 4)):
+        state = HfTrainerState.load_from_json(str(folder / "trainer_state.json"))  # transformers' keys only
+        assert (state.global_step, state.max_steps, state.epoch, state.num_train_epochs) == (step, 4, step / 8, 1)
+        assert (state.logging_steps, state.eval_steps, state.save_steps, state.train_batch_size) == (1, 2, 2, 8)
+        assert state.is_world_process_zero and state.is_local_process_zero
+        # a checkpoint's history ends before the run's closing summary; the one at the end holds it all
+        assert state.log_history == [r for r in history
+                                     if r["step"] <= step and (folder == out or "train_runtime" not in r)]
+        assert state.num_input_tokens_seen == [r for r in history if r["step"] == step][0]["num_tokens"]
+        kept = [r for r in evals if r["step"] <= step]
+        first_best = max(kept, key=lambda r: r["eval_rewards/accuracies"])
+        assert state.best_metric == first_best["eval_rewards/accuracies"]
+        assert state.best_global_step == first_best["step"]
+    assert HfTrainerState.load_from_json(str(out / "trainer_state.json")).best_model_checkpoint == str(
+        out / f"checkpoint-{best['step']}")
+    assert len(HfTrainerState.load_from_json(str(out / "trainer_state.json")).log_history) == len(history)
+    run_state = json.loads((out / "checkpoint-4" / "epsdpo_state.json").read_text())
+    assert run_state["beta"] == trainer.kl.beta and run_state["global_step"] == 4 and "beta_rule" in run_state
+    assert json.loads((out / "checkpoint-4" / MANIFEST).read_text())["files"].keys() >= {"epsdpo_state.json",
+                                                                                     "trainer_state.json"}
+
+
+def test_a_checkpoint_from_before_epsdpo_state_json_still_resumes(tmp_path):
+    """Older checkpoints kept epsdpo's state inside trainer_state.json: they resume to the same run."""
+    from epsdpo.checkpoint import _write_manifest
+
+    full = Trainer(tiny_llama(0), config(tmp_path, max_steps=4, save_steps=2), toy_store())
+    full.train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    run_state = json.loads((checkpoint / "epsdpo_state.json").read_text())
+    hf_state = json.loads((checkpoint / "trainer_state.json").read_text())
+    old = {k: v for k, v in run_state.items() if k not in ("loss_sum", "loss_steps")}
+    (checkpoint / "trainer_state.json").write_text(json.dumps({**old, "log_history": hf_state["log_history"]}))
+    (checkpoint / "epsdpo_state.json").unlink()
+    _write_manifest(checkpoint)
+    resumed = Trainer(tiny_llama(0), config(tmp_path / "resumed", max_steps=4), toy_store())
+    resumed.train(resume_from_checkpoint=checkpoint)
+    torch.testing.assert_close(dict(resumed.model.named_parameters()), dict(full.model.named_parameters()),
+                               rtol=0, atol=0)
+    strip = lambda history: [{k: v for k, v in r.items() if k not in TIMINGS} for r in history]  # noqa: E731
+    trained = lambda history: [r for r in history if "loss" in r]  # noqa: E731
+    assert strip(trained(resumed.state.log_history)) != [] and [r["kl/beta"] for r in trained(
+        resumed.state.log_history)] == [r["kl/beta"] for r in trained(full.state.log_history)]
+    # its token count starts again at the resumed step: the old file did not keep it
+    assert 0 < resumed.state.num_input_tokens_seen < full.state.num_input_tokens_seen
+    assert resumed.state.epoch == full.state.epoch

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import epsdpo
-from epsdpo.checkpoint import TRAINER_STATE, CheckpointError, _load_training_state, _write_manifest
+from epsdpo.checkpoint import RUN_STATE, CheckpointError, _load_training_state, _write_manifest
 from epsdpo.config import TrainConfig
 from epsdpo.run_identity import UnverifiedResumeWarning
 from epsdpo.trainer import Trainer
@@ -178,7 +178,7 @@ def test_an_allowed_change_is_what_trains_and_what_is_recorded(runs, tmp_path):
     assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.1, 0.0]
     change = {"learning_rate": [0.003, 0.001], "max_steps": [4, 6], "weight_decay": [0.0, 0.1]}
     assert trainer.resumes == [{"step": 2, "checkpoint": "checkpoint-2", "changed": change}]
-    saved = json.loads((out / "checkpoint-6" / TRAINER_STATE).read_text())
+    saved = json.loads((out / "checkpoint-6" / RUN_STATE).read_text())
     assert saved["resumes"] == trainer.resumes
     assert json.loads((out / "checkpoint-6" / "training_config.json").read_text())["learning_rate"] == 1e-3
     card = (out / "final" / "README.md").read_text()
@@ -218,9 +218,9 @@ def predating(checkpoint, tmp_path):
     """The checkpoint as a version without recorded identities wrote it."""
     copy = tmp_path / checkpoint.name
     shutil.copytree(checkpoint, copy)
-    state = json.loads((copy / TRAINER_STATE).read_text())
+    state = json.loads((copy / RUN_STATE).read_text())
     del state["run_identity"], state["resumes"]
-    (copy / TRAINER_STATE).write_text(json.dumps(state))
+    (copy / RUN_STATE).write_text(json.dumps(state))
     (copy / "manifest.json").unlink()
     _write_manifest(copy)
     return copy

@@ -41,7 +41,8 @@ def config(out: Path, **overrides) -> TrainConfig:
 
 
 def steps_logged(out: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if "train_runtime" not in r]  # not the run's closing summary
 
 
 # ---------------------------------------------------------------------------- item 7: the lock

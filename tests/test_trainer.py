@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import epsdpo.trainer as trainer_module
+import epsdpo.methods.base as methods_base
 from epsdpo.config import TrainConfig
 from epsdpo.trainer import NonFiniteError, Trainer
 from tiny import tiny_llama, toy_store
@@ -46,7 +46,7 @@ def test_loss_falls_and_beta_follows_the_logged_steps(tmp_path):
     np.testing.assert_allclose(beta[1:], beta[:-1] / (1 + 0.02 * mean_step[:-1]), rtol=1e-12)
     np.testing.assert_allclose(trainer.kl.beta_history()[:-1], beta, rtol=1e-12)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == list(range(1, 25))
+    assert [json.loads(line)["step"] for line in lines] == [*range(1, 25), 24]  # then the run's summary
     ledger = np.load(tmp_path / "run" / "beta_ledger.npz")
     assert ledger["plus"].sum() + ledger["zero"].sum() + ledger["minus"].sum() == 24 * 8
 
@@ -158,14 +158,14 @@ def test_final_model_loads_with_transformers(tmp_path):
 
 def test_nan_loss_stops_cleanly(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = trainer_module.epsilon_dpo_loss
+    real = methods_base.epsilon_dpo_loss
 
     def poisoned(*args, **kwargs):
         losses, rc, rr = real(*args, **kwargs)
         calls["n"] += 1
         return (losses * float("nan") if calls["n"] == 3 else losses), rc, rr
 
-    monkeypatch.setattr(trainer_module, "epsilon_dpo_loss", poisoned)
+    monkeypatch.setattr(methods_base, "epsilon_dpo_loss", poisoned)
     trainer = Trainer(tiny_llama(), config(tmp_path, max_steps=5, save_steps=1), toy_store())
     with pytest.raises(NonFiniteError, match=r"step 3: non-finite loss for pair ids \[\d+"):
         trainer.train()

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 import epsdpo.trainer
-import epsdpo.trainer as trainer_module
+import epsdpo.methods.base as methods_base
 from epsdpo.cli import RunArguments, main
 from epsdpo.config import TrainConfig
 from epsdpo.trainer import Trainer
@@ -154,13 +154,13 @@ def test_label_smoothing_is_only_accepted_as_trls_sigmoid_default():
 
 def test_cdpo_smoothing_reaches_the_loss(tmp_path, monkeypatch):
     seen = []
-    real = trainer_module.epsilon_dpo_loss
+    real = methods_base.epsilon_dpo_loss
 
     def recording(*args):
         seen.append(args[5])
         return real(*args)
 
-    monkeypatch.setattr(trainer_module, "epsilon_dpo_loss", recording)
+    monkeypatch.setattr(methods_base, "epsilon_dpo_loss", recording)
     config = TrainConfig(output_dir=str(tmp_path / "run"), cdpo_smoothing=0.2, max_steps=1, max_length=32,
                          progress=False, plots=False, report_to="none")
     Trainer(tiny_llama(0), config, toy_store(8)).train()

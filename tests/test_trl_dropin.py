@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 import epsdpo
 from epsdpo.config import TrainConfig
@@ -80,7 +81,7 @@ def test_trls_quick_start_runs_with_only_the_import_changed(tmp_path, config_fro
 
 # ------------------------------------------------------------------------------- the call's shape
 def test_trls_keywords_reach_the_trainer(tmp_path):
-    reference, callback = tiny_llama(1), object()
+    reference, callback = tiny_llama(1), TrainerCallback()
     store, held_out = toy_store(8), toy_store(4, seed=3)
     trainer = Trainer(model=tiny_llama(0), ref_model=reference, args=small_config(tmp_path), train_dataset=store,
                       eval_dataset=held_out, processing_class=None, callbacks=[callback], peft_config=None)

@@ -2,13 +2,13 @@
 
 A rule answers two questions of the training loop: which β_i does each pair of a micro-batch train
 with (and, for β-DPO's filter, which pairs train at all), and what happens to β once the optimizer
-has stepped. The loop reads the same for every method; `epsdpo.methods` pairs a rule with the
-method's other post-step work (TR-DPO's reference update).
+has stepped. The loop reads the same for every method; each method of `epsdpo.methods` holds its
+rule (β-DPO's, `BatchAdaptiveBeta`, lives in its file) with the method's other post-step work.
 
 - `KlControlledBeta`: ε-DPO's per-pair β_i = β / (1 + ε·s_i) from the Rust `KlController`, which
   books every step s_i and moves β once per optimizer step over all ranks (docs/algorithm.md, 'The β
   update'). DPO, and TR-DPO, are the same rule at ε = 0: every s_i is 0 and β never moves.
-- `BatchAdaptiveBeta`: β-DPO's one β per batch from the batch's mean implicit-reward gap.
+- β-DPO's one β per batch from the batch's mean implicit-reward gap: `epsdpo.methods.beta_dpo`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import torch
 from torch import Tensor
 
 from epsdpo._core import KlController
-from epsdpo.baselines import BetaDPO
 from epsdpo.distributed import DistInfo, all_reduce_sum
 
 
@@ -85,36 +84,3 @@ class KlControlledBeta:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
-
-
-class BatchAdaptiveBeta(KlControlledBeta):
-    """β-DPO: every pair of a batch trains with the batch's β, from the batch's mean gap over all
-    ranks; its optional filter keeps the pairs whose gaps lie closest to the running mean.
-    Evaluation scores at β₀ and leaves the running mean alone."""
-
-    def __init__(self, kl: KlController, dist: DistInfo, device: torch.device, rule: BetaDPO) -> None:
-        super().__init__(kl, dist, device)
-        self.rule = rule
-
-    def pair_betas(self, pair_ids: np.ndarray, logps: PairLogps, *, train: bool) -> PairBetas:
-        gaps = logps.implicit_gaps(self.rule.beta0)
-        if not train:
-            return PairBetas(torch.full_like(gaps, self.rule.beta0), None, 1.0)
-        super().pair_betas(pair_ids, logps, train=True)  # the ledger still books every pair
-        beta = self.rule.batch_beta(self._global_mean_gap(gaps.sum().item(), float(gaps.numel())))
-        if self.rule.filter_fraction is None:
-            return PairBetas(torch.full_like(gaps, beta), None, 1.0)
-        return PairBetas(torch.full_like(gaps, beta), self.rule.keep(gaps), self.rule.filter_fraction)
-
-    def empty_micro_batch(self) -> None:
-        self._global_mean_gap(0.0, 0.0)  # the other ranks' all-reduce of their gaps waits for this one
-
-    def _global_mean_gap(self, gap_sum: float, count: float) -> float:
-        total = all_reduce_sum(torch.tensor([gap_sum, count], dtype=torch.float64), self.dist)
-        return float(total[0] / total[1]) if total[1] > 0 else 0.0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"running_gap": self.rule.running_gap}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rule.running_gap = state.get("running_gap")

@@ -16,10 +16,12 @@ and renamed into place, so a crash leaves either the whole checkpoint or none.
   policy's `config.json` and `generation_config.json` (a PEFT policy: `adapter_config.json` and
   `adapter_model.safetensors`, as PEFT writes them) and the tokenizer's files, so that
   `AutoModelForCausalLM.from_pretrained("checkpoint-N")` loads the policy of step N. The run's own
-  settings are in `training_config.json`. A sharded (FSDP) checkpoint has `config.json` but no
-  `model.safetensors`, so `from_pretrained` cannot read it: its weights are DCP shards, for resuming
-  (or for `torch.distributed.checkpoint.format_utils.dcp_to_torch_save`); `final/` holds the
-  gathered model.
+  settings are in `training_config.json`; `trainer_state.json` is transformers' TrainerState
+  (`TrainerState.load_from_json` reads it), and epsdpo's own state (β, the β rule, the run's
+  identity, the per-rank ledger files) is `epsdpo_state.json` beside it. A sharded (FSDP) checkpoint
+  has `config.json` but no `model.safetensors`, so `from_pretrained` cannot read it: its weights are
+  DCP shards, for resuming (or for `torch.distributed.checkpoint.format_utils.dcp_to_torch_save`);
+  `final/` holds the gathered model.
 - Outside `sharded/`, nothing is unpickled with arbitrary classes: `training_state.pt` is read with
   `torch.load(weights_only=True)`, which accepts tensors and plain containers only.
 - `manifest.json`, written last, lists every file's size and SHA-256. Its presence marks a finished
@@ -50,12 +52,13 @@ from torch import nn
 
 PREFIX = "checkpoint-"
 MANIFEST = "manifest.json"  # written last: its presence marks a finished checkpoint
-TRAINER_STATE = "trainer_state.json"
+TRAINER_STATE = "trainer_state.json"  # transformers' TrainerState, as TrainerState.save_to_json writes it
+RUN_STATE = "epsdpo_state.json"  # epsdpo's own: β, its rule's state, the run's identity, per-rank ledger files
 TRAINING_CONFIG = "training_config.json"  # the TrainConfig; config.json is the model's, as from_pretrained expects
 SHARDED = "sharded"
 # What resume reads besides the weights (`resume_reads`): each must be in the manifest, or it is read unchecked.
 RESUME_STATE_FILES = ("training_state.pt", "kl_controller.bin", "sampler.bin", TRAINER_STATE, TRAINING_CONFIG)
-MODEL_ONLY = "save_only_model"  # trainer_state.json's mark of a checkpoint without resume state
+MODEL_ONLY = "save_only_model"  # epsdpo_state.json's mark of a checkpoint without resume state
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest lists a few dozen files (thousands for FSDP shards): kilobytes
 # what save_pretrained writes in a safetensors header; transformers 4.x's from_pretrained refuses a file
 # whose metadata lacks it (safetensors' save_model writes metadata of its own for tied weights)
@@ -191,7 +194,7 @@ def save_checkpoint(
     scheduler: Any,
     kl_state: bytes,
     sampler_state: bytes,
-    trainer_state: dict[str, Any],
+    trainer_state: Any,
     config: dict[str, Any],
     save_total_limit: int | None = None,
     reference: nn.Module | dict[str, torch.Tensor] | None = None,
@@ -201,6 +204,7 @@ def save_checkpoint(
     rng_per_rank: list[dict[str, Any]] | None = None,
     rank_files: dict[str, bytes] | None = None,
     model_only: bool = False,
+    run_state: dict[str, Any] | None = None,
 ) -> Path:
     """Finish checkpoint `step` and rename it into place (rank 0).
 
@@ -212,8 +216,9 @@ def save_checkpoint(
     `from_pretrained` loads (`save_pretrained_files`); by default `model` when it is a module.
     `rng_per_rank`: every rank's `rng_state()`, in rank order (by default this process's alone).
     `rank_files`: the other ranks' state, by file name (their KL controllers: epsdpo.beta_ledger),
-    written and listed in the manifest like the rest. `model_only` (save_only_model): the weights,
-    the model folder's files and the two JSON files alone, without the state resuming needs; such a
+    written and listed in the manifest like the rest. `trainer_state`: transformers' TrainerState
+    (written with its save_to_json) or a mapping; `run_state`: epsdpo's own state, beside it.
+    `model_only` (save_only_model): the weights, the model folder's files and the JSON files alone, without the state resuming needs; such a
     checkpoint loads with from_pretrained and is refused as a resume point (`verify_checkpoint`)."""
     final = output_dir / f"{PREFIX}{step}"
     tmp = staging_dir(output_dir, step)
@@ -230,10 +235,9 @@ def save_checkpoint(
     if pretrained is not None:
         save_pretrained_files(tmp, pretrained, tokenizer)
     if model_only:
-        trainer_state = {**trainer_state, MODEL_ONLY: True}
-        for name, data in ((TRAINING_CONFIG, json.dumps(config, indent=2).encode()),
-                           (TRAINER_STATE, json.dumps(trainer_state, indent=2).encode())):
-            write_file(tmp / name, lambda path, data=data: path.write_bytes(data))
+        # marked in epsdpo's own state: trainer_state.json stays transformers' TrainerState
+        write_file(tmp / TRAINING_CONFIG, lambda path: path.write_bytes(json.dumps(config, indent=2).encode()))
+        _write_states(tmp, trainer_state, {**(run_state or {}), MODEL_ONLY: True})
         return _finish(output_dir, tmp, final, save_total_limit)
     rng_per_rank = rng_per_rank or [rng_state()]
     # "rng" stays rank 0's state, as checkpoints before per-rank states held it
@@ -243,11 +247,22 @@ def save_checkpoint(
         training["optimizer"] = optimizer_state
     write_file(tmp / "training_state.pt", lambda path: torch.save(training, path))
     for name, data in (("kl_controller.bin", kl_state), ("sampler.bin", sampler_state),
-                       (TRAINING_CONFIG, json.dumps(config, indent=2).encode()),
-                       (TRAINER_STATE, json.dumps(trainer_state, indent=2).encode()),
-                       *(rank_files or {}).items()):
+                       (TRAINING_CONFIG, json.dumps(config, indent=2).encode())):
+        write_file(tmp / name, lambda path, data=data: path.write_bytes(data))
+    _write_states(tmp, trainer_state, run_state)
+    for name, data in (rank_files or {}).items():
         write_file(tmp / name, lambda path, data=data: path.write_bytes(data))
     return _finish(output_dir, tmp, final, save_total_limit)
+
+
+def _write_states(tmp: Path, trainer_state: Any, run_state: dict[str, Any] | None) -> None:
+    """transformers' TrainerState (its own save_to_json, or a mapping) and epsdpo's state beside it."""
+    if hasattr(trainer_state, "save_to_json"):
+        write_file(tmp / TRAINER_STATE, lambda path: trainer_state.save_to_json(str(path)))
+    else:
+        write_file(tmp / TRAINER_STATE, lambda path: path.write_text(json.dumps(trainer_state, indent=2)))
+    if run_state is not None:
+        write_file(tmp / RUN_STATE, lambda path: path.write_bytes(json.dumps(run_state, indent=2).encode()))
 
 
 def _finish(output_dir: Path, tmp: Path, final: Path, save_total_limit: int | None) -> Path:
@@ -285,10 +300,12 @@ def previous_run_outputs(output_dir: Path) -> list[Path]:
     """What a run writes into its output_dir, found there before this run wrote anything."""
     if not output_dir.is_dir():
         return []
-    names = ("metrics.jsonl", "final", "beta_ledger.npz", "plots")
+    names = {"metrics.jsonl", "final", "beta_ledger.npz", "plots", TRAINER_STATE}
+    if (output_dir / "final").is_dir():  # the final model's copy in output_dir itself (Trainer._write_outputs)
+        names |= {p.name for p in (output_dir / "final").iterdir()}
     # what a killed run leaves too: staging and trash folders (checkpoints, final/), temporary
     # ledgers (epsdpo.staged); not the run lock, which belongs to whichever run holds the folder
-    leftovers = rf"\.?{PREFIX}\d+(\.tmp|\.trash)?|\.final\.(tmp|trash)|\.beta_ledger\.npz\.tmp"
+    leftovers = rf"\.?{PREFIX}\d+(\.tmp|\.trash)?|\.final\.(tmp|trash)|\.(beta_ledger\.npz|trainer_state\.json)\.tmp"
     return sorted(p for p in output_dir.iterdir() if p.name in names or re.fullmatch(leftovers, p.name))
 
 
@@ -384,9 +401,10 @@ def verify_checkpoint(path: Path, reference: bool = False) -> None:
     regular file with its size and SHA-256; raises CheckpointError naming the first that is not. A
     checkpoint written with save_only_model is refused as what it is, not as an incomplete one."""
     listed = _read_manifest(path)
-    if "training_state.pt" not in listed and TRAINER_STATE in listed:
-        _verify_file(path / TRAINER_STATE, listed[TRAINER_STATE])
-        if read_trainer_state(path).get(MODEL_ONLY) is True:
+    if "training_state.pt" not in listed and (RUN_STATE in listed or TRAINER_STATE in listed):
+        state_file = RUN_STATE if RUN_STATE in listed else TRAINER_STATE
+        _verify_file(path / state_file, listed[state_file])
+        if _read_json_object(path / state_file).get(MODEL_ONLY) is True:
             raise CheckpointError(f"{path} was written with save_only_model=True: it holds the model alone, without "
                                   "the optimizer, scheduler, sampler and β state a resume needs; start a new run "
                                   "from its weights (model: the checkpoint folder) instead")
@@ -455,7 +473,23 @@ def resolve_checkpoint(output_dir: Path, resume: str | Path | bool) -> Path:
 def read_trainer_state(path: Path) -> dict[str, Any]:
     """trainer_state.json of a verified checkpoint, as a mapping; anything else (nested past the
     recursion limit, not an object: checksums can be recomputed) is a CheckpointError naming it."""
-    file = path / TRAINER_STATE
+    return _read_json_object(path / TRAINER_STATE)
+
+
+def read_run_state(path: Path) -> dict[str, Any]:
+    """epsdpo's own state of a verified checkpoint (step, β, the β rule's state, the run's identity, the
+    per-rank ledger files): `epsdpo_state.json` when the manifest lists it, beside transformers'
+    trainer_state.json; a checkpoint written before the two were apart kept it in trainer_state.json."""
+    if RUN_STATE in require_listed(path, []):
+        return _read_json_object(path / RUN_STATE)
+    state = read_trainer_state(path)
+    if "beta" not in state:
+        raise CheckpointError(f"{path} holds neither {RUN_STATE} nor β in {TRAINER_STATE}: it is not an epsdpo "
+                              "checkpoint this version resumes (its weights still load with from_pretrained)")
+    return state
+
+
+def _read_json_object(file: Path) -> dict[str, Any]:
     try:
         state = json.loads(file.read_bytes())
     except (ValueError, RecursionError) as error:

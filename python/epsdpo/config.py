@@ -16,10 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from epsdpo._core import LAYOUTS, Truncation
+from epsdpo.methods import METHOD_NAMES, method_class
 from epsdpo.safe_yaml import MAX_SHOWN, load_config_yaml, shown
-
-if typing.TYPE_CHECKING:
-    from epsdpo._core import Layout
 
 REPORTER_ALONE = ("jsonl", "none", "all")
 REPORTER_BACKENDS = ("tensorboard", "wandb", "trackio", "mlflow")
@@ -30,10 +28,10 @@ REPORTERS = REPORTER_ALONE + REPORTER_BACKENDS
 # 0.1, the paper's 0.01–0.5), so no real setting is refused.
 MIN_BETA = 1e-6
 
-if not typing.TYPE_CHECKING:
-    # The Rust collator's own list, so that a new layout needs no edit here (type checkers read the
-    # same names from the extension's stub, which tests/test_stubs.py keeps true).
-    Layout = Literal[LAYOUTS]
+# The methods of epsdpo.methods' registry: adding one there adds it here
+MethodName = Literal[METHOD_NAMES]  # type: ignore[valid-type]
+# The Rust collator's layouts (epsdpo._core.LAYOUTS): adding one there adds it here
+Layout = Literal[LAYOUTS]  # type: ignore[valid-type]
 
 # The largest value of any integer field (and of the step and epoch counts given as floats): the Rust core
 # and torch hold these as 32- or 64-bit integers, so a larger one would fail deep inside them, unnamed.
@@ -55,9 +53,10 @@ class TrainConfig:
         "Directory for checkpoints, final/ (the trained model), metrics.jsonl, beta_ledger.npz and plots/ "
         "(TRL's meaning).")})
     # ε-DPO (docs/algorithm.md, 'The step rule')
-    method: Literal["epsilon_dpo", "dpo", "tr_dpo", "beta_dpo"] = field(default="epsilon_dpo", metadata={"help": (
+    method: MethodName = field(default="epsilon_dpo", metadata={"help": (
         "Training rule: epsilon_dpo (β adapts per pair and per step), dpo (fixed β), tr_dpo (fixed β; the "
-        "reference moves toward the policy) or beta_dpo (one β per batch). See docs/algorithm.md.")})
+        "reference moves toward the policy), beta_dpo (one β per batch) or ipo (IPO's squared loss at a fixed "
+        "β, with loss_type=ipo). See docs/algorithm.md.")})
     beta: float = field(default=0.1, metadata={"help": (
         "KL penalty β of the DPO loss (TRL's beta). For epsilon_dpo the initial base β, which then "
         "adapts; for beta_dpo the base β₀. At least 1e-6 (MIN_BETA): a smaller β trains nothing.")})
@@ -81,9 +80,9 @@ class TrainConfig:
         "loss_type=sigmoid ignores it, and its robust/EXO meanings are other losses. For conservative DPO "
         "smoothing use cdpo_smoothing.")})
     loss_type: str | list[str] = field(default="sigmoid", metadata={"help": (
-        "TRL's loss choice, accepted only as sigmoid (or [sigmoid]): the sigmoid DPO loss, which every method "
-        "here trains with. TRL's plain DPO (loss_type=sigmoid) is method=dpo; the β rule is chosen by "
-        "method, and TRL's other loss types are not implemented.")})
+        "TRL's loss choice, one name (or a list of one): sigmoid, the DPO loss every method but ipo trains "
+        "with, or ipo, with method=ipo. TRL's plain DPO (loss_type=sigmoid) is method=dpo and its IPO "
+        "(loss_type=ipo) is method=ipo; TRL's other loss types are not implemented.")})
     # baselines (epsdpo.baselines): TR-DPO soft reference update, β-DPO batch β and data filter
     sync_ref_model: bool = field(default=False, metadata={"help": (
         "TR-DPO's soft update of the reference toward the policy every ref_model_sync_steps steps (TRL's "
@@ -316,6 +315,16 @@ class TrainConfig:
         "Checkpoints hold the model alone (weights, config, tokenizer), without the optimizer, scheduler, "
         "sampler and β state that resuming needs (transformers' meaning): smaller, and each loads with "
         "from_pretrained, but a run cannot resume from them; resuming from one is refused.")})
+    metric_for_best_model: str | None = field(default=None, metadata={"help": (
+        "An evaluation metric (eval_ prefix optional, e.g. loss or rewards/accuracies) whose best value is "
+        "tracked in trainer_state.json's best_metric, best_global_step and best_model_checkpoint, and which "
+        "transformers' EarlyStoppingCallback watches (transformers' meaning).")})
+    greater_is_better: bool | None = field(default=None, metadata={"help": (
+        "Whether a greater metric_for_best_model is better. None: true unless the metric's name ends in loss "
+        "(transformers' default).")})
+    load_best_model_at_end: bool = field(default=False, metadata={"help": (
+        "Accepted only as false: the final model is the last step's. The best checkpoint is named in "
+        "trainer_state.json's best_model_checkpoint, and loads with from_pretrained.")})
     overwrite_output_dir: bool = field(default=False, metadata={"help": (
         "A fresh run refuses an output_dir holding another run's checkpoints or metrics; true clears them "
         "first (TRL/transformers' meaning). Resuming never needs it.")})
@@ -382,12 +391,13 @@ class TrainConfig:
                + ", ".join(map(repr, REPORTER_BACKENDS)))
         _check(not self.push_to_hub, "push_to_hub", self.push_to_hub,
                "False: epsdpo has no hub upload; push output_dir/final with huggingface_hub's upload_folder")
+        _check(not self.load_best_model_at_end, "load_best_model_at_end", self.load_best_model_at_end,
+               "False: the final model is the last step's; trainer_state.json's best_model_checkpoint names the "
+               "best checkpoint (metric_for_best_model), which loads with from_pretrained")
         _check(not (self.bf16 and self.fp16), "fp16", self.fp16, "False when bf16=True (choose one compute precision)")
         _check(self.beta >= MIN_BETA, "beta", self.beta, f"a finite number >= {MIN_BETA:g} (a smaller β trains nothing)")
         _check(self.beta_min is None or MIN_BETA <= self.beta_min <= self.beta, "beta_min", self.beta_min,
                f"None or between {MIN_BETA:g} and beta ({self.beta:g})")
-        _check(self.beta_min is None or self.method != "beta_dpo", "beta_min", self.beta_min,
-               "None with method='beta_dpo': it floors ε-DPO's base β, not β-DPO's batch β")
         _check(0 <= self.epsilon < 1, "epsilon", self.epsilon, "in [0, 1)")
         _check(self.epsilon_check is None or 0 <= self.epsilon_check < 1, "epsilon_check", self.epsilon_check,
                "None or in [0, 1)")
@@ -403,8 +413,7 @@ class TrainConfig:
                "0 (TRL's sigmoid loss ignores it); for conservative DPO smoothing set cdpo_smoothing")
         if isinstance(self.loss_type, list) and len(self.loss_type) == 1:
             self.loss_type = self.loss_type[0]  # TRL's list form, [sigmoid]
-        _check(self.loss_type == "sigmoid", "loss_type", self.loss_type,
-               "'sigmoid' (the DPO loss); choose the training rule with method= (dpo, epsilon_dpo, tr_dpo, beta_dpo)")
+        self._check_method()
         if self.padding_free:
             _check(self.layout != "shared_prompt", "padding_free", self.padding_free,
                    "False with layout='shared_prompt' (padding_free=True means layout='packed')")
@@ -511,6 +520,19 @@ class TrainConfig:
                f"a device this machine has: torch sees {count} {device.type} device(s), "
                f"{device.type}:0 to {device.type}:{count - 1}")
 
+    def _check_method(self) -> None:
+        """The loss TRL's loss_type names is the method's own, then the method's own checks."""
+        _check(self.method in METHOD_NAMES, "method", self.method, "one of " + ", ".join(map(repr, METHOD_NAMES)))
+        method = method_class(self.method)
+        by_loss: dict[str, list[str]] = {}
+        for name in METHOD_NAMES:
+            by_loss.setdefault(method_class(name).loss_type, []).append(name)
+        losses = "; ".join(f"{', '.join(names)}: {loss!r}" for loss, names in by_loss.items())
+        _check(self.loss_type == method.loss_type, "loss_type", self.loss_type,
+               f"{method.loss_type!r} for method={self.method!r}; the loss goes with the method= ({losses})")
+        for holds, name, value, allowed in method.checks(self):
+            _check(holds, name, value, allowed)
+
     def _check_precompute(self) -> None:
         """precompute_ref_log_probs replaces the reference by numbers fixed before training; refused
         where training needs the reference itself."""
@@ -571,6 +593,12 @@ class TrainConfig:
             return self.eval_steps or self.logging_steps  # TRL's fallback for an unset eval_steps
         return self.eval_steps if self.eval_strategy is None else None
 
+    def greater_is_better_resolved(self) -> bool:
+        """greater_is_better, or transformers' default for metric_for_best_model: a loss is better smaller."""
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        return not (self.metric_for_best_model or "loss").endswith("loss")
+
     def save_every(self) -> int | None:
         """Optimizer steps between checkpoints under save_strategy (None: none by step)."""
         if self.save_strategy == "steps":
@@ -608,7 +636,7 @@ class TrainConfig:
     @property
     def moves_reference(self) -> bool:
         """Whether the reference follows the policy during training (TR-DPO's soft update)."""
-        return self.sync_ref_model or self.method == "tr_dpo"
+        return method_class(self.method).reference_moves(self)
 
     @property
     def compute_dtype(self) -> str | None:
@@ -617,15 +645,13 @@ class TrainConfig:
 
     @property
     def step_epsilon(self) -> float:
-        """ε_s of the β update β/(1 + ε·s); every other method keeps β fixed (ε = 0)."""
-        return self.epsilon if self.method == "epsilon_dpo" else 0.0
+        """ε_s of the β update β/(1 + ε·s); every method but ε-DPO keeps β fixed (ε = 0)."""
+        return method_class(self.method).step_epsilon(self)
 
     @property
     def check_epsilon(self) -> float:
         """ε_c of the perturbed policies; 0 skips the perturbation work entirely."""
-        if self.method != "epsilon_dpo":
-            return 0.0
-        return self.epsilon if self.epsilon_check is None else self.epsilon_check
+        return method_class(self.method).check_epsilon(self)
 
     @classmethod
     def from_yaml(cls, path: str | Path | None, overrides: dict[str, Any] | None = None, *,

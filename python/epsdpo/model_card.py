@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from epsdpo.config import TrainConfig
+from epsdpo.methods import method_class
 
 if TYPE_CHECKING:
     from epsdpo.trainer import Trainer
 
-METHODS = {"epsilon_dpo": "ε-DPO", "dpo": "DPO", "tr_dpo": "TR-DPO", "beta_dpo": "β-DPO"}
 TRAIN_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
 EVAL_METRICS = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
 BETA_PLOT = "beta.png"
@@ -83,16 +83,12 @@ def _pairs(count: int | None, source: str | None) -> str:
 
 
 def _settings(config: TrainConfig, run: RunFacts) -> list[str]:
-    method = METHODS.get(config.method, config.method)
-    if config.method == "epsilon_dpo":
-        epsilon = f"{config.check_epsilon:g} (ε_c, decides each pair's step), {config.step_epsilon:g} (ε_s, β update)"
-    else:
-        epsilon = f"not used by {method}"
+    method = method_class(config.method)
     per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * run.world_size
     rows = [
-        ("method", f"{method} (`{config.method}`)"),
+        ("method", f"{method.title} (`{config.method}`)"),
         ("β", f"{run.beta_initial:.6g} at the start, {run.beta_final:.6g} at the end"),
-        ("ε", epsilon),
+        *method.card_rows(config),
         ("training data", _pairs(run.train_pairs, run.train_data)),
         ("evaluation data", _pairs(run.eval_pairs, run.eval_data) if run.eval_pairs is not None else "none"),
         ("optimizer steps", str(run.steps)),
@@ -126,7 +122,7 @@ def _results(run: RunFacts) -> list[str]:
 
 def model_card(config: TrainConfig, run: RunFacts, *, beta_plot: str | None = None, library: str = "transformers") -> str:
     """The card's Markdown. `beta_plot`: the β plot's path relative to the card, when there is one."""
-    method = METHODS.get(config.method, config.method)
+    method = method_class(config.method).title
     origin = f" from `{run.base_model}`" if run.base_model else ""
     lines = [
         *_front_matter(config, run, library), "",

@@ -1,11 +1,16 @@
 """Where logged metrics go: the in-memory history, `metrics.jsonl`, and the logging backends a run
 names in `report_to` (TensorBoard, Weights & Biases, Trackio, MLflow), each through its own library;
-an evaluation's main metrics also go to the console (`eval_summary`). Only rank 0 writes."""
+an evaluation's main metrics also go to the console (`eval_summary`). Only rank 0 writes. TensorBoard
+is laid out as transformers lays it out (`output_dir/runs/<date>_<host>`, `train/` and `eval/` tags),
+so that dashboards built on TRL runs line up; `RunTotals` is transformers' closing summary."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import socket
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +35,30 @@ def resolve_backends(report_to: str | list[str]) -> list[str]:
     return names
 
 
+def tensorboard_dir(output_dir: Path) -> Path:
+    """transformers' default logging_dir, under output_dir: `runs/<Mon>DD_HH-MM-SS_<host>`, one per run."""
+    return output_dir / "runs" / f"{datetime.now().strftime('%b%d_%H-%M-%S')}_{socket.gethostname()}"
+
+
+def tensorboard_tag(key: str) -> str:
+    """transformers' TensorBoard tag of a logged key: eval_x → eval/x, test_x → test/x, anything else
+    train/x (epsdpo's kl/beta → train/kl/beta), so that dashboards built on TRL runs line up."""
+    for prefix in ("eval", "test"):
+        if key.startswith(f"{prefix}_"):
+            return f"{prefix}/{key[len(prefix) + 1:]}"
+    return f"train/{key}"
+
+
 class _TensorBoard:
     def __init__(self, output_dir: Path, config: dict[str, Any]) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+        self.writer = SummaryWriter(str(tensorboard_dir(output_dir)))
 
     def log(self, values: dict[str, float], step: int) -> None:
         for key, value in values.items():
-            self.writer.add_scalar(key, value, step)
+            self.writer.add_scalar(tensorboard_tag(key), value, step)
+        self.writer.flush()  # a dashboard (or a killed run's reader) sees each record as it is logged
 
     def close(self) -> None:
         self.writer.close()
@@ -116,6 +136,31 @@ class MetricsLog:
     def close(self) -> None:
         for backend in self._backends:
             backend.close()
+
+
+# Logged values that measure the machine, not the run: they differ between two runs of the same training
+TIMINGS = ("tokens_per_second", "train_runtime", "train_samples_per_second", "train_steps_per_second")
+
+
+class RunTotals:
+    """What transformers' Trainer logs at the end of train(): this call's runtime and throughput (pairs
+    are TRL's samples), and `train_loss`, the mean training loss over every step of the run (a resumed
+    run's earlier steps included: `state.loss_sum` and `loss_steps` are checkpointed)."""
+
+    def __init__(self, state: Any) -> None:
+        self.state, self.first_step = state, state.global_step
+        self.started, self.pairs = time.perf_counter(), 0.0
+
+    def add_step(self, pairs: float, loss: float) -> None:
+        self.pairs += pairs
+        self.state.loss_sum += loss
+        self.state.loss_steps += 1
+
+    def summary(self) -> dict[str, float]:
+        runtime = max(time.perf_counter() - self.started, 1e-9)
+        return {"train_runtime": runtime, "train_samples_per_second": self.pairs / runtime,
+                "train_steps_per_second": (self.state.global_step - self.first_step) / runtime,
+                "train_loss": self.state.loss_sum / max(self.state.loss_steps, 1)}
 
 
 EVAL_SUMMARY = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_kl/pair_beta_mean")

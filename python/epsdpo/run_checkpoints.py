@@ -19,13 +19,15 @@ from typing import TYPE_CHECKING, Any
 import torch.distributed
 
 from epsdpo.checkpoint import (
-    TRAINER_STATE,
+    PREFIX,
+    RUN_STATE,
     SHARDED,
     TRAINING_CONFIG,
     CheckpointError,
     begin_checkpoint,
     load_checkpoint,
     previous_run_outputs,
+    read_run_state,
     read_trainer_state,
     require_listed,
     resume_reads,
@@ -36,6 +38,7 @@ from epsdpo.checkpoint import (
     verify_checkpoint,
 )
 from epsdpo.beta_ledger import kl_state_files
+from epsdpo.callbacks import stateful_callbacks
 from epsdpo.distributed import DistInfo, all_reduce_sum, any_rank, barrier, gather_bytes, on_main_rank
 from epsdpo.sharding import full_model_state
 from epsdpo.run_identity import (
@@ -81,14 +84,19 @@ def save_run(trainer: Trainer, sampler_state: bytes) -> None:
         model = reference = None
     elif t.dist.is_main:
         optimizer_state = t.optimizer.state_dict()
+    if t.config.metric_for_best_model is not None and t.state.best_global_step == step:
+        # as transformers' Trainer names the checkpoint of the best evaluation when it saves one
+        t.state.best_model_checkpoint = str(t.output_dir / f"{PREFIX}{step}")
+    t.state.stateful_callbacks = stateful_callbacks(t.callback_handler, t.control)
     if t.dist.is_main:
         save_checkpoint(
             t.output_dir, step, model=model, optimizer_state=optimizer_state, scheduler=t.scheduler,
             kl_state=kl_states[0], sampler_state=sampler_state, rank_files=dict(zip(kl_files[1:], kl_states[1:])),
-            trainer_state={"global_step": step, "max_steps": t.state.max_steps, "beta": t.kl.beta,
-                           "world_size": t.dist.world_size, "log_history": t.metrics.history,
-                           "beta_rule": t.method.beta_rule.state_dict(), "run_identity": trainer_identity(t),
-                           "resumes": t.resumes, "kl_state_files": kl_files},
+            trainer_state=t.state,
+            run_state={"global_step": step, "max_steps": t.state.max_steps, "beta": t.kl.beta,
+                       "world_size": t.dist.world_size, "beta_rule": t.method.beta_rule.state_dict(),
+                       "run_identity": trainer_identity(t), "resumes": t.resumes, "kl_state_files": kl_files,
+                       "loss_sum": t.state.loss_sum, "loss_steps": t.state.loss_steps},
             reference=reference, config=t.config.to_dict(), save_total_limit=t.config.save_total_limit,
             extra_state={"loss_scaler": t.precision.state_dict()}, pretrained=t.model, tokenizer=t.tokenizer,
             rng_per_rank=rng_per_rank, model_only=model_only,
@@ -105,7 +113,7 @@ def resume_run(trainer: Trainer, path: Path) -> None:
     # A moved reference is required only once the settings check has shown that the checkpoint's run
     # moved it too (else the settings differ, and that is the message to give)
     _verify_once(path, t.dist, reference=False)
-    saved_state = read_trainer_state(path)
+    saved_state = read_run_state(path)
     saved_world = saved_state.get("world_size", 1)
     if saved_world != t.dist.world_size:
         raise CheckpointError(
@@ -129,21 +137,34 @@ def resume_run(trainer: Trainer, path: Path) -> None:
     t.kl.load_state_dict({"state": restored["kl_state"] if own_kl_state is None else own_kl_state})
     t.sampler.load_state_dict({"state": restored["sampler_state"]})
     t.precision.load_state_dict(restored["extra_state"].get("loss_scaler", {}))
-    trainer_state = restored["trainer_state"]
+    trainer_state = read_run_state(path)
     t.state.global_step = trainer_state["global_step"]
     if len(t.kl.beta_history()) != t.state.global_step + 1 or trainer_state.get("beta") != t.kl.beta:
         raise CheckpointError(
-            f"{path / TRAINER_STATE} says step {t.state.global_step} and β {trainer_state.get('beta')}, but the KL "
+            f"{path / RUN_STATE} says step {t.state.global_step} and β {trainer_state.get('beta')}, but the KL "
             f"controller state holds {len(t.kl.beta_history()) - 1} steps and β {t.kl.beta}"
         )
     t.method.beta_rule.load_state_dict(trainer_state.get("beta_rule", {}))
     t.state.beta = t.kl.beta
-    t.metrics.restore(trainer_state["log_history"])
+    _restore_progress(t, read_trainer_state(path), trainer_state)
     if changed:
         _apply_optimizer_settings(t)
     t.resumes = [*trainer_state.get("resumes", []), {
         "step": t.state.global_step, "checkpoint": path.name,
         "changed": {key: list(values) for key, values in changed.items()}}]
+
+
+def _restore_progress(t: Trainer, hf_state: dict[str, Any], run_state: dict[str, Any]) -> None:
+    """What transformers' TrainerState carries on (the logged history, epoch, tokens seen, best metric)
+    and the training-loss sum for train_loss. A checkpoint written before trainer_state.json was
+    transformers' lacks all but the history: the counts then start at the resumed step."""
+    t.metrics.restore(hf_state["log_history"])
+    t.state.epoch = float(hf_state.get("epoch", t.state.global_step / t.steps_per_epoch))
+    t.state.num_input_tokens_seen = int(hf_state.get("num_input_tokens_seen", 0))
+    for key in ("best_metric", "best_global_step", "best_model_checkpoint"):
+        setattr(t.state, key, hf_state.get(key))
+    t.state.loss_sum = float(run_state.get("loss_sum", 0.0))
+    t.state.loss_steps = int(run_state.get("loss_steps", 0))
 
 
 def _own_kl_state(t: Trainer, path: Path, saved_state: dict) -> bytes | None:
@@ -161,7 +182,7 @@ def _own_kl_state(t: Trainer, path: Path, saved_state: dict) -> bytes | None:
     error, state = None, None
     try:
         if names != kl_state_files(t.dist.world_size):
-            raise CheckpointError(f"{path / TRAINER_STATE}: kl_state_files is {str(names)[:200]}, not the "
+            raise CheckpointError(f"{path / RUN_STATE}: kl_state_files is {str(names)[:200]}, not the "
                                   f"{t.dist.world_size} per-rank files of kl_controller*.bin this version writes")
         if t.dist.rank > 0:
             require_listed(path, [names[t.dist.rank]])

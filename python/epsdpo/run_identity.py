@@ -3,7 +3,7 @@
 A checkpoint restores the KL controller (β and ε), the sampler, the optimizer and the scheduler of
 the run that wrote it; a resumed run that asks for another β, ε, method, learning rate or dataset
 would otherwise train with the checkpoint's values while its config and model card show its own.
-So every checkpoint records its run's identity (`trainer_state.json`, "run_identity"): the
+So every checkpoint records its run's identity (`epsdpo_state.json`, "run_identity"): the
 TrainConfig fields that decide training, with facts of the run itself (the schedule's total
 optimizer steps, warm-up steps, world size, and fingerprints of the tokenized training data and of
 the tokenizer). `resume_run` compares it with the resuming run's and refuses any difference, listing
@@ -32,6 +32,8 @@ import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
+from epsdpo.methods import unused_method_fields
+
 if TYPE_CHECKING:
     from epsdpo.config import TrainConfig
     from epsdpo.trainer import Trainer
@@ -41,6 +43,7 @@ FREE_ON_RESUME = frozenset({
     "logging_strategy", "logging_steps", "report_to", "run_name", "progress", "plots",
     "eval_strategy", "eval_steps", "per_device_eval_batch_size",
     "save_strategy", "save_steps", "save_total_limit", "save_only_model", "push_to_hub",
+    "metric_for_best_model", "greater_is_better", "load_best_model_at_end",
     "dataset_cache_dir", "dataset_num_proc", "remove_unused_columns", "trust_remote_code",
     # how a step is computed, not what it computes
     "device", "ddp_timeout", "chunk_size", "gradient_checkpointing", "gradient_checkpointing_kwargs",
@@ -97,9 +100,8 @@ def identity(config: TrainConfig, *, total_steps: int, world_size: int, train_da
             values[f.name] = getattr(config, f.name)
     # What each method does not use cannot make two runs differ
     values["epsilon"], values["epsilon_check"] = config.step_epsilon, config.check_epsilon
-    if config.method != "beta_dpo":
-        for name in ("beta_dpo_alpha", "beta_dpo_momentum", "beta_dpo_filter"):
-            values[name] = None
+    for name in unused_method_fields(config.method):
+        values[name] = None
     if not config.moves_reference:
         values["ref_model_sync_steps"] = values["ref_model_mixup_alpha"] = None
     values["max_steps"] = total_steps if config.lr_scheduler_type in TOTAL_DEPENDENT_SCHEDULES else None

@@ -3,6 +3,10 @@ staging name and renamed into place; a file is written to a hidden temporary nam
 renamed over the old one. A process killed midway leaves the earlier output (or none) and a hidden
 leftover that the next write of the same output removes: never a `final/` without its tokenizer or
 model card, nor a truncated `beta_ledger.npz`.
+
+A folder's files can also be published into a folder that holds other things (`publish_files`: the
+final model into output_dir itself, where `from_pretrained(output_dir)` looks for it): file by file,
+with the files a reader looks for first (`config.json`) removed before and put back last.
 """
 
 from __future__ import annotations
@@ -56,3 +60,25 @@ def replace_file(path: Path, writer: Callable[[IO[bytes]], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def publish_files(source: Path, into: Path, markers: tuple[str, ...]) -> None:
+    """Put every entry of the finished folder `source` into `into`, which holds other things too (so
+    `source` cannot simply be renamed into place). A reader that needs one of `markers` to find the
+    rest (`from_pretrained` reads config.json first) sees the old files, none, or the new ones whole:
+    the markers in `into` are removed first, each other entry is copied to a hidden name and renamed
+    over its namesake, and the markers come last, the same way. Copied, not hard-linked: a later write
+    in place (TRL's habit `trainer.save_model(output_dir)`) would otherwise write through into `source`
+    too, and a crash there would damage both."""
+    for name in markers:
+        (into / name).unlink(missing_ok=True)
+    entries = sorted(source.iterdir(), key=lambda entry: entry.name in markers)  # markers last
+    for entry in entries:
+        if entry.is_dir():
+            write_folder(into / entry.name, lambda staging, entry=entry: shutil.copytree(entry, staging,
+                                                                                       dirs_exist_ok=True))
+            continue
+        tmp = into / f".{entry.name}.tmp"
+        tmp.unlink(missing_ok=True)
+        shutil.copyfile(entry, tmp)
+        os.replace(tmp, into / entry.name)

@@ -6,8 +6,8 @@ One optimizer step, top to bottom (`_train_step`):
    background thread); their pairs are counted over all ranks;
 2. per micro-batch (`_micro_batch`): reference forward (no grad) and policy forward; the fused
    kernel gives per-sequence policy / reference / relaxed / tightened log-probs, the step rule s_i;
-   the method's β rule (`epsdpo.beta_rules`) gives β_i; the ε-DPO loss, divided by the cycle's
-   global pair count, is backpropagated;
+   the method (`epsdpo.methods`) gives each pair's step, its β_i and its loss, which, divided by the
+   cycle's global pair count, is backpropagated;
 3. DDP averages (FSDP reduce-scatters) gradients during the last micro-batch's backward; clip,
    AdamW, scheduler; a non-finite weight stops the run here, before anything is saved, and so does
    fp16 loss scaling that keeps skipping steps (`Precision.stalled`);
@@ -20,11 +20,12 @@ Every micro-batch of a cycle uses the same base β, and the `kl/beta` logged for
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -35,7 +36,16 @@ from torch import Tensor, nn
 from epsdpo._core import KlController
 from epsdpo.attention import use_segment_attention
 from epsdpo.beta_rules import PairBetas, PairLogps
-from epsdpo.checkpoint import PREFIX, list_checkpoints, write_file
+from epsdpo.callbacks import (
+    CallbackHandler,
+    ScheduleCallback,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    agree_across_ranks,
+    best_metric_improved,
+)
+from epsdpo.checkpoint import PREFIX, TRAINER_STATE, list_checkpoints, write_file
 from epsdpo.config import TrainConfig
 from epsdpo.beta_ledger import merged_ledger
 from epsdpo.distributed import (
@@ -54,7 +64,6 @@ from epsdpo.distributed import (
 from epsdpo.feed import CycleFeed, as_store, check_vocabulary, filler_batch, make_collator, make_sampler
 from epsdpo.interrupt import StopOnSignal, TrainingInterrupted
 from epsdpo.launcher import apply_launcher_settings
-from epsdpo.loss import epsilon_dpo_loss, kl_steps, pair_log_ratio
 from epsdpo.methods import build_method
 from epsdpo.model_card import describe_source, write_run_card
 from epsdpo.models import (
@@ -76,12 +85,12 @@ from epsdpo.precision import (
 )
 from epsdpo.rank_agreement import AUTO, agree_on_checkpoint, check_settings_agree, run_settings
 from epsdpo.reference_logps import lookup, precompute_reference_logps
-from epsdpo.reporting import MetricsLog, eval_summary
+from epsdpo.reporting import MetricsLog, RunTotals, eval_summary
 from epsdpo.run_checkpoints import claim_output_dir, require_shared_output_dir, resume_run, save_run
 from epsdpo.run_lock import lock_output_dir
 from epsdpo.scoring import batch_logps
 from epsdpo.sharding import empty_onto_meta, full_model_state, grad_norm_value, shard
-from epsdpo.staged import replace_file, write_folder
+from epsdpo.staged import publish_files, replace_file, write_folder
 from epsdpo.stall_watch import StallWatch, StalledTrainingError  # noqa: F401  (raised from here)
 from epsdpo.step_metrics import StepSums
 from epsdpo.trl_compat import trainer_inputs
@@ -89,20 +98,13 @@ from epsdpo.trl_compat import trainer_inputs
 if TYPE_CHECKING:
     from epsdpo._core import Batch
 
+# What from_pretrained reads first in a model folder (a full model's config, a PEFT adapter's): written
+# last into output_dir, so that a model there without them is not found rather than found half-written
+MODEL_MARKERS = ("config.json", "adapter_config.json")
+
 
 class NonFiniteError(FloatingPointError):
     """A loss, gradient or weight became NaN/inf; raised before anything of that step is saved."""
-
-
-@dataclass
-class TrainerState:
-    """Where a run stands: `global_step` of `max_steps`, the current base β, and every logged record
-    (the same records as `metrics.jsonl`)."""
-
-    global_step: int = 0
-    max_steps: int = 0
-    beta: float = 0.0
-    log_history: list[dict[str, Any]] = field(default_factory=list)
 
 
 class PairLosses(NamedTuple):
@@ -132,7 +134,7 @@ def _check_evaluation_has_data(config: TrainConfig, eval_dataset: Any) -> None:
 
 
 class Trainer:
-    """Trains a causal LM on preference pairs with ε-DPO (or DPO, TR-DPO, β-DPO: `config.method`).
+    """Trains a causal LM on preference pairs with ε-DPO (or DPO, TR-DPO, β-DPO, IPO: `config.method`).
 
     Example::
 
@@ -160,8 +162,10 @@ class Trainer:
     `datasets.Dataset` or a local `.jsonl` / `.json` / `.parquet` file in TRL's preference formats;
     raw text needs a tokenizer (by default the model's own). Outputs go under `config.output_dir`:
     `metrics.jsonl`, checkpoints, `final/` (with its model card, README.md), `beta_ledger.npz` and
-    plots. Every `checkpoint-N/` and `final/` loads with `AutoModelForCausalLM.from_pretrained`
-    (a sharded FSDP checkpoint excepted: see epsdpo.checkpoint).
+    plots; the final model's files are also in `output_dir` itself, as after TRL's script. `output_dir`,
+    every `checkpoint-N/` and `final/` load with `AutoModelForCausalLM.from_pretrained` (a sharded FSDP
+    checkpoint excepted: see epsdpo.checkpoint). `callbacks`: transformers' `TrainerCallback`s
+    (`epsdpo.callbacks`), run at transformers' events, whose `TrainerControl` flags the loop honours.
     """
 
     def __init__(
@@ -191,8 +195,6 @@ class Trainer:
             peft_config=peft_config, tokenizer=tokenizer, config=config))
         config, ref_model, train_dataset, eval_dataset, tokenizer = (
             given.config, given.ref_model, given.train_dataset, given.eval_dataset, given.tokenizer)
-        # transformers' TrainerCallback objects, in the order given
-        self.callbacks: list[Any] = given.callbacks
         # what the launcher (accelerate launch) asks for is part of the run's settings, recorded with them
         self.config = config = apply_launcher_settings(config, os.environ)
         _check_evaluation_has_data(config, eval_dataset)
@@ -223,10 +225,15 @@ class Trainer:
         self._setup_optimization()
         self.metrics = MetricsLog(self.output_dir, config.report_to, self.dist.is_main,
                                   config.to_dict())
+        # transformers' callback protocol; the run's own schedule is the first callback (epsdpo.callbacks)
+        self.callback_handler = CallbackHandler([ScheduleCallback(self.eval_store is not None), *given.callbacks],
+                                                self.model, self.tokenizer, self.optimizer, self.scheduler)
+        self.control = TrainerControl()
         # each resume: its step, checkpoint and the changes resume_allow_changes let through (checkpoints
         # and the model card carry them); the run's identity, computed at the first save or resume
         self.resumes: list[dict[str, Any]] = []
         self._identity: dict[str, Any] | None = None
+        self.control = self.callback_handler.on_init_end(config, self.state, self.control)
 
     # --------------------------------------------------------------------------------- setup
     def _setup_tokenizer(self, tokenizer: Any, model: Any) -> Any:
@@ -365,7 +372,15 @@ class Trainer:
         self.scheduler = get_scheduler(c.lr_scheduler_type, self.optimizer,
                                        num_warmup_steps=c.warmup_steps_for(total), num_training_steps=total,
                                        scheduler_specific_kwargs=c.lr_scheduler_kwargs)
-        self.state = TrainerState(max_steps=total, beta=self.kl.beta)
+        self.steps_per_epoch = steps_per_epoch
+        # transformers' TrainerState, filled as transformers' Trainer fills it (its interval fields are
+        # the steps this run's strategies act on, with transformers' defaults where they act on none)
+        self.state = TrainerState(
+            max_steps=total, num_train_epochs=math.ceil(total / steps_per_epoch), logging_steps=c.logging_steps,
+            eval_steps=c.eval_every() or c.logging_steps, save_steps=c.save_every() or 500,
+            train_batch_size=c.per_device_train_batch_size, is_world_process_zero=self.dist.is_main,
+            is_local_process_zero=self.dist.local_rank == 0)
+        self.state.beta = self.kl.beta
         self.stall_watch = StallWatch(c.beta)
 
     # ---------------------------------------------------------------------------- one step
@@ -380,11 +395,7 @@ class Trainer:
             reference_chosen, reference_rejected = seq.reference.chunk(2)
         else:
             reference_chosen, reference_rejected = lookup(precomputed, batch)
-        if self.config.check_epsilon > 0:
-            steps = kl_steps(pair_log_ratio(seq.policy.detach()), pair_log_ratio(seq.relaxed),
-                             pair_log_ratio(seq.tightened))
-        else:
-            steps = torch.zeros_like(policy_chosen, dtype=torch.long)
+        steps = self.method.pair_steps(seq)
         return PairLogps(policy_chosen, policy_rejected, reference_chosen, reference_rejected, steps)
 
     def _micro_batch(self, batch: Batch, sums: StepSums, *, train: bool) -> PairLosses:
@@ -392,10 +403,7 @@ class Trainer:
         training and evaluation)."""
         logps = self._score(batch, "train" if train else "eval")
         betas = self.method.beta_rule.pair_betas(batch["pair_ids"], logps, train=train)
-        losses, reward_chosen, reward_rejected = epsilon_dpo_loss(
-            logps.policy_chosen, logps.policy_rejected, logps.reference_chosen, logps.reference_rejected,
-            betas.betas, self.config.cdpo_smoothing,
-        )
+        losses, reward_chosen, reward_rejected = self.method.loss(logps, betas.betas, batch)
         sums.add(logps, betas.betas, losses, reward_chosen, reward_rejected, batch)
         return PairLosses(logps, betas, losses, reward_chosen, reward_rejected)
 
@@ -484,17 +492,37 @@ class Trainer:
             self.method.beta_rule.skip_step()
         self.stall_watch.after_step(step, grad_norm, global_pairs, self.kl.beta)
         metrics = sums.all_reduce(self.dist).metrics()
-        metrics.update({"grad_norm": grad_norm, "learning_rate": lr, "kl/beta": beta, "real_tokens": sums["real_tokens"]})
+        metrics.update({"grad_norm": grad_norm, "learning_rate": lr, "kl/beta": beta,
+                        "real_tokens": sums["real_tokens"], "pairs": global_pairs})
         if self.precision.scaler is not None:
             metrics.update({"loss_scale": self.precision.scaler.get_scale(), "skipped_step": float(not applied)})
         return metrics
 
     # ---------------------------------------------------------------------------- public API
+    @property
+    def callbacks(self) -> list[TrainerCallback]:
+        """The callbacks given and added, in order (the run's own schedule, `ScheduleCallback`, is not one)."""
+        return [cb for cb in self.callback_handler.callbacks if not isinstance(cb, ScheduleCallback)]
+
+    def add_callback(self, callback: TrainerCallback | type[TrainerCallback]) -> None:
+        """Add a callback (an instance, or a class to instantiate), as transformers' Trainer does."""
+        self.callback_handler.add_callback(callback)
+
+    def pop_callback(self, callback: TrainerCallback | type[TrainerCallback]) -> TrainerCallback | None:
+        """Remove a callback (an instance, or the first of a class) and return it; None if absent."""
+        return self.callback_handler.pop_callback(callback)
+
+    def remove_callback(self, callback: TrainerCallback | type[TrainerCallback]) -> None:
+        """Remove a callback (an instance, or the first of a class)."""
+        self.callback_handler.remove_callback(callback)
+
     def train(self, resume_from_checkpoint: str | Path | bool | None = None) -> TrainerState:
         """Train to `max_steps` (or `num_train_epochs`), logging, evaluating and saving on the way,
         evaluate once more at the end when there is eval data (unless the last step just was, or
-        eval_strategy is no), then
-        write `final/` with its model card, `beta_ledger.npz` and plots. `resume_from_checkpoint`: a
+        eval_strategy is no), log transformers' closing summary (train_runtime, train_loss, ...), then
+        write `final/` with its model card (and its files into output_dir itself), `trainer_state.json`,
+        `beta_ledger.npz` and plots. The callbacks are called at transformers' events throughout, and the
+        loop honours their TrainerControl flags (`epsdpo.callbacks`). `resume_from_checkpoint`: a
         checkpoint folder, or True for the newest in `output_dir`; the run then continues exactly. "auto":
         the newest complete checkpoint when there is one, else a fresh start — what a torchelastic restart
         (TORCHELASTIC_RESTART_COUNT > 0) does by itself. Under torchrun rank 0 chooses the checkpoint and
@@ -542,36 +570,48 @@ class Trainer:
                       "starting afresh", flush=True)
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+        # one list: a callback reads in state.log_history what has been logged, as it is logged
+        self.state.log_history = self.metrics.history
+        totals = RunTotals(self.state)
+        self.control = self.callback_handler.on_train_begin(c, self.state, self.control)
         progress = self._progress_bar()
-        last, evaluated = time.perf_counter(), None
+        last, evaluated, in_epoch = time.perf_counter(), None, False
         try:
             for batches, sampler_state, ends_epoch in self.feed.cycles(self.state.max_steps - self.state.global_step):
+                if not in_epoch:
+                    self.control = self.callback_handler.on_epoch_begin(c, self.state, self.control)
+                    in_epoch = True
+                self.control = self.callback_handler.on_step_begin(c, self.state, self.control)
                 metrics = self._train_step(batches)
                 self.state.global_step += 1
                 self.state.beta = self.kl.beta
                 step, now = self.state.global_step, time.perf_counter()
+                self.state.epoch = step / self.steps_per_epoch
+                self.state.num_input_tokens_seen += int(metrics["real_tokens"])
                 metrics["tokens_per_second"] = metrics.pop("real_tokens") / (now - last)
-                # logging_first_step logs step 1 whatever the strategy, as transformers' DefaultFlowCallback
-                if (step == 1 and c.logging_first_step) or c.logging_strategy != "no" and (
-                        step == self.state.max_steps or self._due(c.logging_strategy, c.logging_steps, step, ends_epoch)):
-                    self.metrics.log({"step": step, **metrics})
-                if self.eval_store is not None and self._due(c.eval_strategy, c.eval_every(), step, ends_epoch):
-                    self._evaluate_and_log(step)
+                totals.add_step(metrics.pop("pairs"), metrics["loss"])
+                # the schedule (ScheduleCallback) and the user's callbacks raise the flags acted on, after
+                # the step and again after its epoch ends, as in transformers' loop
+                self.control = self.callback_handler.on_step_end(c, self.state, self.control)
+                did_evaluate, saved = self._act_on_control(metrics, sampler_state)
+                if ends_epoch:
+                    self.control = self.callback_handler.on_epoch_end(c, self.state, self.control)
+                    in_epoch = False
+                    evaluated_at_epoch_end, saved_at_epoch_end = self._act_on_control(metrics, sampler_state)
+                    did_evaluate, saved = did_evaluate or evaluated_at_epoch_end, saved or saved_at_epoch_end
+                if did_evaluate:
                     evaluated = step
-                # An explicit steps/epoch strategy also saves the last step, as transformers'
-                # DefaultFlowCallback does at global_step == max_steps
-                last_save = c.save_strategy in ("steps", "epoch") and step == self.state.max_steps
-                saved = last_save or self._due(c.save_strategy, c.save_every(), step, ends_epoch)
-                if saved:
-                    save_run(self, sampler_state)
                 signum = stop.agreed(self.dist)
                 if signum is not None:
                     if not saved:
-                        save_run(self, sampler_state)
+                        self._save(sampler_state)
                     raise TrainingInterrupted(signum, step, self.output_dir / f"{PREFIX}{step}")
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", beta=f"{self.kl.beta:.5f}")
+                agree_across_ranks(self.control, self.dist)  # an on_evaluate or on_save may have stopped the run
+                if self.control.should_training_stop:
+                    break
                 last = time.perf_counter()
         finally:
             if progress is not None:
@@ -581,26 +621,51 @@ class Trainer:
         if stop.signum is not None:
             warnings.warn("a stop signal came after the last optimizer step: the run's outputs are written as usual",
                           stacklevel=3)
-        self.state.log_history = self.metrics.history
+        self._log(totals.summary())  # train_runtime, train_loss, ... as transformers logs them
         state = full_model_state(self.model) if self.sharded else None  # every rank: a collective
         kl_states = gather_bytes(self.kl.state_dict()["state"], self.dist)  # every rank's ledger, for rank 0
         if self.dist.is_main:
             self._write_outputs(state, kl_states)
         barrier(self.dist)  # no rank leaves (and tears down its process group) while rank 0 writes
+        self.control = self.callback_handler.on_train_end(c, self.state, self.control)
         return self.state
 
-    @staticmethod
-    def _due(strategy: str | None, every: int | None, step: int, ends_epoch: bool) -> bool:
-        """Whether TRL's interval `strategy` (steps / epoch / no; None: by steps) acts after `step`."""
-        if strategy == "epoch":
-            return ends_epoch
-        return strategy != "no" and bool(every) and step % every == 0
+    def _act_on_control(self, metrics: dict[str, float], sampler_state: bytes) -> tuple[bool, bool]:
+        """Log, evaluate and save as the control flags say (raised on one rank: on all), in transformers'
+        order; whether it evaluated and whether it saved. Each event lowers its flag."""
+        agree_across_ranks(self.control, self.dist)
+        evaluate, save = self.control.should_evaluate, self.control.should_save
+        if self.control.should_log:
+            self._log(metrics)
+        if evaluate:
+            self._evaluate_and_log(self.state.global_step)
+        if save:
+            self._save(sampler_state)
+        return evaluate, save
+
+    def _log(self, logs: dict[str, float]) -> None:
+        """One record, as transformers' Trainer.log makes it: the values with the epoch and the training
+        tokens seen so far (`num_tokens`, TRL's name), then the step; then the callbacks' on_log."""
+        logs = {**logs, "epoch": self.state.epoch, "num_tokens": float(self.state.num_input_tokens_seen)}
+        self.metrics.log({"step": self.state.global_step, **logs})
+        self.control = self.callback_handler.on_log(self.config, self.state, self.control, logs)
+
+    def _save(self, sampler_state: bytes) -> None:
+        """A checkpoint of this step, then the callbacks' on_save."""
+        save_run(self, sampler_state)
+        self.control = self.callback_handler.on_save(self.config, self.state, self.control)
 
     def _evaluate_and_log(self, step: int) -> None:
-        """Evaluate (every rank), log the metrics, and print their main ones as one console line (rank
-        0): metrics.jsonl alone leaves an interactive run blind to its held-out numbers."""
+        """Evaluate (every rank), log the metrics, tell the callbacks (on_evaluate), keep the best metric,
+        and print the main metrics as one console line (rank 0): metrics.jsonl alone leaves an interactive
+        run blind to its held-out numbers."""
+        if self.eval_store is None:
+            raise ValueError(f"step {step}: a callback asked for an evaluation (control.should_evaluate), but no "
+                             "eval_dataset was given")
         metrics = self.evaluate()
-        self.metrics.log({"step": step, **metrics})
+        self._log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.config, self.state, self.control, metrics=metrics)
+        best_metric_improved(self.config, self.state, metrics)
         if self.dist.is_main:
             from tqdm.auto import tqdm
 
@@ -612,7 +677,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         return tqdm(total=self.state.max_steps, initial=self.state.global_step,
-                    desc="ε-DPO" if self.config.check_epsilon else "DPO", unit="step")
+                    desc=self.method.title, unit="step")
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -687,8 +752,10 @@ class Trainer:
     def _write_outputs(self, state: dict[str, Tensor] | None, kl_states: list[bytes]) -> None:
         """Rank 0, at the end of the run: the β ledger of every rank's pairs (`kl_states`: each
         rank's controller state; epsdpo.beta_ledger), the plots, then `final/` (the policy gathered
-        in `state` under FSDP) with its model card. The ledger and `final/` appear whole or not at
-        all (`epsdpo.staged`): final/ is complete, card included, before it is renamed into place."""
+        in `state` under FSDP) with its model card, and final/'s files in output_dir itself. The ledger and
+        `final/` appear whole or not at all (`epsdpo.staged`): final/ is complete, card included, before it
+        is renamed into place; the copy in output_dir has its config.json removed first and put back
+        last, so `from_pretrained(output_dir)` never loads a half-written model."""
         ledger = merged_ledger(kl_states)
         write_file(self.output_dir / "beta_ledger.npz", lambda path: replace_file(
             path, lambda handle: np.savez(handle, beta_history=self.kl.beta_history(), **ledger)))
@@ -702,4 +769,10 @@ class Trainer:
             write_run_card(self, staging)
 
         write_file(self.output_dir / "final", lambda folder: write_folder(folder, write_final))
+        # transformers' TrainerState of the finished run, where transformers' save_state() puts it
+        write_file(self.output_dir / TRAINER_STATE, lambda path: replace_file(
+            path, lambda handle: handle.write(json.dumps(dataclasses.asdict(self.state), indent=2, sort_keys=True)
+                                              .encode() + b"\n")))
+        # ... and its files at the root too, where TRL's script leaves the model: from_pretrained(output_dir)
+        write_file(self.output_dir, lambda root: publish_files(root / "final", root, MODEL_MARKERS))
         self.metrics.close()

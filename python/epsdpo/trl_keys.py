@@ -91,9 +91,6 @@ REFUSED: dict[str, Refused] = {
     "eval_use_gather_object": Refused(False, "evaluation gathers its sums, not Python objects"),
     "include_for_metrics": Refused([], "evaluation reports the DPO metrics only; compute_metrics is not supported"),
     "batch_eval_metrics": Refused(False, "evaluation reports the DPO metrics only; compute_metrics is not supported"),
-    "load_best_model_at_end": Refused(False, "save_strategy best is not supported; final/ is the last step's model"),
-    "metric_for_best_model": Refused(None, "save_strategy best is not supported; final/ is the last step's model"),
-    "greater_is_better": Refused(None, "save_strategy best is not supported; final/ is the last step's model"),
     # DPOConfig: checkpoints and the hub
     "save_on_each_node": Refused(False, "the main process writes checkpoints to one output_dir all nodes share"),
     "enable_jit_checkpoint": Refused(False, "checkpoints are written at save_steps and on SIGTERM (preemption) "

@@ -58,7 +58,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         "steps": trainer.state.global_step,
         "beta_start": float(trainer.kl.beta_history()[0]),
         "beta_end": trainer.kl.beta,
-        "final_loss": trainer.state.log_history[-1]["loss"],
+        "final_loss": [r for r in trainer.state.log_history if "loss" in r][-1]["loss"],
         "gold_score_before": statistics.mean(before),
         "gold_score_after": statistics.mean(after),
         "win_rate_after_vs_before": win_rate(after, before),
