@@ -19,6 +19,7 @@ from epsdpo._core import (
     PreferenceStore,
     StateError,
     StoreFileError,
+    Truncation,
     TruncationError,
     __version__,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "StoreFileError",
     "Trainer",
     "TrainConfig",
+    "Truncation",
     "TruncationError",
     "__version__",
     "batch_logps",
