@@ -253,7 +253,7 @@ def test_accelerate_launch_with_trls_multi_gpu_config_trains_on_two_cpu_ranks(tm
                         timeout=240)
     assert done.returncode == 0, done.stdout[-3000:]
     checkpoint = tmp_path / "out" / "checkpoint-2"
-    assert json.loads((checkpoint / "trainer_state.json").read_text())["world_size"] == 2
+    assert json.loads((checkpoint / "epsdpo_state.json").read_text())["world_size"] == 2
     assert json.loads((checkpoint / "training_config.json").read_text())["bf16"] is True  # multi_gpu.yaml's bf16
 
 
@@ -296,9 +296,9 @@ def test_two_nodes_train_and_resume_with_torchrun_nnodes_2(tmp_path):
     for node in run_nodes(two_nodes(cfg), tmp_path, timeout=240):
         assert node.returncode == 0, node.stdout[-3000:]
     out = tmp_path / "out"
-    assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["world_size"] == 2
+    assert json.loads((out / "checkpoint-2" / "epsdpo_state.json").read_text())["world_size"] == 2
     for node in run_nodes(two_nodes(cfg, "--max_steps", "3", "--resume"), tmp_path, timeout=240):
         assert node.returncode == 0, node.stdout[-3000:]
-    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    state = json.loads((out / "checkpoint-3" / "epsdpo_state.json").read_text())
     assert (state["global_step"], state["world_size"]) == (3, 2)
     assert [(r["step"], r["checkpoint"]) for r in state["resumes"]] == [(2, "checkpoint-2")]
