@@ -32,6 +32,7 @@ import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
+from epsdpo.config_fields import ConfigFieldError
 from epsdpo.methods import unused_method_fields
 
 if TYPE_CHECKING:
@@ -86,8 +87,9 @@ def check_allow_list(names: list[str]) -> None:
     for name in names:
         if ALIASES.get(name, name) not in CHANGEABLE_ON_RESUME:
             kind = "always free to change on resume" if name in FREE_ON_RESUME else "fixed by the checkpoint"
-            raise ValueError(f"resume_allow_changes={names!r} is invalid: {name!r} is {kind}; it may list "
-                             + ", ".join(CHANGEABLE_ON_RESUME + tuple(ALIASES)))
+            may_list = ", ".join(CHANGEABLE_ON_RESUME + tuple(ALIASES))
+            raise ConfigFieldError("resume_allow_changes", names, f"a list of {may_list}",
+                                   reason=f"{name!r} is {kind}; it may list {may_list}")
 
 
 def identity(config: TrainConfig, *, total_steps: int, world_size: int, train_data: str | None,
