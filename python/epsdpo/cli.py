@@ -394,8 +394,8 @@ def _resume_choice(args: argparse.Namespace, from_yaml: Any) -> bool | str | Non
         return None
     if from_yaml is True or isinstance(from_yaml, str) and from_yaml:
         return from_yaml
-    raise ValueError(f"resume_from_checkpoint={shown(from_yaml)} is invalid: must be a checkpoint path, auto or "
-                     "true (the newest checkpoint in output_dir)")
+    raise ConfigFieldError("resume_from_checkpoint", from_yaml,
+                           "a checkpoint path, auto or true (the newest checkpoint in output_dir)")
 
 
 def _is_main_process() -> bool:

@@ -2,6 +2,12 @@
 
 Names follow TRL's `DPOConfig` / `TrainingArguments` where the concept is the same, so a TRL user's
 YAML mostly carries over.
+
+Construction runs in order: `_normalise` (the spellings YAML, flags and TRL give become each field's
+own form), the type check, each field's own rule (declared with the field: `epsdpo.config_fields`,
+whose words end the field's help), then `CHECKS`, the named checks of a value's form and of several
+fields together, and last the aliases resolved (torch_dtype into dtype, padding_free into layout).
+Every refusal is a `ConfigFieldError` naming the field.
 """
 
 from __future__ import annotations
