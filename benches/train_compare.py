@@ -172,8 +172,7 @@ def _demo_store(spec: dict[str, Any]):
 
         source, what = demo_dataset("train"), "the epsdpo demo data (train split)"
     tokenizer = load_tokenizer(gguf)
-    store, _ = load_preferences(source, tokenizer, max_length=None, max_prompt_length=None, cache_dir=None,
-                                progress=False)
+    store, _ = load_preferences(source, tokenizer, cache_dir=None, progress=False)  # no truncation
     return store, f"{what}, chat template and tokenizer of SmolLM2-135M-Instruct"
 
 
@@ -233,7 +232,7 @@ def prepare_data(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
     budget = spec["max_tokens_per_batch"] or _same_pairs_budget(prompt + chosen, prompt + rejected, spec)
 
     steps_total = spec["warmup"] + spec["steps"]
-    collator = epsdpo.Collator("padded", max_length=max_length)
+    collator = epsdpo.Collator("padded", truncation=epsdpo.Truncation(max_length=max_length))
     lengths = collator.truncated_lengths(store)
     sampler = epsdpo.BatchSampler(lengths["prompt"] + lengths["chosen"], lengths["prompt"] + lengths["rejected"],
                                   spec["batch"], mode="shuffle", seed=spec["seed"])
@@ -832,7 +831,7 @@ def _padded_batches(spec: dict[str, Any], store, pad_id: int):
 
     order = np.load(spec["order"])
     n = spec["warmup"] + spec["steps"]
-    collator = epsdpo.Collator("padded", max_length=spec["max_length"], pad_token_id=pad_id)
+    collator = epsdpo.Collator("padded", truncation=epsdpo.Truncation(max_length=spec["max_length"]), pad_token_id=pad_id)
     return [collator(store, order[i * spec["batch"] : (i + 1) * spec["batch"]]) for i in range(n)]
 
 

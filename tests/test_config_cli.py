@@ -340,9 +340,9 @@ def test_prepare_takes_the_underscore_flags_and_the_dashed_ones(monkeypatch, cap
     (tmp_path / "pairs.jsonl").write_text("")
     out = str(tmp_path / "pairs.store")
     assert main(["prepare", str(tmp_path / "pairs.jsonl"), "--tokenizer", "tok", *flags, "--output", out]) == 0
-    assert seen == dict(data=str(tmp_path / "pairs.jsonl"), tokenizer="tokenizer of tok", max_length=64,
-                        max_prompt_length=32, max_completion_length=16, cache_dir="c", skip_invalid=True, saved=out,
-                        max_row_bytes=None, chat_template=None)
+    truncation = epsdpo.Truncation(max_length=64, max_prompt_length=32, max_completion_length=16)
+    assert seen == dict(data=str(tmp_path / "pairs.jsonl"), tokenizer="tokenizer of tok", truncation=truncation,
+                        cache_dir="c", skip_invalid=True, saved=out, max_row_bytes=None, chat_template=None)
     assert "a report" in capsys.readouterr().out
 
 

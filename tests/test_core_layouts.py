@@ -11,7 +11,7 @@ import epsdpo
 from layout_oracle import collate as oracle_collate
 from layout_oracle import truncate as oracle_truncate
 
-LAYOUTS = ["padded", "packed", "shared_prompt"]
+LAYOUTS = epsdpo._core.LAYOUTS
 ARRAYS = [
     "input_ids", "attention_mask", "position_ids", "completion_mask", "sequence_index",
     "segment_ids", "branch_ids", "logit_index", "target_ids", "target_sequence", "sequence_lengths",
@@ -48,11 +48,9 @@ def test_layouts_match_the_oracle(pairs, layout, max_length, max_prompt_length, 
     if not survivors:
         return
     indices = data.draw(st.lists(st.sampled_from(survivors), min_size=1, max_size=8))
-    collator = epsdpo.Collator(
-        layout, max_length=max_length, max_prompt_length=max_prompt_length,
-        max_completion_length=max_completion_length, prompt_truncation_mode=mode, pad_token_id=5,
-        pad_to_multiple_of=multiple,
-    )
+    truncation = epsdpo.Truncation(max_length=max_length, max_prompt_length=max_prompt_length,
+                                   max_completion_length=max_completion_length, prompt_truncation_mode=mode)
+    collator = epsdpo.Collator(layout, truncation=truncation, pad_token_id=5, pad_to_multiple_of=multiple)
     got = collator(store, np.array(indices, dtype=np.int64))
     want = oracle_collate([pairs[i] for i in indices], layout, max_length, max_prompt_length, mode, pad=5, multiple=multiple,
                           max_completion_length=max_completion_length)
@@ -63,13 +61,70 @@ def test_layouts_match_the_oracle(pairs, layout, max_length, max_prompt_length, 
     np.testing.assert_array_equal(got["pair_indices"], indices)
 
 
+def row_segments(batch):
+    """Each row's attention segments in order of appearance (padding left out)."""
+    rows = []
+    for row in batch["segment_ids"]:
+        real = row[row >= 0]
+        rows.append([int(g) for k, g in enumerate(real) if k == 0 or g != real[k - 1]])
+    return rows
+
+
+@settings(max_examples=80, deadline=None)
+@given(pairs=pairs_st, layout=st.sampled_from(LAYOUTS), multiple=st.integers(1, 4), data=st.data())
+def test_each_layout_says_what_its_batches_are(pairs, layout, multiple, data):
+    """The collator states what a layout means (the model side reads these, never the layout's name),
+    and every batch it builds bears each statement out."""
+    store = make_store(pairs)
+    survivors = [i for i, (_, c, r) in enumerate(pairs) if c != r]
+    if not survivors:
+        return
+    indices = data.draw(st.lists(st.sampled_from(survivors), min_size=1, max_size=8))
+    collator = epsdpo.Collator(layout, pad_to_multiple_of=multiple)
+    batch = collator(store, indices)
+    sequences, segments = batch["num_sequences"], row_segments(batch)
+    assert batch["branched"] is collator.branched and batch["right_padded"] is collator.right_padded
+    # branched: some token sits on an answer branch exactly when the layout says so
+    assert bool((batch["branch_ids"] != 0).any()) == collator.branched
+    if collator.right_padded:  # one sequence per row, its tokens first, then padding only
+        assert len(batch["input_ids"]) == sequences and all(len(s) == 1 for s in segments)
+        for row, mask in zip(batch["segment_ids"], batch["attention_mask"]):
+            real = int(mask.sum())
+            assert (row[:real] >= 0).all() and (row[real:] < 0).all()
+    if collator.packs_rows:
+        # rows end to end, up to the longest sequence: at least as few rows as one per sequence
+        assert len(batch["input_ids"]) <= sequences
+        assert sum(len(s) for s in segments) == sequences
+        longest = int(batch["sequence_lengths"].max())
+        if sequences >= 2 and int(batch["sequence_lengths"].min()) * 2 <= longest:
+            assert any(len(s) > 1 for s in segments), "the two shortest sequences fit one row yet were not packed"
+    else:
+        assert all(len(s) <= 1 for s in segments)  # at most one segment per row: nothing packed
+
+
+def test_one_list_of_layout_names():
+    """Config, CLI and data report take the collator's list; each name builds a collator."""
+    import typing
+
+    from epsdpo.cli import build_parser
+    from epsdpo.config import Layout
+    from epsdpo.data.stats import LAYOUTS as report_layouts
+
+    assert typing.get_args(Layout) == LAYOUTS == report_layouts
+    assert [epsdpo.Collator(name).layout for name in LAYOUTS] == list(LAYOUTS)
+    demo = build_parser()._subparsers._group_actions[0].choices["demo"]
+    (layout_option,) = [a for a in demo._actions if a.dest == "layout"]
+    assert tuple(layout_option.choices) == LAYOUTS
+
+
 @settings(max_examples=60, deadline=None)
 @given(pairs=pairs_st, max_length=st.none() | st.integers(6, 30), max_prompt_length=st.none() | st.integers(1, 5),
        max_completion_length=st.none() | st.integers(1, 16))
 def test_truncated_lengths_match_the_oracle(pairs, max_length, max_prompt_length, max_completion_length):
     store = make_store(pairs)
-    lengths = epsdpo.Collator(max_length=max_length, max_prompt_length=max_prompt_length,
-                              max_completion_length=max_completion_length).truncated_lengths(store)
+    truncation = epsdpo.Truncation(max_length=max_length, max_prompt_length=max_prompt_length,
+                                   max_completion_length=max_completion_length)
+    lengths = epsdpo.Collator(truncation=truncation).truncated_lengths(store)
     empty, identical = [], []
     for i, p in enumerate(pairs):
         t = oracle_truncate(*p, max_length, max_prompt_length, max_completion_length=max_completion_length)
@@ -86,9 +141,9 @@ def test_truncated_lengths_match_the_oracle(pairs, max_length, max_prompt_length
 def test_emptied_completion_raises_or_is_skipped():
     store = make_store([([1, 2, 3, 4], [5], [6]), ([1], [2], [3])])
     with pytest.raises(epsdpo.TruncationError) as info:
-        epsdpo.Collator(max_length=4)(store, [1, 0])
+        epsdpo.Collator(truncation=epsdpo.Truncation(max_length=4))(store, [1, 0])
     assert info.value.pair_index == 0 and isinstance(info.value, ValueError)
-    batch = epsdpo.Collator(max_length=4, skip_empty=True)(store, [1, 0])
+    batch = epsdpo.Collator(truncation=epsdpo.Truncation(max_length=4), skip_empty=True)(store, [1, 0])
     assert batch["pair_indices"].tolist() == [1] and batch["skipped"].tolist() == [0]
 
 
@@ -106,9 +161,9 @@ def test_bad_collator_settings_are_rejected():
     with pytest.raises(ValueError, match="layout"):
         epsdpo.Collator("ragged")
     with pytest.raises(epsdpo.ConfigError, match="max_prompt_length"):
-        epsdpo.Collator(max_length=8, max_prompt_length=8)
+        epsdpo.Truncation(max_length=8, max_prompt_length=8)
     with pytest.raises(epsdpo.ConfigError, match="max_completion_length"):
-        epsdpo.Collator(max_completion_length=0)
+        epsdpo.Truncation(max_completion_length=0)
     with pytest.raises(epsdpo.ConfigError):
         epsdpo.Collator(pad_to_multiple_of=0)
     store = make_store([([1], [2], [3])])
@@ -137,16 +192,56 @@ def test_the_prompt_cut_has_train_configs_name():
 
     store = make_store([([1, 2, 3, 4], [5], [6])])
     for mode, kept in (("keep_start", [1, 2]), ("keep_end", [3, 4])):
-        collator = epsdpo.Collator(max_prompt_length=2, prompt_truncation_mode=mode)
-        assert collator.prompt_truncation_mode == mode and f'prompt_truncation_mode="{mode}"' in repr(collator)
+        collator = epsdpo.Collator(truncation=epsdpo.Truncation(max_prompt_length=2, prompt_truncation_mode=mode))
+        assert collator.truncation.prompt_truncation_mode == mode and f'prompt_truncation_mode="{mode}"' in repr(collator)
         assert collator(store, [0])["input_ids"][0][:2].tolist() == kept
         from_config = make_collator(TrainConfig(max_length=None, max_prompt_length=2, prompt_truncation_mode=mode), None)
-        assert from_config.prompt_truncation_mode == mode
-    assert not hasattr(epsdpo.Collator(), "truncation_mode")
+        assert from_config.truncation.prompt_truncation_mode == mode
+    assert not hasattr(epsdpo.Truncation(), "truncation_mode")
     with pytest.raises(TypeError, match="truncation_mode"):
-        epsdpo.Collator(truncation_mode="keep_start")
+        epsdpo.Truncation(truncation_mode="keep_start")
     with pytest.raises(epsdpo.ConfigError, match="^prompt_truncation_mode must be"):
-        epsdpo.Collator(prompt_truncation_mode="middle")
+        epsdpo.Truncation(prompt_truncation_mode="middle")
     for function in (epsdpo.load_preferences, compute_stats):
         parameters = inspect.signature(function).parameters
-        assert "prompt_truncation_mode" in parameters and "truncation_mode" not in parameters
+        assert "truncation" in parameters and "truncation_mode" not in parameters
+
+
+def _compared_layout_names(source: str) -> list[int]:
+    """Lines of `x == "packed"`-like comparisons (==, !=, in, not in, ...) of a layout name, and of any
+    comparison of a name or attribute called `layout`."""
+    import ast
+
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Compare):
+            continue
+        operands = [node.left, *node.comparators]
+        constants = [o for o in operands if isinstance(o, ast.Constant)]
+        constants += [e for o in operands if isinstance(o, (ast.Tuple, ast.List, ast.Set)) for e in o.elts
+                      if isinstance(e, ast.Constant)]
+        named = any(isinstance(o, ast.Attribute) and o.attr == "layout" or isinstance(o, ast.Name) and o.id == "layout"
+                    for o in operands)
+        if named or any(c.value in LAYOUTS for c in constants):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_no_layout_name_is_compared_outside_the_config():
+    """The collator's properties say what a layout means; only the config (which maps padding_free to a
+    layout) may spell a name in a comparison, and the Rust registry, which is not Python."""
+    from pathlib import Path
+
+    package = Path(epsdpo.__file__).parent
+    found = [f"{path.relative_to(package)}:{line}" for path in sorted(package.rglob("*.py"))
+             if path.name != "config.py" for line in _compared_layout_names(path.read_text(encoding="utf-8"))]
+    assert found == []
+
+
+def test_the_layout_name_check_finds_each_kind_of_comparison():
+    source = ('def f(config, layout, name):\n'
+              '    a = config.layout == "shared_prompt"\n'
+              '    b = name in ("packed", "x")\n'
+              '    c = layout != name\n'
+              '    d = name == "dpo"\n')
+    assert _compared_layout_names(source) == [2, 3, 4]

@@ -460,9 +460,10 @@ def test_cache_invalidation(tok: Any, tmp_path: Path) -> None:
         "data": lambda: load(datasets.Dataset.from_list(changed), tok, cache_dir=tmp_path),
         "tokenizer": lambda: load(ds, other_tok, cache_dir=tmp_path),
         "chat template": lambda: load(ds, tok, cache_dir=tmp_path, chat_template=TEMPLATE_EOS),
-        "max_length": lambda: load(ds, tok, cache_dir=tmp_path, max_length=64),
-        "max_prompt_length": lambda: load(ds, tok, cache_dir=tmp_path, max_prompt_length=16),
-        "prompt_truncation_mode": lambda: load(ds, tok, cache_dir=tmp_path, prompt_truncation_mode="keep_start"),
+        "max_length": lambda: load(ds, tok, cache_dir=tmp_path, truncation=epsdpo.Truncation(max_length=64)),
+        "max_prompt_length": lambda: load(ds, tok, cache_dir=tmp_path, truncation=epsdpo.Truncation(max_prompt_length=16)),
+        "prompt_truncation_mode": lambda: load(ds, tok, cache_dir=tmp_path,
+                                               truncation=epsdpo.Truncation(prompt_truncation_mode="keep_start")),
     }
     seen = {base.fingerprint}
     for name, call in variants.items():
@@ -495,7 +496,7 @@ def test_damaged_cache_entry_is_rebuilt(tok: Any, tmp_path: Path) -> None:
 
 
 def test_report_statistics_match_the_store(tok: Any) -> None:
-    store, report = load(datasets.Dataset.from_list(conv_rows(20)), tok, max_length=48, max_prompt_length=24)
+    store, report = load(datasets.Dataset.from_list(conv_rows(20)), tok, truncation=epsdpo.Truncation(max_length=48, max_prompt_length=24))
     p, c, r = (x.astype(np.int64) for x in store.lengths())
     assert report.num_pairs == 20 and report.num_tokens == int(p.sum() + c.sum() + r.sum())
     assert report.lengths["prompt"]["p90"] == pytest.approx(np.percentile(p, 90))
@@ -513,12 +514,12 @@ def test_report_counts_pairs_left_identical_by_truncation(tok: Any, tmp_path: Pa
             {"prompt": "hello", "chosen": " hello world", "rejected": " the world is big"}]
     store, whole = load(datasets.Dataset.from_list(rows), tok)
     assert whole.identical_after_truncation == 0
-    _, cut = load(datasets.Dataset.from_list(rows), tok, max_completion_length=3, cache_dir=tmp_path)
+    _, cut = load(datasets.Dataset.from_list(rows), tok, truncation=epsdpo.Truncation(max_completion_length=3), cache_dir=tmp_path)
     chosen, rejected = store[0][1], store[0][2]
     assert chosen[:3].tolist() == rejected[:3].tolist() and chosen.tolist() != rejected.tolist()
     assert cut.identical_after_truncation == 1
     assert "chosen identical to rejected (dropped): 1" in str(cut)
-    again = load(datasets.Dataset.from_list(rows), tok, max_completion_length=3, cache_dir=tmp_path)[1]
+    again = load(datasets.Dataset.from_list(rows), tok, truncation=epsdpo.Truncation(max_completion_length=3), cache_dir=tmp_path)[1]
     assert again.cache_hit and again.identical_after_truncation == 1  # the cached report keeps the count
 
 

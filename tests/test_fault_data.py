@@ -84,9 +84,9 @@ BIG = 2**40  # in range for the native ints, far above every limit
 
 BINDING_CASES: dict[str, tuple[Callable[[], Any], type[BaseException], tuple[str, ...]]] = {
     "collator capacity above the row limit": (lambda: epsdpo.Collator("packed", capacity=BIG), epsdpo.ConfigError, ("capacity", str(BIG))),
-    "collator max_length above the row limit": (lambda: epsdpo.Collator(max_length=BIG), epsdpo.ConfigError, ("max_length", str(BIG))),
-    "collator max_prompt_length above the row limit": (lambda: epsdpo.Collator(max_prompt_length=BIG), epsdpo.ConfigError, ("max_prompt_length",)),
-    "collator max_completion_length above the row limit": (lambda: epsdpo.Collator(max_completion_length=BIG), epsdpo.ConfigError, ("max_completion_length",)),
+    "truncation max_length above the row limit": (lambda: epsdpo.Truncation(max_length=BIG), epsdpo.ConfigError, ("max_length", str(BIG))),
+    "truncation max_prompt_length above the row limit": (lambda: epsdpo.Truncation(max_prompt_length=BIG), epsdpo.ConfigError, ("max_prompt_length",)),
+    "truncation max_completion_length above the row limit": (lambda: epsdpo.Truncation(max_completion_length=BIG), epsdpo.ConfigError, ("max_completion_length",)),
     "collator negative pad_to_multiple_of": (lambda: epsdpo.Collator(pad_to_multiple_of=-1), epsdpo.ConfigError, ("pad_to_multiple_of", "-1")),
     "collator zero pad_to_multiple_of": (lambda: epsdpo.Collator(pad_to_multiple_of=0), epsdpo.ConfigError, ("pad_to_multiple_of",)),
     "collator negative capacity": (lambda: epsdpo.Collator("packed", capacity=-3), epsdpo.ConfigError, ("capacity", "-3")),
@@ -412,10 +412,10 @@ def test_an_oversize_row_is_a_named_skippable_bad_row(kind: str, field: str, tok
     source = as_source(kind, tmp_path, rows)
     where = "Dataset" if kind == "dataset" else f"rows.{kind}"
     start = time.perf_counter()
-    err = expect(lambda: load_preferences(source, tok, max_length=64, cache_dir=None, progress=False), InvalidRowError,
+    err = expect(lambda: load_preferences(source, tok, truncation=epsdpo.Truncation(max_length=64), cache_dir=None, progress=False), InvalidRowError,
                  where, "row 1", "over the row limit of 1,048,576 (max_row_bytes")
     assert err.row == 1  # type: ignore[attr-defined]
-    store, report = load_preferences(source, tok, max_length=64, cache_dir=None, progress=False, skip_invalid=True)
+    store, report = load_preferences(source, tok, truncation=epsdpo.Truncation(max_length=64), cache_dir=None, progress=False, skip_invalid=True)
     assert report.skipped == {"row_too_large": 1} and store.ids().tolist() == [0, 2, 3]
     assert time.perf_counter() - start < 10  # before: the whole row went through the template and tokenizer
 
@@ -430,7 +430,7 @@ def test_an_oversize_jsonl_line_is_never_held_whole(tok: Any, tmp_path: Path) ->
     path.write_bytes(gzip.compress(b"\n".join([line(good_row(0)), big, line(good_row(2))]) + b"\n"))
     tracemalloc.start()
     try:
-        store, report = load_preferences(path, tok, max_length=64, cache_dir=None, progress=False, skip_invalid=True)
+        store, report = load_preferences(path, tok, truncation=epsdpo.Truncation(max_length=64), cache_dir=None, progress=False, skip_invalid=True)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -110,18 +110,22 @@ def test_store_calls(tmp_path_factory: Any, data: Any) -> None:
 @given(store=stores(), data=st.data())
 def test_collator_calls(store: epsdpo.PreferenceStore, data: Any) -> None:
     d = data.draw
-    kwargs = {
+    limits = {
         "max_length": d(st.one_of(st.none(), ints, junk)),
         "max_prompt_length": d(st.one_of(st.none(), ints, junk)),
         "max_completion_length": d(st.one_of(st.none(), ints, junk)),
         "prompt_truncation_mode": d(st.one_of(st.sampled_from(["keep_end", "keep_start"]), st.text(max_size=4))),
+    }
+    truncation = call(lambda: epsdpo.Truncation(**{k: v for k, v in limits.items() if d(st.booleans())}))
+    kwargs = {
+        "truncation": d(st.one_of(st.just(truncation), junk)),
         "pad_token_id": d(st.one_of(ints, junk)),
         "pad_to_multiple_of": d(st.one_of(small_pads, junk)),
         "capacity": d(st.one_of(st.none(), ints, junk)),
         "skip_empty": d(st.booleans()),
     }
     kwargs = {k: v for k, v in kwargs.items() if d(st.booleans())}
-    layout = d(st.one_of(st.sampled_from(["padded", "packed", "shared_prompt"]), st.text(max_size=4)))
+    layout = d(st.one_of(st.sampled_from(epsdpo._core.LAYOUTS), st.text(max_size=4)))
     collator = call(lambda: epsdpo.Collator(layout, **kwargs))
     if collator is None:
         return

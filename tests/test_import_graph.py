@@ -1,123 +1,122 @@
-"""No import circle in python/epsdpo: the graph of module-level imports, type-only ones (under
-`if TYPE_CHECKING:`) included, read from the sources with `ast`, has no cycle. A circle that only
-type checkers follow still ties two modules into one unit (neither can be read or changed alone),
-which is what checkpoints and the model card were with the Trainer."""
+"""No import circle: neither among the modules of `python/epsdpo` nor among those of `rust/core/src`.
+
+A circle makes a module impossible to read, test or change alone, and in Python it also makes the
+import order matter. The graphs are built from the sources, so a new edge is seen without running it:
+Python's from each module's top-level imports (those under `if TYPE_CHECKING:` too: a type-only
+import still ties the two modules' designs together; imports inside functions are deferred work and
+left out), Rust's from every `crate::` path.
+"""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "python" / "epsdpo"
+ROOT = Path(__file__).parents[1]
+PACKAGE = ROOT / "python" / "epsdpo"
+RUST_CORE = ROOT / "rust" / "core" / "src"
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _module_names() -> dict[str, Path]:
-    names = {}
-    for path in PACKAGE.rglob("*.py"):
-        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
-        if parts[-1] == "__init__":
-            parts.pop()
-        names[".".join(parts)] = path
-    return names
-
-
-def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
-           (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
-
-
-def _top_imports(body: list[ast.stmt]) -> list[ast.Import | ast.ImportFrom]:
-    """The imports a module runs when loaded, or names for type checkers: module level, inside
-    `if TYPE_CHECKING:` and inside try blocks; not those inside functions (run on call)."""
+def top_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    """The module's own import statements, those nested in module-level `if` / `try` included."""
     found: list[ast.Import | ast.ImportFrom] = []
-    for node in body:
+    pending: list[ast.stmt] = list(tree.body)
+    while pending:
+        node = pending.pop()
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             found.append(node)
-        elif isinstance(node, ast.If) and _is_type_checking(node.test):
-            found += _top_imports(node.body)
-        elif isinstance(node, ast.Try):
-            found += _top_imports(node.body + [s for h in node.handlers for s in h.body] + node.orelse)
+        elif isinstance(node, (ast.If, ast.Try)):
+            pending += [*node.body, *node.orelse, *getattr(node, "finalbody", []),
+                        *(s for h in getattr(node, "handlers", []) for s in h.body)]
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Module -> the epsdpo modules it imports (a name imported from a package counts as its module
-    when it is one, else as the package)."""
-    modules = _module_names()
-    graph: dict[str, set[str]] = {}
-    for name, path in modules.items():
-        targets = set()
-        for node in _top_imports(ast.parse(path.read_text(encoding="utf-8")).body):
+def python_graph() -> dict[str, set[str]]:
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {name: set() for name in files}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in top_level_imports(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
-                targets |= {alias.name for alias in node.names if alias.name in modules}
-                continue
-            base = node.module or ""
-            if node.level:  # relative: from the module's package, up level - 1
-                package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
-                base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
-            for alias in node.names:
-                full = f"{base}.{alias.name}"
-                targets |= {full} if full in modules else {base} if base in modules else set()
-        graph[name] = targets - {name}
+                targets = [alias.name for alias in node.names]
+            else:
+                base = node.module or ""
+                if node.level:  # a relative import: up from this module's package
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*anchor, *([base] if base else [])])
+                # `from pkg import sub` needs the submodule pkg.sub when there is one (pkg itself is
+                # imported first whatever a submodule does, so that is no edge); any other name, pkg
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names]
+            graph[name] |= {t for t in targets if t in files and t != name}
     return graph
 
 
-def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """The strongly connected components of more than one module (Tarjan's algorithm)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    found: list[list[str]] = []
-
-    def visit(node: str) -> None:
-        index[node] = low[node] = len(index)
-        stack.append(node)
-        for target in sorted(graph[node]):
-            if target not in index:
-                visit(target)
-                low[node] = min(low[node], low[target])
-            elif target in stack:
-                low[node] = min(low[node], index[target])
-        if low[node] == index[node]:
-            component = []
-            while True:
-                member = stack.pop()
-                component.append(member)
-                if member == node:
-                    break
-            if len(component) > 1:
-                found.append(sorted(component))
-
-    for node in sorted(graph):
-        if node not in index:
-            visit(node)
-    return found
+def rust_graph() -> dict[str, set[str]]:
+    files = {p.stem: p for p in RUST_CORE.glob("*.rs") if p.stem != "lib"}
+    graph: dict[str, set[str]] = {name: set() for name in files}
+    for name, path in files.items():
+        # `#[cfg(test)]` modules depend on their parent through `super::`, which is no edge
+        used = set(re.findall(r"\bcrate::(\w+)", path.read_text()))
+        graph[name] |= {u for u in used if u in files and u != name}
+    return graph
 
 
-def test_the_cycle_finder_finds_a_type_only_circle():
-    """The oracle itself: a graph with a circle through a type-only import is reported, one without is not."""
-    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
-    assert cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
-    source = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from epsdpo.trainer import Trainer\n"
-    assert [n.module for n in _top_imports(ast.parse(source).body)] == ["typing", "epsdpo.trainer"]
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One circle of `graph` as the list of its nodes (first repeated at the end), or None."""
+    state: dict[str, str] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = "done"
+        path.pop()
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
 
 
-def test_the_graph_sees_the_modules_and_their_imports():
-    graph = import_graph()
-    assert {"epsdpo.trainer", "epsdpo.config", "epsdpo.methods.base", "epsdpo.data"} <= set(graph)
-    assert {"epsdpo.config", "epsdpo.run_checkpoints", "epsdpo.model_card"} <= graph["epsdpo.trainer"]
+def test_find_cycle_finds_a_circle_and_only_a_circle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_the_graphs_see_the_imports_that_exist():
+    """A parser that saw nothing would find no circle: the edges it must see, it sees."""
+    python, rust = python_graph(), rust_graph()
+    assert "epsdpo.config" in python["epsdpo.feed"] and "epsdpo._core" not in python  # an extension, no source
+    assert "epsdpo.data.stats" in python["epsdpo.data.ingest"] and "epsdpo.data.cache" in python["epsdpo.data.ingest"]
+    assert {"truncate", "limits", "store", "error"} <= rust["collate"]
+
+
+def test_no_import_circle_in_the_python_package():
+    cycle = find_cycle(python_graph())
+    assert cycle is None, "import circle: " + " → ".join(cycle)
 
 
 def test_no_module_imports_the_trainer_back():
-    """Checkpoints, the run identity and the model card take named parts (RunParts, RunFacts); only
-    the package's own export list names the Trainer."""
-    graph = import_graph()
+    """Checkpoints, the run identity and the model card take named parts of the run (RunParts,
+    RunFacts); only the package's own export list names the Trainer."""
+    graph = python_graph()
     assert sorted(name for name, targets in graph.items() if "epsdpo.trainer" in targets) == ["epsdpo"]
 
 
 def test_the_settings_methods_read_are_config_fields():
-    """MethodSettings stands in for TrainConfig in the methods: every setting it lists is a field of
-    the config, with the same type."""
+    """MethodSettings stands in for TrainConfig in the methods (which the config imports): every
+    setting it lists is a field of the config, of the same type."""
     import dataclasses
     import typing
 
@@ -132,5 +131,6 @@ def test_the_settings_methods_read_are_config_fields():
         assert kind == fields[name] or (name == "method" and typing.get_origin(fields[name]) is typing.Literal), name
 
 
-def test_python_epsdpo_has_no_import_circle():
-    assert cycles(import_graph()) == []
+def test_no_module_circle_in_the_rust_core():
+    cycle = find_cycle(rust_graph())
+    assert cycle is None, "module circle in rust/core/src: " + " → ".join(cycle)

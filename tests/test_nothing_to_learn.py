@@ -93,10 +93,10 @@ def test_identical_pairs_are_counted_warned_about_and_never_fed(tmp_path):
 def test_the_data_report_counts_identical_pairs_after_truncation():
     store = store_of([SAME_AFTER_CUT, SAME_AS_STORED, ([5], [7, 8], [9])])
     assert compute_stats(store).identical_after_truncation == 1
-    report = compute_stats(store, max_completion_length=2)
+    report = compute_stats(store, truncation=epsdpo.Truncation(max_completion_length=2))
     assert report.identical_after_truncation == 2
     assert "chosen identical to rejected (dropped): 2" in str(report)
-    lengths = epsdpo.Collator(max_completion_length=2).truncated_lengths(store)
+    lengths = epsdpo.Collator(truncation=epsdpo.Truncation(max_completion_length=2)).truncated_lengths(store)
     assert lengths["identical"].tolist() == [0, 1]
 
 

@@ -33,10 +33,10 @@ def perturb_adapters(model, seed=1):
 
 
 def batch(layout="packed"):
-    from epsdpo import Collator
+    from epsdpo import Collator, Truncation
 
     store = toy_store(6, seed=2)
-    return Collator(layout, max_length=32)(store, list(range(len(store))))
+    return Collator(layout, truncation=Truncation(max_length=32))(store, list(range(len(store))))
 
 
 @pytest.mark.parametrize("head", [False, True], ids=["split_head", "adapted_head_full_logits"])

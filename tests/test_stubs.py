@@ -91,6 +91,15 @@ def stub_literal(alias):
     return {e.value for e in (values.elts if isinstance(values, ast.Tuple) else [values])}
 
 
+def test_the_layout_list_is_the_stubs_and_the_configs():
+    """One list of layout names: the extension's, which the stub's Literal and the config's spell out."""
+    import typing
+
+    from epsdpo.config import Layout
+
+    assert list(core.LAYOUTS) == [*typing.get_args(Layout)] and set(core.LAYOUTS) == stub_literal("Layout")
+
+
 def test_collator_returns_the_batch_typeddict():
     tree = ast.parse(STUB.read_text())
     (collator,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Collator"]
@@ -106,7 +115,7 @@ def test_collated_batch_matches_the_batch_typeddict(layout):
     store.add_pair([1] * 8, [2], [3])  # its prompt fills max_length: skipped
     store.add_pair([5, 6], list(range(20, 30)), [7])  # chosen answer truncated
     store.add_pair([5, 6], [7, 8], [7, 8])  # chosen identical to rejected: dropped
-    collator = core.Collator(layout, max_length=8, skip_empty=True, pad_to_multiple_of=4)
+    collator = core.Collator(layout, truncation=core.Truncation(max_length=8), skip_empty=True, pad_to_multiple_of=4)
     batch = collator(store, [0, 2, 4, 3, 1])
     # no key is trivially empty
     assert len(batch["skipped"]) == 1 and len(batch["identical"]) == 1 and batch["num_truncated"] == 1
@@ -127,6 +136,8 @@ def test_collated_batch_matches_the_batch_typeddict(layout):
                 assert sizes.setdefault(symbol, n) == n, f"{key}: {symbol} = {n}, elsewhere {sizes[symbol]}"
         elif annotation == "int":
             assert type(value) is int, f"{key}: {type(value).__name__} vs stub int"
+        elif annotation == "bool":
+            assert value is getattr(collator, key), f"{key}: the batch says {value}, its collator otherwise"
         elif annotation == "Layout":
             assert value == layout and value in stub_literal("Layout"), key
         else:

@@ -249,3 +249,32 @@ def test_sync_ref_model_is_tr_dpo_in_trls_spelling(tmp_path):
     synced = run(tmp_path / "b", method="dpo", sync_ref_model=True, **knobs)
     np.testing.assert_array_equal(series(synced, "loss"), series(tr_dpo, "loss"))
     assert abs(series(synced, "loss")[2] - series(run(tmp_path / "c", method="dpo", max_steps=3), "loss")[2]) > 1e-6
+
+
+def collate_threads():
+    import threading
+
+    from epsdpo.feed import COLLATE_THREAD
+
+    return [t.name for t in threading.enumerate() if t.name.startswith(COLLATE_THREAD)]
+
+
+def test_the_collating_thread_ends_with_the_run_whether_it_finishes_or_fails(tmp_path, monkeypatch):
+    """CycleFeed's worker thread is shut down when training returns and when it raises mid-cycle
+    (while the next cycle is being collated), so a process that trains many times keeps no threads."""
+    assert collate_threads() == []
+    trainer = run(tmp_path / "done", max_steps=2, per_device_train_batch_size=4)
+    assert trainer.state.global_step == 2 and collate_threads() == []
+
+    trainer = Trainer(tiny_llama(0), config(tmp_path / "fails", max_steps=4, per_device_train_batch_size=4), toy_store())
+    steps = []
+
+    def step_that_fails(batches):
+        steps.append(len(batches))
+        raise RuntimeError("injected: the training step failed")
+
+    monkeypatch.setattr(trainer, "_train_step", step_that_fails)
+    with pytest.raises(RuntimeError, match="injected"):
+        trainer.train()
+    assert steps == [1]  # it failed with the second cycle handed to the collating thread
+    assert collate_threads() == []

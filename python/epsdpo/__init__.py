@@ -19,6 +19,7 @@ from epsdpo._core import (
     PreferenceStore,
     StateError,
     StoreFileError,
+    Truncation,
     TruncationError,
     __version__,
 )
@@ -80,6 +81,7 @@ __all__ = [
     "StoreFileError",
     "Trainer",
     "TrainConfig",
+    "Truncation",
     "TruncationError",
     "UnknownConfigKeysError",
     "__version__",

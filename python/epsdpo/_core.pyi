@@ -11,6 +11,8 @@ __version__: str
 
 IntArray = npt.NDArray[np.integer[Any]]
 Layout = Literal["padded", "packed", "shared_prompt"]
+LAYOUTS: tuple[Layout, ...]
+"""Every batch layout's name, in the order users see them: the one list the config and the CLI read."""
 
 class EpsdpoError(ValueError):
     """Base class of every epsdpo data-path error."""
@@ -151,6 +153,34 @@ class Batch(TypedDict):
     """``[2B]`` prompt + completion length of each sequence after truncation."""
     layout: Layout
     """The layout that produced the batch."""
+    branched: bool
+    """Its rows hold a prompt with two answer branches (``branch_ids`` != 0): see ``Collator.branched``."""
+    right_padded: bool
+    """Each row is one sequence then padding: see ``Collator.right_padded``."""
+
+class Truncation:
+    """How pairs are cut to length, as one frozen value checked when built: ``max_length`` (prompt +
+    one completion), ``max_prompt_length``, ``max_completion_length`` (each None for no limit) and
+    which end of a long prompt survives. ``TrainConfig.truncation`` builds a run's."""
+
+    def __init__(
+        self,
+        *,
+        max_length: int | None = None,
+        max_prompt_length: int | None = None,
+        max_completion_length: int | None = None,
+        prompt_truncation_mode: Literal["keep_end", "keep_start"] = "keep_end",
+    ) -> None: ...
+    @property
+    def max_length(self) -> int | None: ...
+    @property
+    def max_prompt_length(self) -> int | None: ...
+    @property
+    def max_completion_length(self) -> int | None: ...
+    @property
+    def prompt_truncation_mode(self) -> Literal["keep_end", "keep_start"]: ...
+    def __eq__(self, other: object) -> bool: ...
+    def __hash__(self) -> int: ...
 
 class Collator:
     """Turns pair indices into one batch layout: a dict of numpy arrays."""
@@ -159,10 +189,7 @@ class Collator:
         self,
         layout: Layout = "padded",
         *,
-        max_length: int | None = None,
-        max_prompt_length: int | None = None,
-        max_completion_length: int | None = None,
-        prompt_truncation_mode: Literal["keep_end", "keep_start"] = "keep_end",
+        truncation: Truncation | None = None,
         pad_token_id: int = 0,
         pad_to_multiple_of: int = 1,
         capacity: int | None = None,
@@ -173,13 +200,17 @@ class Collator:
     @property
     def layout(self) -> Layout: ...
     @property
-    def max_length(self) -> int | None: ...
+    def branched(self) -> bool:
+        """Rows hold a prompt with two answer branches, the rejected one blind to the chosen one:
+        neither a causal mask nor varlen boundaries express that."""
     @property
-    def max_prompt_length(self) -> int | None: ...
+    def right_padded(self) -> bool:
+        """Every row is one sequence then padding: causal attention over whole rows is exact."""
     @property
-    def max_completion_length(self) -> int | None: ...
+    def packs_rows(self) -> bool:
+        """Rows hold several sequences end to end: a token budget counts tokens, not padded cells."""
     @property
-    def prompt_truncation_mode(self) -> Literal["keep_end", "keep_start"]: ...
+    def truncation(self) -> Truncation: ...
     @property
     def pad_token_id(self) -> int: ...
     @property

@@ -495,6 +495,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from epsdpo._core import Truncation
     from epsdpo.config import MAX_INT
     from epsdpo.data import DataSourceError, InvalidRowError, load_preferences
     from epsdpo.data.cache import DEFAULT, resolve_cache_dir
@@ -512,9 +513,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     try:
         chat_template = None if args.chat_template_path is None else read_chat_template(args.chat_template_path)
         tokenizer = load_tokenizer(args.tokenizer)
+        truncation = Truncation(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                                max_completion_length=args.max_completion_length)
         store, report = load_preferences(
-            _load_data(args.data, args.split, args.dataset_config), tokenizer, max_length=args.max_length,
-            max_prompt_length=args.max_prompt_length, max_completion_length=args.max_completion_length,
+            _load_data(args.data, args.split, args.dataset_config), tokenizer, truncation=truncation,
             cache_dir=cache_dir, skip_invalid=args.skip_invalid, max_row_bytes=args.max_row_bytes,
             chat_template=chat_template,
         )
@@ -576,6 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     _option(prepare, "output", help="also save the store to this file (train on it with train_data: FILE.store)")
     prepare.set_defaults(func=cmd_prepare, parser=prepare)
 
+    from epsdpo._core import LAYOUTS
     from epsdpo.recipes.demo_options import FIXED_SETTINGS, DemoOptions
 
     shown_default = DemoOptions()
@@ -595,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_option("learning_rate", "peak learning rate of the cosine schedule", type=float)
     demo_option("beta", "initial KL penalty β", type=float)
     demo_option("epsilon", "ε-DPO step size ε", type=float)
-    demo_option("layout", "batch layout", choices=["padded", "packed", "shared_prompt"])
+    demo_option("layout", "batch layout", choices=LAYOUTS)
     demo_option("eval_prompts", "held-out prompts scored before and after training", type=int)
     demo_option("max_new_tokens", "longest answer generated per held-out prompt, in tokens", type=int)
     demo_option("threads", "torch CPU threads; None: torch's choice", type=int)

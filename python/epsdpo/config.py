@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from epsdpo._core import LAYOUTS, Truncation
 from epsdpo.config_fields import ConfigFieldError, UnknownConfigKeysError, check_allowed, integer, number, one_of, rule_of
 from epsdpo.methods import METHOD_NAMES, method_class
 from epsdpo.safe_yaml import load_config_yaml, shown
@@ -36,8 +37,8 @@ MIN_BETA = 1e-6
 
 # The methods of epsdpo.methods' registry: adding one there adds it here
 MethodName = Literal[METHOD_NAMES]  # type: ignore[valid-type]
-Layout = Literal["padded", "packed", "shared_prompt"]
-LAYOUTS: tuple[str, ...] = typing.get_args(Layout)  # the batch layouts of the Rust collator
+# The Rust collator's layouts (epsdpo._core.LAYOUTS): adding one there adds it here
+Layout = Literal[LAYOUTS]  # type: ignore[valid-type]
 
 # The largest value of any integer field (and of the step and epoch counts given as floats): the Rust core
 # and torch hold these as 32- or 64-bit integers, so a larger one would fail deep inside them, unnamed.
@@ -544,6 +545,14 @@ class TrainConfig:
         if self.save_strategy == "steps":
             return self.save_steps or 500  # TRL's default save_steps
         return self.save_steps if self.save_strategy is None else None
+
+    @property
+    def truncation(self) -> Truncation:
+        """The four truncation settings as the one value the data path and the collator take: built
+        here, passed whole, so that a truncation field is named in this file and the Rust core only."""
+        return Truncation(max_length=self.max_length, max_prompt_length=self.max_prompt_length,
+                          max_completion_length=self.max_completion_length,
+                          prompt_truncation_mode=self.prompt_truncation_mode)
 
     def model_load_kwargs(self) -> dict[str, Any]:
         """from_pretrained's keyword arguments for a model given as a path: TRL's ModelConfig fields, then

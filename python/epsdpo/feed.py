@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import nn
 
-from epsdpo._core import BatchSampler, Collator, PreferenceStore, TruncationError
+from epsdpo._core import BatchSampler, Collator, PreferenceStore, Truncation, TruncationError
 from epsdpo.config import TrainConfig
 from epsdpo.distributed import DistInfo
 
@@ -26,8 +26,7 @@ if TYPE_CHECKING:
 def make_collator(config: TrainConfig, tokenizer: Any) -> Collator:
     pad = getattr(tokenizer, "pad_token_id", None)
     return Collator(
-        config.layout, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-        max_completion_length=config.max_completion_length, prompt_truncation_mode=config.prompt_truncation_mode, pad_token_id=pad if pad is not None else 0,
+        config.layout, truncation=config.truncation, pad_token_id=pad if pad is not None else 0,
         pad_to_multiple_of=config.pad_to_multiple_of, skip_empty=config.skip_invalid,
     )
 
@@ -56,8 +55,7 @@ def as_store(dataset: Any, config: TrainConfig, tokenizer: Any, collator: Collat
         from epsdpo.data.cache import DEFAULT
 
         store, _ = load_preferences(
-            dataset, tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-            max_completion_length=config.max_completion_length, prompt_truncation_mode=config.prompt_truncation_mode,
+            dataset, tokenizer, truncation=collator.truncation,
             cache_dir=DEFAULT if config.dataset_cache_dir is None else config.dataset_cache_dir,
             skip_invalid=config.skip_invalid, max_row_bytes=config.max_row_bytes, progress=progress,
         )
@@ -65,8 +63,7 @@ def as_store(dataset: Any, config: TrainConfig, tokenizer: Any, collator: Collat
         raise ValueError("the preference dataset is empty")
     lengths = collator.truncated_lengths(store)
     empty, identical = lengths["empty"], lengths["identical"]
-    limits = (f"max_length={config.max_length}, max_prompt_length={config.max_prompt_length}"
-              + (f", max_completion_length={config.max_completion_length}" if config.max_completion_length else ""))
+    limits = truncation_limits(collator.truncation)
     if len(empty) == len(store):
         raise ValueError(f"no pair can be trained on: every completion of all {len(store)} pairs is empty after "
                          f"truncation to {limits}")
@@ -94,6 +91,12 @@ def as_store(dataset: Any, config: TrainConfig, tokenizer: Any, collator: Collat
     return store, lengths
 
 
+def truncation_limits(truncation: Truncation) -> str:
+    """The length limits as messages name them (max_completion_length only when set)."""
+    return (f"max_length={truncation.max_length}, max_prompt_length={truncation.max_prompt_length}"
+            + (f", max_completion_length={truncation.max_completion_length}" if truncation.max_completion_length else ""))
+
+
 def check_vocabulary(store: PreferenceStore, model: nn.Module) -> None:
     """Every token id must index the model's embedding; a store tokenized for another vocabulary would
     otherwise fail deep inside the forward pass with a bare IndexError. The store's own bound settles
@@ -111,24 +114,43 @@ def check_vocabulary(store: PreferenceStore, model: nn.Module) -> None:
             )
 
 
-def make_sampler(config: TrainConfig, lengths: dict[str, Any], dist: DistInfo) -> BatchSampler:
+def make_sampler(config: TrainConfig, collator: Collator, lengths: dict[str, Any], dist: DistInfo) -> BatchSampler:
     chosen = lengths["prompt"] + lengths["chosen"]
     rejected = lengths["prompt"] + lengths["rejected"]
     if config.max_tokens_per_batch:
-        mode = dict(mode="token_budget", max_tokens=config.max_tokens_per_batch, padded=config.layout != "packed")
+        mode = dict(mode="token_budget", max_tokens=config.max_tokens_per_batch, padded=not collator.packs_rows)
     else:
         mode = dict(mode="length_grouped" if config.group_by_length else "shuffle")
     return BatchSampler(chosen, rejected, config.per_device_train_batch_size, seed=config.seed,
                         world_size=dist.world_size, rank=dist.rank, **mode)
 
 
+COLLATE_THREAD = "epsdpo-collate"  # the name prefix of CycleFeed's worker thread
+
+
 class CycleFeed:
     """Accumulation cycles of collated micro-batches, each with the sampler state after it (what a
-    checkpoint taken after that cycle must resume from) and whether it ends an epoch."""
+    checkpoint taken after that cycle must resume from) and whether it ends an epoch.
+
+    Its collating thread lives while `cycles` runs: the pool is started there and shut down when the
+    cycles run out, and `close()` (or leaving a `with` block) shuts it down when training stops early,
+    since an abandoned generator is only finalised whenever the garbage collector gets to it."""
 
     def __init__(self, store: PreferenceStore, collator: Collator, sampler: BatchSampler, accumulation: int) -> None:
         self.store, self.collator, self.sampler, self.accumulation = store, collator, sampler, accumulation
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epsdpo-collate")
+        self._pool: ThreadPoolExecutor | None = None
+
+    def close(self) -> None:
+        """Stop the collating thread (a cycle being collated for nobody is dropped); safe to repeat."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> CycleFeed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _take_cycle(self) -> tuple[list[np.ndarray], bool]:
         """The next cycle's pair indices, and whether it ends its epoch; a cycle never spans two epochs."""
@@ -149,18 +171,23 @@ class CycleFeed:
 
     def cycles(self, count: int) -> Iterator[tuple[list[Batch], bytes, bool]]:
         """`count` cycles; the next one is collated in the background while the caller trains on this one."""
-        def submit() -> tuple[Any, bytes, bool]:
-            cycle, ends_epoch = self._take_cycle()
-            return self._pool.submit(self._collate, cycle), self.sampler.state_dict()["state"], ends_epoch
-
         if count <= 0:
             return
-        pending, state, ends_epoch = submit()
-        for index in range(count):
-            batches, state_after, ended = pending.result(), state, ends_epoch
-            if index + 1 < count:
-                pending, state, ends_epoch = submit()
-            yield batches, state_after, ended
+        pool = self._pool = self._pool or ThreadPoolExecutor(max_workers=1, thread_name_prefix=COLLATE_THREAD)
+
+        def submit() -> tuple[Any, bytes, bool]:
+            cycle, ends_epoch = self._take_cycle()
+            return pool.submit(self._collate, cycle), self.sampler.state_dict()["state"], ends_epoch
+
+        try:
+            pending, state, ends_epoch = submit()
+            for index in range(count):
+                batches, state_after, ended = pending.result(), state, ends_epoch
+                if index + 1 < count:
+                    pending, state, ends_epoch = submit()
+                yield batches, state_after, ended
+        finally:
+            self.close()
 
 
 def filler_batch(collator: Collator, store: PreferenceStore) -> Batch:

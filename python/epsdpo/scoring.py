@@ -105,20 +105,19 @@ def _sliding_window(config: Any) -> int | None:
     return int(window)
 
 
-# What the Rust collator states about a batch beside its arrays: the layout and the varlen boundaries.
-# Reading them spares each forward pass the device-to-host syncs of working them out from the ids.
-_BATCH_FACTS = ("layout", "cu_seqlens", "max_seqlen")
+# What the Rust collator states about a batch beside its arrays: what its layout means and the varlen
+# boundaries. Reading them spares each forward pass the device-to-host syncs of working them out from the ids.
+_BATCH_FACTS = ("branched", "right_padded", "cu_seqlens", "max_seqlen")
 # Where `batch_logps` keeps the batch's flex block mask (a `BatchBlockMask`), so that the policy and the
 # reference forward share one build
 _BLOCK_MASK = "block_mask"
 
 
 def _layout_facts(tensors: Mapping[str, Any]) -> tuple[bool, bool]:
-    """(branched, right-padded): from the collator's stated layout, or, for a batch built elsewhere,
-    from its ids (two host syncs)."""
-    layout = tensors.get("layout")
-    if layout is not None:
-        return layout == "shared_prompt", layout == "padded"
+    """(branched, right-padded): as the collator states them, or, for a batch built elsewhere, from its
+    ids (two host syncs)."""
+    if "branched" in tensors and "right_padded" in tensors:
+        return bool(tensors["branched"]), bool(tensors["right_padded"])
     branched = bool((tensors["branch_ids"] != 0).any())
     return branched, not branched and _is_right_padded(tensors["segment_ids"])
 

@@ -332,7 +332,7 @@ class Trainer:
         for store in (self.train_store, self.eval_store):
             if store is not None:
                 check_vocabulary(store, self.model)
-        self.sampler = make_sampler(c, train_lengths, self.dist)
+        self.sampler = make_sampler(c, self.collator, train_lengths, self.dist)
         self.feed = CycleFeed(self.train_store, self.collator, self.sampler, c.gradient_accumulation_steps)
 
     def _setup_reference_logps(self) -> None:
@@ -550,6 +550,7 @@ class Trainer:
                     "raise ddp_timeout if a step, evaluation or save can legitimately take longer") from error
             raise
         finally:
+            self.feed.close()  # its collating thread ends with the run, however the run ends
             lock.release()
 
     def _train(self, resume_from_checkpoint: str | Path | bool | None, stop: StopOnSignal) -> TrainerState:

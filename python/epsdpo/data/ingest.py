@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from epsdpo._core import Collator, PreferenceStore
+from epsdpo._core import PreferenceStore, Truncation
 from epsdpo.data import cache as _cache
 from epsdpo.data.encoder import BatchEncoder
 from epsdpo.data.sources import (
@@ -56,7 +56,7 @@ from epsdpo.data.stats import DataReport, compute_stats
 __all__ = ["DataSourceError", "InvalidRowError", "load_preferences"]
 
 Format = Literal["standard", "conversational"]
-TruncationMode = Literal["keep_end", "keep_start"]
+NO_TRUNCATION = Truncation()  # frozen, so one shared default is safe
 
 # Rows kept with their reason in the report, so a huge broken dataset does not bloat the JSON.
 MAX_LISTED_ROWS = 100
@@ -624,10 +624,7 @@ def load_preferences(
     tokenizer: Any,
     *,
     split: str | None = None,
-    max_length: int | None = None,
-    max_prompt_length: int | None = None,
-    max_completion_length: int | None = None,
-    prompt_truncation_mode: TruncationMode = "keep_end",
+    truncation: Truncation = NO_TRUNCATION,
     chat_template: str | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
     max_row_bytes: int | None = None,
@@ -648,14 +645,14 @@ def load_preferences(
             before reading it.
         tokenizer: a fast transformers tokenizer (or a name/path to load one). Conversational
             rows go through its chat template (or ``chat_template``).
-        max_length, max_prompt_length, max_completion_length, prompt_truncation_mode: the truncation training will apply (the
-            Rust collator truncates; the store keeps full sequences). They drive the report's
-            truncation and padding figures and are part of the cache key.
+        truncation: the :class:`~epsdpo.Truncation` training will apply (the Rust collator
+            truncates; the store keeps full sequences). It drives the report's truncation and
+            padding figures and is part of the cache key. ``TrainConfig.truncation`` is a run's.
         chat_template_kwargs: extra variables for the template (e.g. ``enable_thinking``).
         max_row_bytes: the largest raw row: a JSON Lines line over it (or, from any source, a row
             whose texts hold more characters) is the bad row ``row_too_large``, never parsed nor
-            tokenized. None: 1 KiB per token of ``max_length``, at least 1 MiB (64 MiB without
-            ``max_length``).
+            tokenized. None: 1 KiB per token of ``truncation.max_length``, at least 1 MiB (64 MiB
+            without ``max_length``).
         cache_dir: where the tokenized store and its report are cached. Default:
             ``$EPSDPO_CACHE``, else ``$XDG_CACHE_HOME/epsdpo``, else ``~/.cache/epsdpo``.
             ``None`` or ``"disabled"`` turns caching off (``TrainConfig.dataset_cache_dir=None``
@@ -671,24 +668,23 @@ def load_preferences(
     t0 = time.perf_counter()
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    # The collator owns the truncation rules: let it reject bad settings before any work is done.
-    Collator(max_length=max_length, max_prompt_length=max_prompt_length, max_completion_length=max_completion_length,
-             prompt_truncation_mode=prompt_truncation_mode)
+    if not isinstance(truncation, Truncation):  # its settings were checked when it was built
+        raise TypeError(f"truncation must be an epsdpo.Truncation, got {type(truncation).__name__}")
     root = _cache.resolve_cache_dir(cache_dir)  # likewise a cache_dir that is no directory
     tokenizer = _resolve_tokenizer(tokenizer)
-    row_limit = row_byte_limit(max_length, max_row_bytes)
+    row_limit = row_byte_limit(truncation.max_length, max_row_bytes)
     src = open_source(source, split, row_limit)
     implicit = check_columns(src)
     template = _chat_template_of(tokenizer, chat_template)
     kwargs = dict(chat_template_kwargs or {})
     settings = {
-        "max_length": max_length,
-        "max_prompt_length": max_prompt_length,
-        "truncation_mode": prompt_truncation_mode,  # the key's old name, so that existing cache entries stay valid
+        "max_length": truncation.max_length,
+        "max_prompt_length": truncation.max_prompt_length,
+        "truncation_mode": truncation.prompt_truncation_mode,  # the key's old name, so that existing cache entries stay valid
         "skip_invalid": skip_invalid,
     }
-    if max_completion_length is not None:  # only when set, so that entries cached before it existed stay valid
-        settings["max_completion_length"] = max_completion_length
+    if truncation.max_completion_length is not None:  # only when set, so that entries cached before it existed stay valid
+        settings["max_completion_length"] = truncation.max_completion_length
     if max_row_bytes is not None:  # likewise; the default limit follows max_length, already in the key
         settings["max_row_bytes"] = max_row_bytes
     used = [c for c in COLUMNS if c in src.column_names]
@@ -757,13 +753,7 @@ def load_preferences(
         raise DataSourceError(f"{src.description}: no preference pairs to train on ({what})")
     if root is not None and key is None:  # a stream: its content is known now that it has been read
         key = cache_key()
-    report = compute_stats(
-        store,
-        max_length=max_length,
-        max_prompt_length=max_prompt_length,
-        max_completion_length=max_completion_length,
-        prompt_truncation_mode=prompt_truncation_mode,
-    )
+    report = compute_stats(store, truncation=truncation)
     report.source = src.description
     report.format = fmt or "standard"
     report.implicit_prompt = implicit

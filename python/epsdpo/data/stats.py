@@ -13,8 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from epsdpo._core import Collator, PreferenceStore
-from epsdpo.config import LAYOUTS
+from epsdpo._core import LAYOUTS, Collator, PreferenceStore, Truncation
 
 __all__ = ["LAYOUTS", "DataReport", "compute_stats"]
 
@@ -131,22 +130,20 @@ def padding_fraction(store: PreferenceStore, collator: Collator, batch_pairs: in
 def compute_stats(
     store: PreferenceStore,
     *,
-    max_length: int | None = None,
-    max_prompt_length: int | None = None,
-    max_completion_length: int | None = None,
-    prompt_truncation_mode: str = "keep_end",
+    truncation: Truncation | None = None,
     batch_pairs: int = 8,
     seed: int = 0,
 ) -> DataReport:
     """A report with the store's lengths, truncation counts and padding estimates filled in."""
+    truncation = Truncation() if truncation is None else truncation
     p, c, r = (x.astype(np.int64) for x in store.lengths())
     report = DataReport(
         num_pairs=len(store),
         num_tokens=int(store.num_tokens),
-        max_length=max_length,
-        max_prompt_length=max_prompt_length,
-        max_completion_length=max_completion_length,
-        prompt_truncation_mode=prompt_truncation_mode,
+        max_length=truncation.max_length,
+        max_prompt_length=truncation.max_prompt_length,
+        max_completion_length=truncation.max_completion_length,
+        prompt_truncation_mode=truncation.prompt_truncation_mode,
         padding_batch_pairs=batch_pairs,
     )
     report.lengths = {
@@ -155,16 +152,14 @@ def compute_stats(
         "rejected": _describe(r),
         "sequence": _describe(np.concatenate([p + c, p + r])),
     }
-    limits = {"max_length": max_length, "max_prompt_length": max_prompt_length,
-              "max_completion_length": max_completion_length, "prompt_truncation_mode": prompt_truncation_mode}
-    t = Collator(**limits).truncated_lengths(store)
+    t = Collator(truncation=truncation).truncated_lengths(store)
     report.num_truncated = int(t["num_truncated"])
     report.empty_after_truncation = len(t["empty"])
     report.identical_after_truncation = len(t["identical"])
     if len(store):
         # Pairs a truncation empties are dropped by the collator (skip_empty), as training would.
         report.padding = {
-            layout: padding_fraction(store, Collator(layout, skip_empty=True, **limits), batch_pairs, seed)
+            layout: padding_fraction(store, Collator(layout, truncation=truncation, skip_empty=True), batch_pairs, seed)
             for layout in LAYOUTS
         }
     return report

@@ -49,10 +49,10 @@ fn bench(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("collate");
     group.throughput(Throughput::Elements(BATCH as u64));
-    for (name, layout) in [("padded", Layout::Padded), ("packed", Layout::Packed), ("shared_prompt", Layout::SharedPrompt)] {
+    for layout in Layout::ALL {
         let config = CollateConfig { layout, ..Default::default() };
         let mut k = 0;
-        group.bench_function(name, |b| {
+        group.bench_function(layout.name(), |b| {
             b.iter(|| {
                 k = (k + 1) % batches.len();
                 black_box(collate(&store, &batches[k], &config).expect("collate"))

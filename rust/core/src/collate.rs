@@ -19,20 +19,9 @@
 //!   included, so the offsets tile `rows * cols`), for flash-attention varlen.
 
 use crate::error::{Error, Result};
+use crate::limits::{MAX_BATCH_CELLS, MAX_ROW_TOKENS};
 use crate::store::{Pair, PreferenceStore};
 use crate::truncate::{Truncated, Truncation};
-
-/// The most tokens one row may span (a sequence, a packed row, a padding multiple, a length
-/// limit): far above any context length in use, far below what exhausts memory, so that a typo
-/// such as `pad_to_multiple_of=2**33` is an error naming the argument, not an aborted process.
-pub const MAX_ROW_TOKENS: usize = 1 << 24;
-
-/// The most cells (rows × columns) one batch may hold. Each cell costs 34 bytes over the seven
-/// `[rows, cols]` arrays, so this caps a batch near 9 GB: no real batch comes close, and nothing
-/// derived from user input can ask the allocator for more (an allocation failure aborts the
-/// process; Rust cannot turn it into an error after the fact). It also keeps every flat index
-/// exact in the `i32` of `cu_seqlens`.
-pub const MAX_BATCH_CELLS: usize = 1 << 28;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Layout {
@@ -44,6 +33,46 @@ pub enum Layout {
     Packed,
     /// One row per pair: `[prompt | chosen | rejected]`, the prompt computed once.
     SharedPrompt,
+}
+
+impl Layout {
+    /// Every layout, in the order users see them listed: the one list of layout names.
+    pub const ALL: [Layout; 3] = [Layout::Padded, Layout::Packed, Layout::SharedPrompt];
+
+    /// The name a configuration file or a command line uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::Padded => "padded",
+            Layout::Packed => "packed",
+            Layout::SharedPrompt => "shared_prompt",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Result<Layout> {
+        Layout::ALL.into_iter().find(|l| l.name() == name).ok_or_else(|| {
+            let names: Vec<String> = Layout::ALL.iter().map(|l| format!("'{}'", l.name())).collect();
+            let (last, rest) = names.split_last().expect("there is at least one layout");
+            Error::arg(format!("layout must be {} or {last}, got {name:?}", rest.join(", ")))
+        })
+    }
+
+    /// Rows hold branches (`branch_ids` ≠ 0): two answers after one prompt, where the rejected one
+    /// must not see the chosen one. Neither a causal mask nor varlen boundaries express that.
+    pub fn branched(self) -> bool {
+        matches!(self, Layout::SharedPrompt)
+    }
+
+    /// Every row is one sequence followed by padding, so plain causal attention over the whole row
+    /// is exact for its real tokens.
+    pub fn right_padded(self) -> bool {
+        matches!(self, Layout::Padded)
+    }
+
+    /// Rows hold several sequences end to end, so the batch's cells are (nearly) all real tokens:
+    /// a token budget counts tokens, not rows × the longest sequence.
+    pub fn packs_rows(self) -> bool {
+        matches!(self, Layout::Packed)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -421,4 +450,18 @@ fn shared_prompt(batch: &mut Batch, seqs: &[Seq<'_>], b: usize, config: &Collate
         batch.put(start + p + c, rejected.completion, p, rejected.index, i as i32, 2, Some(last_prompt));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_layout_name_round_trips_and_an_unknown_one_lists_them_all() {
+        for layout in Layout::ALL {
+            assert_eq!(Layout::from_name(layout.name()).unwrap(), layout);
+        }
+        let message = Layout::from_name("diagonal").unwrap_err().to_string();
+        assert!(message.contains("layout must be 'padded', 'packed' or 'shared_prompt', got \"diagonal\""), "{message}");
+    }
 }

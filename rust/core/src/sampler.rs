@@ -12,8 +12,8 @@
 //! - `drop_last = false` keeps the short batch and pads the batch list to a multiple of
 //!   `world_size` by repeating batches from the start of the list. These are the only repeats.
 
-use crate::collate::MAX_BATCH_CELLS;
 use crate::error::{Error, Result};
+use crate::limits::MAX_BATCH_CELLS;
 use crate::saved_state::{StateReader, StateWriter};
 
 /// More ranks than any job runs; the bound keeps the sharding arithmetic (batches × ranks) far

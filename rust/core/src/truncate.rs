@@ -7,12 +7,12 @@
 
 use std::ops::Range;
 
-use crate::collate::MAX_ROW_TOKENS;
 use crate::error::{Error, Result};
+use crate::limits::MAX_ROW_TOKENS;
 use crate::store::Pair;
 
 /// Which end of an over-long prompt survives.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum PromptTruncation {
     /// Keep the prompt's last tokens (nearest the answer). The default: what a prompt cut to
     /// `max_prompt_length` most needs is the context just before the answer.
@@ -22,7 +22,7 @@ pub enum PromptTruncation {
     KeepStart,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Truncation {
     /// Longest sequence (prompt + one completion); `None` for no limit.
     pub max_length: Option<usize>,

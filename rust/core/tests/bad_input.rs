@@ -6,7 +6,8 @@ use std::fs::OpenOptions;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 
-use epsdpo_core::collate::{collate, truncated_lengths, CollateConfig, Layout, MAX_BATCH_CELLS, MAX_ROW_TOKENS};
+use epsdpo_core::collate::{collate, truncated_lengths, CollateConfig, Layout};
+use epsdpo_core::limits::{MAX_BATCH_CELLS, MAX_ROW_TOKENS};
 use epsdpo_core::sampler::{BatchSampler, SamplerConfig, SamplerMode, MAX_WORLD_SIZE};
 use epsdpo_core::store::PreferenceStore;
 use epsdpo_core::truncate::Truncation;

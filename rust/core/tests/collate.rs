@@ -8,7 +8,7 @@ use epsdpo_core::truncate::{PromptTruncation, Truncation};
 use epsdpo_core::Error;
 use proptest::prelude::*;
 
-const LAYOUTS: [Layout; 3] = [Layout::Padded, Layout::Packed, Layout::SharedPrompt];
+const LAYOUTS: [Layout; 3] = Layout::ALL;
 
 /// The sequences a batch should carry, written the obvious way.
 fn expected_sequences(store: &PreferenceStore, indices: &[u32], t: &Truncation) -> Vec<(Vec<u32>, usize)> {
@@ -95,11 +95,36 @@ fn check_batch(b: &Batch, expected: &[(Vec<u32>, usize)], config: &CollateConfig
         prop_assert!(b.segment_ids[a..z].iter().all(|&g| g == b.segment_ids[a]));
         prop_assert!(z - a <= b.max_seqlen);
     }
+    check_layout_properties(b)?;
     if b.layout == Layout::Packed {
         let capacity = config.capacity.or(config.truncation.max_length).unwrap_or(usize::MAX);
         for row in 0..b.rows {
             let used = b.attention_mask[row * b.cols..(row + 1) * b.cols].iter().filter(|&&m| m != 0).count();
             prop_assert!(used <= capacity);
+        }
+    }
+    Ok(())
+}
+
+/// What a layout says of itself (`branched`, `right_padded`, `packs_rows`) holds in its batches:
+/// the model side picks its attention path from these properties, not from the layout's name.
+fn check_layout_properties(b: &Batch) -> Result<(), TestCaseError> {
+    let rows: Vec<&[i32]> = if b.cols == 0 { Vec::new() } else { b.segment_ids.chunks_exact(b.cols).collect() };
+    prop_assert_eq!(b.branch_ids.iter().any(|&g| g != 0), b.layout.branched(), "branched, {:?}", b.layout);
+    if b.layout.right_padded() {
+        // One sequence per row, then padding only: causal attention over the whole row is exact.
+        prop_assert_eq!(b.rows, b.num_sequences());
+        for row in &rows {
+            let real = row.iter().take_while(|&&g| g >= 0).count();
+            prop_assert!(real > 0 && row[..real].iter().all(|&g| g == row[0]) && row[real..].iter().all(|&g| g < 0));
+        }
+    }
+    if !b.layout.packs_rows() {
+        // Without packing a row holds one segment at most (a sequence, or a pair's branches).
+        for row in &rows {
+            let mut segments: Vec<i32> = row.iter().copied().filter(|&g| g >= 0).collect();
+            segments.dedup();
+            prop_assert!(segments.len() <= 1, "{:?} row with segments {:?}", b.layout, segments);
         }
     }
     Ok(())

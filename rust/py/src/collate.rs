@@ -1,13 +1,13 @@
 //! `Collator` for Python: configured once, called per batch.
 
 use epsdpo_core::collate::{collate, truncated_lengths, Batch, CollateConfig, Layout};
-use epsdpo_core::truncate::{PromptTruncation, Truncation};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::arrays::{indices, vec1, vec2};
 use crate::errors::{detached, guarded, opt_size, size, ConfigError};
 use crate::store::PyPreferenceStore;
+use crate::truncate::PyTruncation;
 
 /// Turns a list of pair indices into one batch layout (a dict of numpy arrays).
 #[pyclass(module = "epsdpo._core", name = "Collator", frozen)]
@@ -15,21 +15,10 @@ pub struct PyCollator {
     config: CollateConfig,
 }
 
-fn parse_layout(layout: &str) -> PyResult<Layout> {
-    match layout {
-        "padded" => Ok(Layout::Padded),
-        "packed" => Ok(Layout::Packed),
-        "shared_prompt" => Ok(Layout::SharedPrompt),
-        other => Err(ConfigError::new_err(format!("layout must be 'padded', 'packed' or 'shared_prompt', got {other:?}"))),
-    }
-}
-
-fn layout_name(layout: Layout) -> &'static str {
-    match layout {
-        Layout::Padded => "padded",
-        Layout::Packed => "packed",
-        Layout::SharedPrompt => "shared_prompt",
-    }
+/// The layout names in the order users see them: `epsdpo._core.LAYOUTS`, the one list that the
+/// configuration and the command line read.
+pub fn layout_names() -> Vec<&'static str> {
+    Layout::ALL.iter().map(|l| l.name()).collect()
 }
 
 fn batch_dict<'py>(py: Python<'py>, b: Batch) -> PyResult<Bound<'py, PyDict>> {
@@ -54,42 +43,34 @@ fn batch_dict<'py>(py: Python<'py>, b: Batch) -> PyResult<Bound<'py, PyDict>> {
     d.set_item("identical", vec1(py, b.identical))?;
     d.set_item("num_truncated", b.num_truncated)?;
     d.set_item("sequence_lengths", vec1(py, b.sequence_lengths))?;
-    d.set_item("layout", layout_name(b.layout))?;
+    d.set_item("layout", b.layout.name())?;
+    // What the layout means travels with its batch, so that the model side picks its attention
+    // path from these facts and never from the layout's name.
+    d.set_item("branched", b.layout.branched())?;
+    d.set_item("right_padded", b.layout.right_padded())?;
     Ok(d)
 }
 
 #[pymethods]
 impl PyCollator {
     #[new]
-    #[pyo3(signature = (layout="padded", *, max_length=None, max_prompt_length=None, max_completion_length=None, prompt_truncation_mode="keep_end", pad_token_id=0, pad_to_multiple_of=1, capacity=None, skip_empty=false))]
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (layout="padded", *, truncation=None, pad_token_id=0, pad_to_multiple_of=1, capacity=None, skip_empty=false))]
     fn new(
         py: Python<'_>,
         layout: &str,
-        max_length: Option<i64>,
-        max_prompt_length: Option<i64>,
-        max_completion_length: Option<i64>,
-        prompt_truncation_mode: &str,
+        truncation: Option<PyRef<'_, PyTruncation>>,
         pad_token_id: i64,
         pad_to_multiple_of: i64,
         capacity: Option<i64>,
         skip_empty: bool,
     ) -> PyResult<Self> {
-        let max_length = opt_size(max_length, "max_length")?;
-        let max_prompt_length = opt_size(max_prompt_length, "max_prompt_length")?;
-        let max_completion_length = opt_size(max_completion_length, "max_completion_length")?;
         let pad_to_multiple_of = size(pad_to_multiple_of, "pad_to_multiple_of")?;
         let capacity = opt_size(capacity, "capacity")?;
         let pad_token_id = u32::try_from(pad_token_id)
             .map_err(|_| ConfigError::new_err(format!("pad_token_id must be a token id between 0 and {} (got {pad_token_id})", u32::MAX)))?;
-        let prompt_mode = match prompt_truncation_mode {
-            "keep_end" => PromptTruncation::KeepEnd,
-            "keep_start" => PromptTruncation::KeepStart,
-            other => return Err(ConfigError::new_err(format!("prompt_truncation_mode must be 'keep_end' or 'keep_start', got {other:?}"))),
-        };
         let config = CollateConfig {
-            layout: parse_layout(layout)?,
-            truncation: Truncation { max_length, max_prompt_length, max_completion_length, prompt_mode },
+            layout: guarded(py, || Layout::from_name(layout))?,
+            truncation: truncation.map(|t| t.inner).unwrap_or_default(),
             pad_token_id,
             pad_to_multiple_of,
             capacity,
@@ -127,26 +108,26 @@ impl PyCollator {
 
     #[getter]
     fn layout(&self) -> &'static str {
-        layout_name(self.config.layout)
+        self.config.layout.name()
+    }
+    /// Rows hold a prompt with two answer branches, the rejected one blind to the chosen one.
+    #[getter]
+    fn branched(&self) -> bool {
+        self.config.layout.branched()
+    }
+    /// Every row is one sequence then padding: causal attention over whole rows is exact.
+    #[getter]
+    fn right_padded(&self) -> bool {
+        self.config.layout.right_padded()
+    }
+    /// Rows hold several sequences end to end: a token budget counts tokens, not padded cells.
+    #[getter]
+    fn packs_rows(&self) -> bool {
+        self.config.layout.packs_rows()
     }
     #[getter]
-    fn max_length(&self) -> Option<usize> {
-        self.config.truncation.max_length
-    }
-    #[getter]
-    fn max_prompt_length(&self) -> Option<usize> {
-        self.config.truncation.max_prompt_length
-    }
-    #[getter]
-    fn max_completion_length(&self) -> Option<usize> {
-        self.config.truncation.max_completion_length
-    }
-    #[getter]
-    fn prompt_truncation_mode(&self) -> &'static str {
-        match self.config.truncation.prompt_mode {
-            PromptTruncation::KeepEnd => "keep_end",
-            PromptTruncation::KeepStart => "keep_start",
-        }
+    fn truncation(&self) -> PyTruncation {
+        PyTruncation { inner: self.config.truncation }
     }
     #[getter]
     fn pad_token_id(&self) -> u32 {
@@ -168,9 +149,8 @@ impl PyCollator {
     fn __repr__(&self) -> String {
         let c = &self.config;
         format!(
-            "Collator(layout={:?}, max_length={:?}, max_prompt_length={:?}, max_completion_length={:?}, prompt_truncation_mode={:?}, pad_token_id={}, pad_to_multiple_of={}, capacity={:?}, skip_empty={})",
-            layout_name(c.layout), c.truncation.max_length, c.truncation.max_prompt_length, c.truncation.max_completion_length, self.prompt_truncation_mode(),
-            c.pad_token_id, c.pad_to_multiple_of, c.capacity, c.skip_empty
+            "Collator(layout={:?}, truncation={}, pad_token_id={}, pad_to_multiple_of={}, capacity={:?}, skip_empty={})",
+            c.layout.name(), self.truncation().__repr__(), c.pad_token_id, c.pad_to_multiple_of, c.capacity, c.skip_empty
         )
     }
 }

@@ -9,12 +9,15 @@ mod errors;
 mod kl;
 mod sampler;
 mod store;
+mod truncate;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     errors::register(m)?;
     m.add_class::<store::PyPreferenceStore>()?;
+    m.add("LAYOUTS", pyo3::types::PyTuple::new(m.py(), collate::layout_names())?)?;
+    m.add_class::<truncate::PyTruncation>()?;
     m.add_class::<collate::PyCollator>()?;
     m.add_class::<sampler::PyBatchSampler>()?;
     m.add_class::<kl::PyKlController>()?;
