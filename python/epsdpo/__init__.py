@@ -26,6 +26,7 @@ from epsdpo._core import (
 
 if TYPE_CHECKING:
     from epsdpo.config import TrainConfig
+    from epsdpo.config_fields import ConfigFieldError, UnknownConfigKeysError
     from epsdpo.config import TrainConfig as DPOConfig
     from epsdpo.data import load_preferences
     from epsdpo.heads import split_causal_lm
@@ -40,6 +41,8 @@ _ALIASES = {"DPOConfig": "TrainConfig", "DPOTrainer": "Trainer"}
 
 _LAZY = {
     "TrainConfig": "epsdpo.config",
+    "ConfigFieldError": "epsdpo.config_fields",
+    "UnknownConfigKeysError": "epsdpo.config_fields",
     "Trainer": "epsdpo.trainer",
     "load_preferences": "epsdpo.data",
     "perturbed_logps": "epsdpo.ops",
@@ -66,6 +69,7 @@ __all__ = [
     "BatchSampler",
     "Collator",
     "ConfigError",
+    "ConfigFieldError",
     "DPOConfig",
     "DPOTrainer",
     "EpsdpoError",
@@ -79,6 +83,7 @@ __all__ = [
     "TrainConfig",
     "Truncation",
     "TruncationError",
+    "UnknownConfigKeysError",
     "__version__",
     "batch_logps",
     "epsilon_dpo_loss",

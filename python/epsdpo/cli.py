@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from epsdpo import __version__, trl_keys
+from epsdpo.config_fields import ConfigFieldError, UnknownConfigKeysError
 from epsdpo.safe_yaml import shown
 
 
@@ -72,14 +73,14 @@ class RunArguments:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value is not None and not isinstance(value, str):
-                raise ValueError(f"{f.name}={shown(value)} is invalid: must be a path or hub id (a string)")
+                raise ConfigFieldError(f.name, value, "a path or hub id (a string)")
         # TRL's spellings fill ours; both at once would leave it unclear which one trains
         for trl_name, name in (("model_name_or_path", "model"), ("dataset_name", "train_data"),
                                ("dataset_train_split", "train_split")):
             given = getattr(self, trl_name)
             if given is not None and getattr(self, name) is not None and given != getattr(self, name):
-                raise ValueError(f"{trl_name}={shown(given)} is invalid: must be unset when {name} is set "
-                                 f"({shown(getattr(self, name))}); they are two names for one thing")
+                raise ConfigFieldError(trl_name, given, f"unset when {name} is set ({shown(getattr(self, name))}); "
+                                                        "they are two names for one thing")
             if given is not None:
                 setattr(self, name, given)
 
@@ -139,16 +140,16 @@ def _eval_source(run: RunArguments, config: Any) -> tuple[Any, str | None, bool]
     split = run.eval_split
     if run.dataset_test_split is not None:
         if split is not None and split != run.dataset_test_split:
-            raise ValueError(f"dataset_test_split={run.dataset_test_split!r} is invalid: must be unset when "
-                             f"eval_split is set ({split!r}); they are two names for one thing")
+            raise ConfigFieldError("dataset_test_split", run.dataset_test_split,
+                                   f"unset when eval_split is set ({split!r}); they are two names for one thing")
         split = run.dataset_test_split
     asked = _asks_for_evaluation(config)
     if run.eval_data is not None or asked is None:
         return run.eval_data, split, False
     if Path(run.train_data).is_file():
         if run.dataset_test_split is not None:
-            raise ValueError(f"dataset_test_split={split!r} is invalid: the training data {run.train_data} is "
-                             "one file, without splits; give the eval pairs as eval_data")
+            raise ConfigFieldError("dataset_test_split", split, "unset", reason=f"the training data {run.train_data} "
+                                   "is one file, without splits; give the eval pairs as eval_data")
         raise ValueError(f"{asked} asks for evaluation, but there is no eval data: the training data "
                          f"{run.train_data} is one file, without a {DEFAULT_TEST_SPLIT!r} split (dataset_test_split's "
                          "default); set eval_data, or eval_strategy: no")
@@ -367,7 +368,7 @@ def _with_other_names(config: Any, values: dict[str, Any]) -> Any:
     for name, value in values.items():
         changes.update(trl_keys.as_settings(name, value))
     if changes.get("device") and config.device not in (None, "cpu"):
-        raise ValueError(f"use_cpu=True is invalid: must be false with device={config.device!r} (choose one)")
+        raise ConfigFieldError("use_cpu", True, f"false with device={config.device!r} (choose one)")
     return dataclasses.replace(config, **changes) if changes else config
 
 
@@ -393,8 +394,8 @@ def _resume_choice(args: argparse.Namespace, from_yaml: Any) -> bool | str | Non
         return None
     if from_yaml is True or isinstance(from_yaml, str) and from_yaml:
         return from_yaml
-    raise ValueError(f"resume_from_checkpoint={shown(from_yaml)} is invalid: must be a checkpoint path, auto or "
-                     "true (the newest checkpoint in output_dir)")
+    raise ConfigFieldError("resume_from_checkpoint", from_yaml,
+                           "a checkpoint path, auto or true (the newest checkpoint in output_dir)")
 
 
 def _is_main_process() -> bool:
@@ -404,14 +405,13 @@ def _is_main_process() -> bool:
 
 
 def _usage_message(error: Exception, config: str, given: dict[str, Any]) -> str:
-    """One line naming the key, and where its value came from (the flag or the YAML)."""
+    """One line naming the key, and where its value came from: the flag when the error's field was
+    given as one, else the YAML (or the command line as a whole)."""
+    if isinstance(error, UnknownConfigKeysError):  # the summary: every known key is what --help lists
+        return f"{config}: {error.summary}; `epsdpo train --help` lists the keys"
     text = " ".join(str(error).split())
-    text = text.split("; known keys: ")[0]
-    if text.startswith("unknown config keys"):
-        return f"{config}: {text}; `epsdpo train --help` lists the keys"
-    key = text.split("=", 1)[0]
-    if key in given:
-        return f"argument --{key}: {text}"
+    if isinstance(error, ConfigFieldError) and error.field in given:
+        return f"argument --{error.field}: {text}"
     return text if text.startswith(f"{config}:") else f"{config}: {text}"
 
 

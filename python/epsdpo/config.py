@@ -2,6 +2,12 @@
 
 Names follow TRL's `DPOConfig` / `TrainingArguments` where the concept is the same, so a TRL user's
 YAML mostly carries over.
+
+Construction runs in order: `_normalise` (the spellings YAML, flags and TRL give become each field's
+own form), the type check, each field's own rule (declared with the field: `epsdpo.config_fields`,
+whose words end the field's help), then `CHECKS`, the named checks of a value's form and of several
+fields together, and last the aliases resolved (torch_dtype into dtype, padding_free into layout).
+Every refusal is a `ConfigFieldError` naming the field.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from epsdpo._core import LAYOUTS, Truncation
+from epsdpo.config_fields import ConfigFieldError, UnknownConfigKeysError, check_allowed, integer, number, one_of, rule_of
 from epsdpo.methods import METHOD_NAMES, method_class
-from epsdpo.safe_yaml import MAX_SHOWN, load_config_yaml, shown
+from epsdpo.safe_yaml import load_config_yaml, shown
 
 REPORTER_ALONE = ("jsonl", "none", "all")
 REPORTER_BACKENDS = ("tensorboard", "wandb", "trackio", "mlflow")
@@ -57,28 +64,29 @@ class TrainConfig:
         "Training rule: epsilon_dpo (β adapts per pair and per step), dpo (fixed β), tr_dpo (fixed β; the "
         "reference moves toward the policy), beta_dpo (one β per batch) or ipo (IPO's squared loss at a fixed "
         "β, with loss_type=ipo). See docs/algorithm.md.")})
-    beta: float = field(default=0.1, metadata={"help": (
+    beta: float = number(0.1, (
         "KL penalty β of the DPO loss (TRL's beta). For epsilon_dpo the initial base β, which then "
-        "adapts; for beta_dpo the base β₀. At least 1e-6 (MIN_BETA): a smaller β trains nothing.")})
-    beta_min: float | None = field(default=None, metadata={"help": (
+        "adapts; for beta_dpo the base β₀."), low=MIN_BETA, note=" (a smaller β trains nothing)")
+    beta_min: float | None = number(None, (
         "Opt-in floor under ε-DPO's base β: after each optimizer step β becomes max(β/(1 + ε·mean s), "
         "beta_min). None (the default) is the paper's rule, under which β can shrink toward 0 and training "
-        "stop; a floor is a departure from the paper (docs/algorithm.md). In [1e-6, beta].")})
-    epsilon: float = field(default=0.01, metadata={"help": (
-        "ε-DPO step size ε_s in [0, 1): a pair trains with β/(1 + ε·s), s in {-1, 0, +1}, and after each "
+        "stop; a floor is a departure from the paper (docs/algorithm.md). At most beta."), low=MIN_BETA)
+    epsilon: float = number(0.01, (
+        "ε-DPO step size ε_s: a pair trains with β/(1 + ε·s), s in {-1, 0, +1}, and after each "
         "optimizer step the base β becomes β/(1 + ε·mean s). 0 trains exactly as DPO. Used only by "
-        "method=epsilon_dpo.")})
-    epsilon_check: float | None = field(default=None, metadata={"help": (
+        "method=epsilon_dpo."), low=0, high=1, high_open=True)
+    epsilon_check: float | None = number(None, (
         "ε_c, the size of the perturbation that decides each pair's step s, when it should differ from the "
-        "step size epsilon (the paper's ε_c/ε_s ablation); in [0, 1). None: use epsilon for both.")})
-    cdpo_smoothing: float = field(default=0.0, metadata={"help": (
-        "Conservative DPO (cDPO) smoothing in [0, 0.5): the assumed probability that a pair's preference is "
+        "step size epsilon (the paper's ε_c/ε_s ablation). None: use epsilon for both."), low=0, high=1, high_open=True)
+    cdpo_smoothing: float = number(0.0, (
+        "Conservative DPO (cDPO) smoothing: the assumed probability that a pair's preference is "
         "flipped; each pair's loss becomes (1 − e)·(−log σ(m)) − e·log σ(−m) for its margin m. 0: none, the "
-        "plain sigmoid loss. TRL 1.16 has no such option (its label_smoothing is ignored by loss_type=sigmoid).")})
-    label_smoothing: float = field(default=0.0, metadata={"help": (
+        "plain sigmoid loss. TRL 1.16 has no such option (its label_smoothing is ignored by loss_type=sigmoid)."),
+        low=0, high=0.5, high_open=True)
+    label_smoothing: float = one_of(0.0, (
         "Accepted only as 0, so that TRL configs (which spell out its default) run: TRL 1.16's default "
-        "loss_type=sigmoid ignores it, and its robust/EXO meanings are other losses. For conservative DPO "
-        "smoothing use cdpo_smoothing.")})
+        "loss_type=sigmoid ignores it, and its robust/EXO meanings are other losses."), 0,
+        note=" (TRL's sigmoid loss ignores it); for conservative DPO smoothing set cdpo_smoothing")
     loss_type: str | list[str] = field(default="sigmoid", metadata={"help": (
         "TRL's loss choice, one name (or a list of one): sigmoid, the DPO loss every method but ipo trains "
         "with, or ipo, with method=ipo. TRL's plain DPO (loss_type=sigmoid) is method=dpo and its IPO "
@@ -87,42 +95,41 @@ class TrainConfig:
     sync_ref_model: bool = field(default=False, metadata={"help": (
         "TR-DPO's soft update of the reference toward the policy every ref_model_sync_steps steps (TRL's "
         "meaning). method=tr_dpo is DPO with this on; other methods may use it too.")})
-    ref_model_sync_steps: int = field(default=512, metadata={"help": (
-        "Optimizer steps between soft updates of the reference, >= 1 (TRL's meaning and default; the TR-DPO "
-        "paper's HH runs used 128).")})
-    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": (
-        "Weight α of the policy in the soft update θ_ref ← α·θ + (1 − α)·θ_ref, in (0, 1] (TRL's meaning and "
-        "default).")})
-    beta_dpo_alpha: float = field(default=0.6, metadata={"help": (
-        "β-DPO: scale a >= 0 of the batch β = β₀·(1 + a·(M − M₀)), M the batch's mean implicit reward gap "
-        "and M₀ its running mean. Used only by method=beta_dpo.")})
-    beta_dpo_momentum: float = field(default=0.9, metadata={"help": (
-        "β-DPO: momentum m in [0, 1) of the running mean gap, M₀ ← m·M₀ + (1 − m)·M. Used only by "
-        "method=beta_dpo.")})
-    beta_dpo_filter: float | None = field(default=None, metadata={"help": (
-        "β-DPO data filter: train only on this fraction ρ in (0, 1] of each batch, the pairs whose gaps lie "
-        "closest to M₀. None: no filter. Used only by method=beta_dpo.")})
+    ref_model_sync_steps: int = integer(512, (
+        "Optimizer steps between soft updates of the reference (TRL's meaning and default; the TR-DPO "
+        "paper's HH runs used 128)."))
+    ref_model_mixup_alpha: float = number(0.6, (
+        "Weight α of the policy in the soft update θ_ref ← α·θ + (1 − α)·θ_ref (TRL's meaning and "
+        "default)."), low=0, low_open=True, high=1)
+    beta_dpo_alpha: float = number(0.6, (
+        "β-DPO: scale a of the batch β = β₀·(1 + a·(M − M₀)), M the batch's mean implicit reward gap "
+        "and M₀ its running mean. Used only by method=beta_dpo."), low=0)
+    beta_dpo_momentum: float = number(0.9, (
+        "β-DPO: momentum m of the running mean gap, M₀ ← m·M₀ + (1 − m)·M. Used only by "
+        "method=beta_dpo."), low=0, high=1, high_open=True)
+    beta_dpo_filter: float | None = number(None, (
+        "β-DPO data filter: train only on this fraction ρ of each batch, the pairs whose gaps lie "
+        "closest to M₀. None: no filter. Used only by method=beta_dpo."), low=0, low_open=True, high=1)
     # optimisation
-    learning_rate: float = field(default=1e-6, metadata={"help": (
-        "Peak learning rate of AdamW, >= 0 (TRL's meaning and DPOConfig default).")})
-    optim: str = field(default="adamw_torch", metadata={"help": (
+    learning_rate: float = number(1e-6, "Peak learning rate of AdamW (TRL's meaning and DPOConfig default).", low=0)
+    optim: str = one_of("adamw_torch", (
         "Optimizer, by transformers' name: adamw_torch (torch's AdamW) or adamw_torch_fused (the same update in "
         "one fused kernel per step, TRL's default). AdamW is the one optimizer implemented; other names are "
-        "refused. Default adamw_torch, unlike TRL: the fused kernel is opt-in.")})
-    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW ε, > 0 (TRL's meaning and default)."})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": (
-        "Preference pairs per micro-batch on each process, >= 1 (TRL's meaning and default). With "
-        "max_tokens_per_batch it only sizes the length-grouping windows.")})
-    per_device_eval_batch_size: int = field(default=8, metadata={"help": (
-        "Preference pairs per evaluation batch on each process, >= 1 (TRL's meaning).")})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": (
-        "Micro-batches per optimizer step on each process, >= 1 (TRL's meaning). The β update happens once "
-        "per optimizer step.")})
-    num_train_epochs: float = field(default=3.0, metadata={"help": (
-        "Passes over the training data, > 0; fractions allowed. Ignored when max_steps is set (TRL's "
-        "meaning and default).")})
-    max_steps: int = field(default=-1, metadata={"help": (
-        "Optimizer steps to train for, >= 1; -1: as many as num_train_epochs needs (TRL's meaning).")})
+        "refused. Default adamw_torch, unlike TRL: the fused kernel is opt-in."), *OPTIMIZERS,
+        note=": AdamW is the one optimizer implemented")
+    adam_epsilon: float = number(1e-8, "AdamW ε (TRL's meaning and default).", low=0, low_open=True)
+    per_device_train_batch_size: int = integer(8, (
+        "Preference pairs per micro-batch on each process (TRL's meaning and default). With "
+        "max_tokens_per_batch it only sizes the length-grouping windows."))
+    per_device_eval_batch_size: int = integer(8, "Preference pairs per evaluation batch on each process (TRL's meaning).")
+    gradient_accumulation_steps: int = integer(1, (
+        "Micro-batches per optimizer step on each process (TRL's meaning). The β update happens once "
+        "per optimizer step."))
+    num_train_epochs: float = number(3.0, (
+        "Passes over the training data, > 0 unless max_steps is set; fractions allowed. Ignored when max_steps "
+        "is set (TRL's meaning and default)."), high=MAX_INT)
+    max_steps: int = integer(-1, (
+        "Optimizer steps to train for; -1: as many as num_train_epochs needs (TRL's meaning)."), unset=-1)
     lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr"] = field(
         default="linear", metadata={"help": (
             "Learning-rate schedule after warm-up (transformers' names, meaning and default). cosine_with_min_lr "
@@ -132,34 +139,34 @@ class TrainConfig:
         "Keyword arguments of the schedule, as a mapping or a JSON string (transformers' meaning), e.g. "
         "{\"num_cycles\": 1} for cosine or {\"min_lr_rate\": 0.1} for cosine_with_min_lr. A key the schedule "
         "does not take is refused. None: none.")})
-    warmup_steps: float = field(default=0.0, metadata={"help": (
+    warmup_steps: float = number(0.0, (
         "Linear learning-rate warm-up from 0: a number of optimizer steps when >= 1, a fraction of the total "
-        "steps when below 1, none at 0 (the default). The meaning of transformers 5 / TRL 1.16.")})
-    warmup_ratio: float = field(default=0.0, metadata={"help": (
-        "The older spelling of a fractional warm-up: a fraction in [0, 1] of the total optimizer steps. Set "
-        "warmup_steps or warmup_ratio, not both.")})
-    weight_decay: float = field(default=0.0, metadata={"help": (
-        "AdamW weight decay, >= 0, applied to weight matrices only (not to biases or norms).")})
-    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW β1 in [0, 1) (TRL's meaning)."})
-    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW β2 in [0, 1) (TRL's meaning)."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": (
-        "Clip the global gradient norm to this, >= 0; 0 disables clipping (TRL's meaning).")})
+        "steps when below 1, none at 0 (the default). The meaning of transformers 5 / TRL 1.16."), low=0, high=MAX_INT)
+    warmup_ratio: float = number(0.0, (
+        "The older spelling of a fractional warm-up: a fraction of the total optimizer steps. Set "
+        "warmup_steps or warmup_ratio, not both."), low=0, high=1)
+    weight_decay: float = number(0.0, (
+        "AdamW weight decay, applied to weight matrices only (not to biases or norms)."), low=0)
+    adam_beta1: float = number(0.9, "AdamW β1 (TRL's meaning).", low=0, high=1, high_open=True)
+    adam_beta2: float = number(0.999, "AdamW β2 (TRL's meaning).", low=0, high=1, high_open=True)
+    max_grad_norm: float = number(1.0, "Clip the global gradient norm to this (TRL's meaning).", low=0,
+                                  note=" (0 disables clipping)")
     # data
-    max_length: int | None = field(default=1024, metadata={"help": (
-        "Longest sequence, prompt plus one completion, in tokens, >= 1 (TRL's name); a completion loses its "
-        "end to fit, as under TRL's default truncation_mode=keep_start. None: no limit.")})
+    max_length: int | None = integer(1024, (
+        "Longest sequence, prompt plus one completion, in tokens (TRL's name); a completion loses its "
+        "end to fit, as under TRL's default truncation_mode=keep_start. None: no limit."), optional=True)
     truncation_mode: Literal["keep_start"] = field(default="keep_start", metadata={"help": (
         "How a sequence longer than max_length is cut (TRL's meaning): keep_start, the only value TRL 1.16 "
         "accepts, keeps its start, so the completion loses its end. A pair whose prompt alone reaches "
         "max_length has no completion left and is an error (or skipped with skip_invalid).")})
-    max_prompt_length: int | None = field(default=None, metadata={"help": (
-        "Longest prompt in tokens, >= 1 and below max_length, cut first as prompt_truncation_mode says (the "
+    max_prompt_length: int | None = integer(None, (
+        "Longest prompt in tokens, below max_length, cut first as prompt_truncation_mode says (the "
         "name of older TRL releases; TRL 1.16 has none). None (the default): prompts are only cut by "
-        "max_length, as in TRL 1.16.")})
-    max_completion_length: int | None = field(default=None, metadata={"help": (
-        "Longest completion in tokens, >= 1: chosen and rejected each keep their first max_completion_length "
+        "max_length, as in TRL 1.16."))
+    max_completion_length: int | None = integer(None, (
+        "Longest completion in tokens: chosen and rejected each keep their first max_completion_length "
         "tokens (the meaning of older TRL releases' DPOConfig; TRL 1.16's DPOConfig has none). max_length then "
-        "still cuts what is left. None (the default): completions are only cut by max_length.")})
+        "still cuts what is left. None (the default): completions are only cut by max_length."))
     prompt_truncation_mode: Literal["keep_end", "keep_start"] = field(default="keep_end", metadata={"help": (
         "Which end of a prompt longer than max_prompt_length survives: keep_end (its last tokens, nearest "
         "the answer) or keep_start. Applies to the prompt only, and only with max_prompt_length.")})
@@ -173,12 +180,12 @@ class TrainConfig:
     group_by_length: bool = field(default=False, metadata={"help": (
         "Batch pairs of similar length together (shuffled in windows, then sorted) to cut padding (TRL's "
         "meaning).")})
-    max_tokens_per_batch: int | None = field(default=None, metadata={"help": (
-        "Token budget per micro-batch, >= 1: each takes as many pairs as fit (padding counted unless "
-        "layout=packed), so the pair count varies. None: per_device_train_batch_size pairs per micro-batch.")})
-    pad_to_multiple_of: int = field(default=1, metadata={"help": (
-        "Pad each batch's sequence length up to a multiple of this, >= 1 (e.g. 8 for tensor cores); 1: no "
-        "extra padding (TRL's meaning).")})
+    max_tokens_per_batch: int | None = integer(None, (
+        "Token budget per micro-batch: each takes as many pairs as fit (padding counted unless "
+        "layout=packed), so the pair count varies. None: per_device_train_batch_size pairs per micro-batch."))
+    pad_to_multiple_of: int = integer(1, (
+        "Pad each batch's sequence length up to a multiple of this (e.g. 8 for tensor cores); 1: no "
+        "extra padding (TRL's meaning)."))
     skip_invalid: bool = field(default=False, metadata={"help": (
         "Skip and count rows that cannot become a pair, and pairs that truncation leaves with an empty "
         "completion, instead of stopping with an error naming the first.")})
@@ -186,20 +193,20 @@ class TrainConfig:
         "Directory to cache tokenized raw datasets in (keyed by the data, tokenizer and truncation settings). "
         "None: the default cache ($EPSDPO_CACHE, else $XDG_CACHE_HOME/epsdpo, else ~/.cache/epsdpo); "
         "'disabled': no caching.")})
-    dataset_num_proc: int | None = field(default=None, metadata={"help": (
-        "Accepted so that TRL configs run (TRL's processes for dataset preprocessing), >= 1 or None; it changes "
-        "nothing here: rows are tokenized in batches by the fast tokenizer, which uses its own threads.")})
+    dataset_num_proc: int | None = integer(None, (
+        "Accepted so that TRL configs run (TRL's processes for dataset preprocessing); it changes "
+        "nothing here: rows are tokenized in batches by the fast tokenizer, which uses its own threads."))
     # runtime
-    seed: int = field(default=42, metadata={"help": (
-        "Random seed in [0, 2**32) for torch and the batch sampler (TRL's meaning).")})
+    seed: int = integer(42, "Random seed for torch and the batch sampler (TRL's meaning).", low=0, high=2**32,
+                        high_open=True)
     device: str | None = field(default=None, metadata={"help": (
         "torch device to train on, e.g. cpu, cuda:1. None: this rank's CUDA device when one is visible, "
         "else the CPU.")})
-    ddp_timeout: int = field(default=1800, metadata={"help": (
-        "Seconds a rank waits in a collective (or for the process group to form) before it fails, an integer "
-        "in [1, 2**31 - 1] (transformers'/TRL's meaning and default). A peer that stops responding without "
+    ddp_timeout: int = integer(1800, (
+        "Seconds a rank waits in a collective (or for the process group to form) before it fails "
+        "(transformers'/TRL's meaning and default). A peer that stops responding without "
         "dying (a hung GPU, a stalled read) then ends the job after this long instead of holding it "
-        "(docs/distributed.md).")})
+        "(docs/distributed.md)."), high=MAX_INT, noun="an integer number of seconds")
     # Precision (docs/precision.md).
     tf32: bool | None = field(default=None, metadata={"help": (
         "Allow TF32 for float32 matmuls and convolutions on CUDA (transformers' meaning): true needs an "
@@ -236,9 +243,9 @@ class TrainConfig:
     use_peft: bool = field(default=False, metadata={"help": (
         "Train LoRA adapters instead of the whole model (TRL's ModelConfig meaning); the reference is then the "
         "base model with the adapters off, so no copy of the weights is made.")})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank, >= 1 (TRL's default)."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling α, >= 1 (TRL's default)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input, in [0, 1) (TRL's default)."})
+    lora_r: int = integer(16, "LoRA rank (TRL's default).")
+    lora_alpha: int = integer(32, "LoRA scaling α (TRL's default).")
+    lora_dropout: float = number(0.05, "Dropout on the LoRA input (TRL's default).", low=0, high=1, high_open=True)
     # Also holds one string (all-linear, a pattern), as TRL's field of the same annotation does: `str | list[str]`
     # would make HfArgumentParser read the flag as one word, not a list of names.
     lora_target_modules: list[str] | None = field(default=None, metadata={"help": (
@@ -250,11 +257,11 @@ class TrainConfig:
         "tokenizer has none or the wrong one (TRL's SFT/reward meaning for a template file; TRL's other form, "
         "a tokenizer to clone the template and its special tokens from, is not supported). None: the "
         "tokenizer's own template.")})
-    max_row_bytes: int | None = field(default=None, metadata={"help": (
+    max_row_bytes: int | None = integer(None, (
         "Largest raw row of the data, in bytes (a JSON Lines line; for other sources the characters of a "
-        "row's texts), >= 1: a larger row is a bad row (row_too_large), an error or skipped with skip_invalid, "
+        "row's texts): a larger row is a bad row (row_too_large), an error or skipped with skip_invalid, "
         "and is never parsed or tokenized. None: 1 KiB per token of max_length, at least 1 MiB (64 MiB without "
-        "max_length). See docs/data.md.")})
+        "max_length). See docs/data.md."))
     disable_dropout: bool = field(default=True, metadata={"help": (
         "Turn every dropout of the policy and the reference off, so that both score a sequence the same way "
         "and the implicit rewards are not noise (TRL's meaning and default).")})
@@ -269,26 +276,25 @@ class TrainConfig:
     fsdp: bool = field(default=False, metadata={"help": (
         "Under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of replicating "
         "them. A plain switch, unlike TrainingArguments.fsdp.")})
-    chunk_size: int | None = field(default=None, metadata={"help": (
-        "Scored token positions per chunk of the fused log-prob kernel, >= 1 (smaller: less memory). None: "
-        "the device's default (epsdpo.ops).")})
+    chunk_size: int | None = integer(None, (
+        "Scored token positions per chunk of the fused log-prob kernel (smaller: less memory). None: "
+        "the device's default (epsdpo.ops)."))
     precompute_ref_log_probs: bool = field(default=False, metadata={"help": (
         "Compute the reference log-probs of every training and eval pair once, before training, then release "
         "the reference model: the reference is not run during training and needs no memory (TRL's meaning). "
         "Training is the same as without it. Only where the reference is fixed and only its log-probs are "
         "needed: method=dpo or beta_dpo (or epsilon_dpo with epsilon_check 0), without sync_ref_model. "
         "Recomputed on resume.")})
-    precompute_ref_batch_size: int | None = field(default=None, metadata={"help": (
-        "Pairs per batch of the precomputation, >= 1 (TRL's meaning). None: per_device_train_batch_size for "
-        "the training data, per_device_eval_batch_size for the eval data.")})
+    precompute_ref_batch_size: int | None = integer(None, (
+        "Pairs per batch of the precomputation (TRL's meaning). None: per_device_train_batch_size for "
+        "the training data, per_device_eval_batch_size for the eval data."))
     # logging, evaluation, checkpoints
     logging_strategy: Literal["steps", "epoch", "no"] = field(default="steps", metadata={"help": (
         "When training metrics are logged (TRL's meaning and default): steps (every logging_steps), epoch (at "
         "the end of each epoch) or no (never; eval metrics are still logged). steps and epoch also log the "
         "last step.")})
-    logging_steps: int = field(default=10, metadata={"help": (
-        "Log metrics every this many optimizer steps, >= 1, and at the last step (TRL's meaning and "
-        "default).")})
+    logging_steps: int = integer(10, (
+        "Log metrics every this many optimizer steps, and at the last step (TRL's meaning and default)."))
     logging_first_step: bool = field(default=False, metadata={"help": (
         "Also log the training metrics of the first optimizer step (TRL's meaning and default).")})
     eval_strategy: Literal["steps", "epoch", "no"] | None = field(default=None, metadata={"help": (
@@ -296,21 +302,21 @@ class TrainConfig:
         "as in TRL), epoch (at the end of each epoch) or no (never, not even at the end of training). Unless "
         "it is no, the eval data is also evaluated at the end of training, which TRL does only when the last "
         "step falls on eval_steps. None (the default): every eval_steps when set, and at the end.")})
-    eval_steps: int | None = field(default=None, metadata={"help": (
-        "Evaluate on the eval data every this many optimizer steps, >= 1. None: never during training (but "
-        "see eval_strategy). Ignored when eval_strategy is epoch or no, as in TRL.")})
+    eval_steps: int | None = integer(None, (
+        "Evaluate on the eval data every this many optimizer steps. None: never during training (but "
+        "see eval_strategy). Ignored when eval_strategy is epoch or no, as in TRL."))
     save_strategy: Literal["steps", "epoch", "no"] | None = field(default=None, metadata={"help": (
         "When a resumable checkpoint is saved (TRL's meaning): steps (every save_steps; unset, every 500, "
         "TRL's default), epoch (at the end of each epoch) or no (never); steps and epoch also save the last "
         "step, as transformers does. None (the default): every save_steps when set, else never. The final "
         "model is saved either way. TRL's best is not supported.")})
-    save_steps: int | None = field(default=None, metadata={"help": (
-        "Save a resumable checkpoint (output_dir/checkpoint-STEP) every this many optimizer steps, >= 1. "
+    save_steps: int | None = integer(None, (
+        "Save a resumable checkpoint (output_dir/checkpoint-STEP) every this many optimizer steps. "
         "None: none (but see save_strategy); the final model is saved either way. Ignored when save_strategy "
-        "is epoch or no, as in TRL.")})
-    save_total_limit: int | None = field(default=None, metadata={"help": (
-        "Keep at most this many checkpoints, >= 1, deleting the oldest (the one just written is always "
-        "kept). None: keep all (TRL's meaning).")})
+        "is epoch or no, as in TRL."))
+    save_total_limit: int | None = integer(None, (
+        "Keep at most this many checkpoints, deleting the oldest (the one just written is always "
+        "kept). None: keep all (TRL's meaning)."))
     save_only_model: bool = field(default=False, metadata={"help": (
         "Checkpoints hold the model alone (weights, config, tokenizer), without the optimizer, scheduler, "
         "sampler and β state that resuming needs (transformers' meaning): smaller, and each loads with "
@@ -322,9 +328,10 @@ class TrainConfig:
     greater_is_better: bool | None = field(default=None, metadata={"help": (
         "Whether a greater metric_for_best_model is better. None: true unless the metric's name ends in loss "
         "(transformers' default).")})
-    load_best_model_at_end: bool = field(default=False, metadata={"help": (
-        "Accepted only as false: the final model is the last step's. The best checkpoint is named in "
-        "trainer_state.json's best_model_checkpoint, and loads with from_pretrained.")})
+    load_best_model_at_end: bool = one_of(False, (
+        "Accepted only as false: the final model is the last step's."), False, note=(
+        ": the final model is the last step's; trainer_state.json's best_model_checkpoint names the best "
+        "checkpoint (metric_for_best_model), which loads with from_pretrained"))
     overwrite_output_dir: bool = field(default=False, metadata={"help": (
         "A fresh run refuses an output_dir holding another run's checkpoints or metrics; true clears them "
         "first (TRL/transformers' meaning). Resuming never needs it.")})
@@ -342,116 +349,56 @@ class TrainConfig:
     remove_unused_columns: bool = field(default=True, metadata={"help": (
         "Accepted so that TRL configs (which often set it false) run unchanged; it changes nothing here: the "
         "data loader reads only the prompt, chosen and rejected columns, whatever this says.")})
-    push_to_hub: bool = field(default=False, metadata={"help": (
-        "Accepted only as false: epsdpo uploads nothing. Push output_dir/final yourself, e.g. with "
-        "huggingface_hub's upload_folder.")})
+    push_to_hub: bool = one_of(False, "Accepted only as false: epsdpo uploads nothing.", False, note=(
+        ": epsdpo has no hub upload; push output_dir/final with huggingface_hub's upload_folder"))
     plots: bool = field(default=True, metadata={"help": (
         "Write plots of the run (loss, β, rewards, ...) to output_dir/plots/ at the end of training.")})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar (main process only)."})
 
     def __post_init__(self) -> None:
+        self._normalise()
+        _refuse_auto_dtype(self)
+        self._check_types()
+        check_allowed(self)  # every field's own rule, declared with the field
+        for check in CHECKS:  # a value's form, and the rules that involve several fields
+            check(self)
+        self._resolve_aliases()
+
+    def _normalise(self) -> None:
+        """The spellings YAML, the command line and TRL give, turned into each field's own form before
+        anything is checked. Only forms it recognises are touched: a wrong value stays for the checks
+        to name."""
         for name in ("logging_strategy", "eval_strategy", "save_strategy"):
             if getattr(self, name) is False:  # YAML 1.1 reads a bare `no` as false
                 setattr(self, name, "no")
         if isinstance(self.resume_allow_changes, str):  # one name, as a YAML scalar
             self.resume_allow_changes = [self.resume_allow_changes]
-        for name in ("dtype", "torch_dtype"):  # TRL's ModelConfig also takes auto; said here, not as a bad choice
-            _check(getattr(self, name) != "auto", name, "auto",
-                   "float32, bfloat16, float16 or None: auto would load the checkpoint's own precision, often "
-                   "bfloat16, and trained weights must be float32 (docs/precision.md); None loads float32")
-        self._check_types()
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, allowed = getattr(self, f.name), _allowed_types(hints[f.name])
+            if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+                try:
+                    setattr(self, f.name, float(value))  # ints are accepted for a float field, widened
+                except OverflowError:  # beyond any float: left for the type check to refuse
+                    pass
+            elif list[str] in allowed and isinstance(value, tuple):
+                setattr(self, f.name, list(value))
+        # one name as a list (what `--report_to wandb` parses to, TRL's `[sigmoid]`) is that name, as
+        # TRL's ModelConfig does for lora_target_modules
+        for name in ("lora_target_modules", "report_to", "loss_type"):
+            value = getattr(self, name)
+            if isinstance(value, list) and len(value) == 1:
+                setattr(self, name, value[0])
         for name in MAPPING_FIELDS:
             self._read_mapping(name)
-        _check(self.optim in OPTIMIZERS, "optim", self.optim,
-               "adamw_torch or adamw_torch_fused: AdamW is the one optimizer implemented")
-        _check(self.adam_epsilon > 0, "adam_epsilon", self.adam_epsilon, "a finite number > 0")
-        self._check_scheduler_kwargs()
-        if self.torch_dtype is not None:
-            _check(self.dtype in (None, self.torch_dtype), "torch_dtype", self.torch_dtype,
-                   f"unset or equal to dtype ({self.dtype!r}): they are two spellings of one setting")
-            self.dtype = self.torch_dtype
-        _check(self.lora_r >= 1 and self.lora_alpha >= 1, "lora_r", (self.lora_r, self.lora_alpha),
-               "lora_r and lora_alpha integers >= 1")
-        _check(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "in [0, 1)")
-        if isinstance(self.lora_target_modules, list) and len(self.lora_target_modules) == 1:
-            self.lora_target_modules = self.lora_target_modules[0]  # TRL's ModelConfig does the same
-        _check(self.lora_target_modules is None or bool(self.lora_target_modules)
-               and all(self.lora_target_modules), "lora_target_modules", self.lora_target_modules,
-               "None, a module name pattern such as 'all-linear', or a non-empty list of module names")
-        self._check_device()
-        _check(self.chat_template_path is None or self.chat_template_path.endswith(CHAT_TEMPLATE_SUFFIXES),
-               "chat_template_path", self.chat_template_path,
-               "None or a .jinja or .j2 template file (TRL's other form, a tokenizer to clone the template from, "
-               "is not supported: save that tokenizer's chat_template to a .jinja file)")
-        if isinstance(self.report_to, list) and len(self.report_to) == 1:
-            self.report_to = self.report_to[0]  # one name as a list (what `--report_to wandb` parses to)
-        reporters = [self.report_to] if isinstance(self.report_to, str) else self.report_to
-        _check(all(r in REPORTERS for r in reporters) and (len(reporters) == 1 or not set(reporters) & set(REPORTER_ALONE)),
-               "report_to", self.report_to, "one of " + ", ".join(map(repr, REPORTER_ALONE)) + ", or a list of "
-               + ", ".join(map(repr, REPORTER_BACKENDS)))
-        _check(not self.push_to_hub, "push_to_hub", self.push_to_hub,
-               "False: epsdpo has no hub upload; push output_dir/final with huggingface_hub's upload_folder")
-        _check(not self.load_best_model_at_end, "load_best_model_at_end", self.load_best_model_at_end,
-               "False: the final model is the last step's; trainer_state.json's best_model_checkpoint names the "
-               "best checkpoint (metric_for_best_model), which loads with from_pretrained")
-        _check(not (self.bf16 and self.fp16), "fp16", self.fp16, "False when bf16=True (choose one compute precision)")
-        _check(self.beta >= MIN_BETA, "beta", self.beta, f"a finite number >= {MIN_BETA:g} (a smaller β trains nothing)")
-        _check(self.beta_min is None or MIN_BETA <= self.beta_min <= self.beta, "beta_min", self.beta_min,
-               f"None or between {MIN_BETA:g} and beta ({self.beta:g})")
-        _check(0 <= self.epsilon < 1, "epsilon", self.epsilon, "in [0, 1)")
-        _check(self.epsilon_check is None or 0 <= self.epsilon_check < 1, "epsilon_check", self.epsilon_check,
-               "None or in [0, 1)")
-        _check(self.ref_model_sync_steps >= 1, "ref_model_sync_steps", self.ref_model_sync_steps, "an integer >= 1")
-        _check(0 < self.ref_model_mixup_alpha <= 1, "ref_model_mixup_alpha", self.ref_model_mixup_alpha, "in (0, 1]")
-        _check(self.beta_dpo_alpha >= 0, "beta_dpo_alpha", self.beta_dpo_alpha, "a finite number >= 0")
-        _check(0 <= self.beta_dpo_momentum < 1, "beta_dpo_momentum", self.beta_dpo_momentum, "in [0, 1)")
-        _check(self.beta_dpo_filter is None or 0 < self.beta_dpo_filter <= 1, "beta_dpo_filter",
-               self.beta_dpo_filter, "None or in (0, 1]")
-        _check(0 <= self.cdpo_smoothing < 0.5, "cdpo_smoothing", self.cdpo_smoothing, "in [0, 0.5)")
-        # TRL 1.16's sigmoid loss ignores label_smoothing; applying it here would change what a TRL config trains
-        _check(self.label_smoothing == 0, "label_smoothing", self.label_smoothing,
-               "0 (TRL's sigmoid loss ignores it); for conservative DPO smoothing set cdpo_smoothing")
-        if isinstance(self.loss_type, list) and len(self.loss_type) == 1:
-            self.loss_type = self.loss_type[0]  # TRL's list form, [sigmoid]
-        self._check_method()
-        if self.padding_free:
-            _check(self.layout != "shared_prompt", "padding_free", self.padding_free,
-                   "False with layout='shared_prompt' (padding_free=True means layout='packed')")
-            self.layout = "packed"
-        _check(self.learning_rate >= 0, "learning_rate", self.learning_rate, "a finite number >= 0")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "logging_steps", "pad_to_multiple_of"):
-            _check(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
-        _check(self.max_steps == -1 or self.max_steps >= 1, "max_steps", self.max_steps, "-1 (unset) or an integer >= 1")
-        _check(self.num_train_epochs > 0 or self.max_steps > 0, "num_train_epochs", self.num_train_epochs,
-               "a finite number > 0 (or set max_steps >= 1)")
-        _check(0 <= self.warmup_ratio <= 1, "warmup_ratio", self.warmup_ratio, "in [0, 1]")
-        _check(0 <= self.warmup_steps <= MAX_INT, "warmup_steps", self.warmup_steps, f"in [0, {MAX_INT}]")
-        _check(self.num_train_epochs <= MAX_INT, "num_train_epochs", self.num_train_epochs, f"at most {MAX_INT}")
-        _check(not (self.warmup_steps and self.warmup_ratio), "warmup_ratio", self.warmup_ratio,
-               f"0 when warmup_steps is set ({self.warmup_steps:g}): they are two spellings of one warm-up")
-        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a finite number >= 0")
-        for name in ("adam_beta1", "adam_beta2"):
-            _check(0 <= getattr(self, name) < 1, name, getattr(self, name), "in [0, 1)")
-        _check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "a finite number >= 0 (0 disables clipping)")
-        for name in ("max_length", "max_prompt_length", "max_completion_length", "eval_steps", "save_steps",
-                     "save_total_limit", "max_tokens_per_batch", "chunk_size", "precompute_ref_batch_size",
-                     "dataset_num_proc", "max_row_bytes"):
-            value = getattr(self, name)
-            _check(value is None or value >= 1, name, value, "None or an integer >= 1")
-        _check(0 <= self.seed < 2**32, "seed", self.seed, "an integer in [0, 2**32)")
-        _check(1 <= self.ddp_timeout <= MAX_INT, "ddp_timeout", self.ddp_timeout,
-               f"an integer number of seconds in [1, {MAX_INT}]")
-        _check(bool(self.output_dir), "output_dir", self.output_dir, "a non-empty path")
-        if self.resume_allow_changes:
-            from epsdpo.run_identity import check_allow_list
 
-            check_allow_list(self.resume_allow_changes)
-        if self.precompute_ref_log_probs:
-            self._check_precompute()
-        if self.max_length is not None and self.max_prompt_length is not None:
-            _check(self.max_prompt_length < self.max_length, "max_prompt_length", self.max_prompt_length,
-                   f"below max_length ({self.max_length})")
+    def _resolve_aliases(self) -> None:
+        """Two spellings of one setting become one, once the checks have shown they agree: torch_dtype
+        is dtype, padding_free=True is layout='packed'."""
+        if self.torch_dtype is not None:
+            self.dtype = self.torch_dtype
+        if self.padding_free:
+            self.layout = "packed"
 
     def _read_mapping(self, name: str) -> None:
         """A `dict | str` field: the command line's JSON string becomes the mapping it spells."""
@@ -461,10 +408,8 @@ class TrainConfig:
                 value = json.loads(value)
             # not JSON, an integer over Python's 4300 digits (ValueError), nested past the recursion limit
             except (ValueError, RecursionError) as error:
-                raise ValueError(f"{name}={shown(value)} is invalid: must be a JSON object "
-                                 f"({shown(str(error))[1:-1]})") from None
+                raise ConfigFieldError(name, value, f"a JSON object ({shown(str(error))[1:-1]})") from None
             setattr(self, name, value)
-        _check(value is None or isinstance(value, dict), name, value, "a mapping (or its JSON string) or None")
 
     def _check_scheduler_kwargs(self) -> None:
         """lr_scheduler_kwargs names only arguments its schedule takes, and cosine_with_min_lr its floor:
@@ -547,38 +492,34 @@ class TrainConfig:
 
     def _check_types(self) -> None:
         """Every field against its annotation: choices for Literals, exact types for bool/int/str,
-        finite numbers for floats (ints are accepted and widened). The error names the field."""
+        finite numbers for floats, and no integer beyond what the Rust core and torch hold. The error
+        names the field."""
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             allowed = _allowed_types(hints[f.name])
-            if value is None and type(None) in allowed:
+            or_none = " or None" if type(None) in allowed else ""
+            if value is None and or_none:
                 continue
             literal = next((a for a in allowed if typing.get_origin(a) is Literal), None)
             if literal is not None:
                 _check(value in typing.get_args(literal), f.name, value,
-                       "one of " + ", ".join(repr(c) for c in typing.get_args(literal))
-                       + (" or None" if type(None) in allowed else ""))
+                       "one of " + ", ".join(repr(c) for c in typing.get_args(literal)) + or_none)
             elif float in allowed:
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                _check(ok, f.name, value, "a finite number" + (" or None" if type(None) in allowed else ""))
-                setattr(self, f.name, float(value))
-            elif dict in allowed and isinstance(value, (dict, str)):  # MAPPING_FIELDS, read in __post_init__
-                continue
+                _check(isinstance(value, float) and math.isfinite(value), f.name, value, "a finite number" + or_none)
+            elif dict in allowed:  # MAPPING_FIELDS, their JSON strings read by _normalise
+                _check(isinstance(value, dict), f.name, value, "a mapping (or its JSON string)" + or_none)
             elif list[str] in allowed and isinstance(value, str):  # report_to, lora_target_modules: one name
                 continue
-            elif list[str] in allowed and isinstance(value, (list, tuple)):  # report_to: a list of names
-                _check(all(isinstance(v, str) for v in value), f.name, value, "a string or a list of strings")
-                setattr(self, f.name, list(value))
             elif list[str] in allowed:
-                _check(False, f.name, value, "a string or a list of strings" + (" or None" if type(None) in allowed else ""))
+                _check(isinstance(value, list) and all(isinstance(v, str) for v in value), f.name, value,
+                       "a string or a list of strings" + or_none)
             else:
                 kind = next(a for a in allowed if a is not type(None))
                 ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-                _check(ok, f.name, value, f"{'an integer' if kind is int else 'a ' + kind.__name__}"
-                       + (" or None" if type(None) in allowed else ""))
-                if kind is int:  # seed's own range is checked in __post_init__
-                    limit = 2**32 - 1 if f.name == "seed" else MAX_INT
+                _check(ok, f.name, value, f"{'an integer' if kind is int else 'a ' + kind.__name__}" + or_none)
+                if kind is int:
+                    limit = _int_ceiling(f)
                     _check(value <= limit, f.name, value, f"an integer of at most {limit} (2**{limit.bit_length()} - 1)")
 
     def warmup_steps_for(self, total_steps: int) -> int:
@@ -680,6 +621,108 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# Checks of a value's form (a device, a file name, a list of backends) and of several fields together;
+# each field's own bound is declared with the field (epsdpo.config_fields) and checked before these.
+
+
+def _refuse_auto_dtype(c: TrainConfig) -> None:
+    """TRL's ModelConfig also takes auto; said here, not as a bad choice."""
+    for name in ("dtype", "torch_dtype"):
+        _check(getattr(c, name) != "auto", name, "auto",
+               "float32, bfloat16, float16 or None: auto would load the checkpoint's own precision, often "
+               "bfloat16, and trained weights must be float32 (docs/precision.md); None loads float32")
+
+
+def _dtype_spellings_agree(c: TrainConfig) -> None:
+    if c.torch_dtype is not None:
+        _check(c.dtype in (None, c.torch_dtype), "torch_dtype", c.torch_dtype,
+               f"unset or equal to dtype ({c.dtype!r}): they are two spellings of one setting")
+
+
+def _lora_targets_named(c: TrainConfig) -> None:
+    _check(c.lora_target_modules is None or bool(c.lora_target_modules) and all(c.lora_target_modules),
+           "lora_target_modules", c.lora_target_modules,
+           "None, a module name pattern such as 'all-linear', or a non-empty list of module names")
+
+
+def _chat_template_is_a_file(c: TrainConfig) -> None:
+    _check(c.chat_template_path is None or c.chat_template_path.endswith(CHAT_TEMPLATE_SUFFIXES),
+           "chat_template_path", c.chat_template_path,
+           "None or a .jinja or .j2 template file (TRL's other form, a tokenizer to clone the template from, "
+           "is not supported: save that tokenizer's chat_template to a .jinja file)")
+
+
+def _reporters_known(c: TrainConfig) -> None:
+    reporters = [c.report_to] if isinstance(c.report_to, str) else c.report_to
+    _check(all(r in REPORTERS for r in reporters) and (len(reporters) == 1 or not set(reporters) & set(REPORTER_ALONE)),
+           "report_to", c.report_to, "one of " + ", ".join(map(repr, REPORTER_ALONE)) + ", or a list of "
+           + ", ".join(map(repr, REPORTER_BACKENDS)))
+
+
+def _one_compute_precision(c: TrainConfig) -> None:
+    _check(not (c.bf16 and c.fp16), "fp16", c.fp16, "False when bf16=True (choose one compute precision)")
+
+
+def _beta_floor_below_beta(c: TrainConfig) -> None:
+    _check(c.beta_min is None or c.beta_min <= c.beta, "beta_min", c.beta_min,
+           f"None or between {MIN_BETA:g} and beta ({c.beta:g})")
+
+
+def _padding_free_is_packed(c: TrainConfig) -> None:
+    _check(not c.padding_free or c.layout != "shared_prompt", "padding_free", c.padding_free,
+           "False with layout='shared_prompt' (padding_free=True means layout='packed')")
+
+
+def _epochs_or_steps(c: TrainConfig) -> None:
+    _check(c.num_train_epochs > 0 or c.max_steps > 0, "num_train_epochs", c.num_train_epochs,
+           "a finite number > 0 (or set max_steps >= 1)")
+
+
+def _warmup_given_once(c: TrainConfig) -> None:
+    _check(not (c.warmup_steps and c.warmup_ratio), "warmup_ratio", c.warmup_ratio,
+           f"0 when warmup_steps is set ({c.warmup_steps:g}): they are two spellings of one warm-up")
+
+
+def _output_dir_named(c: TrainConfig) -> None:
+    _check(bool(c.output_dir), "output_dir", c.output_dir, "a non-empty path")
+
+
+def _resume_changes_allowed(c: TrainConfig) -> None:
+    if c.resume_allow_changes:
+        from epsdpo.run_identity import check_allow_list
+
+        check_allow_list(c.resume_allow_changes)
+
+
+def _precompute_allowed(c: TrainConfig) -> None:
+    if c.precompute_ref_log_probs:
+        c._check_precompute()
+
+
+def _prompt_below_max_length(c: TrainConfig) -> None:
+    if c.max_length is not None and c.max_prompt_length is not None:
+        _check(c.max_prompt_length < c.max_length, "max_prompt_length", c.max_prompt_length,
+               f"below max_length ({c.max_length})")
+
+
+CHECKS = (
+    TrainConfig._check_scheduler_kwargs, _dtype_spellings_agree, _lora_targets_named, TrainConfig._check_device,
+    _chat_template_is_a_file, _reporters_known, _one_compute_precision, _beta_floor_below_beta,
+    TrainConfig._check_method, _padding_free_is_packed, _epochs_or_steps, _warmup_given_once, _output_dir_named,
+    _resume_changes_allowed, _precompute_allowed, _prompt_below_max_length,
+)
+
+
+def _int_ceiling(f: dataclasses.Field) -> int:
+    """The largest value of an integer field: its rule's own top when it has one (seed: 2**32 - 1),
+    else MAX_INT."""
+    rule = rule_of(f)
+    high = getattr(rule, "high", None)
+    if isinstance(high, int):
+        return high - 1 if rule.high_open else high
+    return MAX_INT
+
+
 def _device_count(kind: str) -> int:
     """How many devices of a kind torch sees here (mps: one or none)."""
     import torch
@@ -709,13 +752,7 @@ def _numeric(value: Any, hint: Any) -> Any:
 def _refuse_unknown(data: dict[Any, Any], known: list[str]) -> None:
     unknown = sorted((k for k in data if k not in known), key=str)
     if unknown:
-        import difflib
-
-        unknown = unknown[:10]  # a file of a million keys gets a message of ten
-        close = {k: difflib.get_close_matches(str(k)[:MAX_SHOWN], known, n=1) for k in unknown}
-        hints = ", ".join(f"{m[0]!r}" + (f" for {shown(k)}" if len(unknown) > 1 else "") for k, m in close.items() if m)
-        raise ValueError(f"unknown config keys {shown(unknown)}" + (f" (did you mean {hints}?)" if hints else "")
-                         + f"; known keys: {sorted(known)}")
+        raise UnknownConfigKeysError(unknown[:10], known)  # a file of a million keys gets a message of ten
 
 
 def _allowed_types(hint: Any) -> tuple[Any, ...]:
@@ -727,4 +764,4 @@ def _allowed_types(hint: Any) -> tuple[Any, ...]:
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise ValueError(f"{name}={shown(value)} is invalid: must be {allowed}")
+        raise ConfigFieldError(name, value, allowed)

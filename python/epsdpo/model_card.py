@@ -10,13 +10,10 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from epsdpo.config import TrainConfig
 from epsdpo.methods import method_class
-
-if TYPE_CHECKING:
-    from epsdpo.trainer import Trainer
 
 TRAIN_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
 EVAL_METRICS = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
@@ -25,7 +22,7 @@ BETA_PLOT = "beta.png"
 
 @dataclass
 class RunFacts:
-    """What the card reports besides the config, gathered by the trainer when the run ends."""
+    """What the card reports besides the config, named by the trainer when the run ends."""
 
     steps: int
     beta_initial: float
@@ -153,18 +150,9 @@ def write_model_card(folder: Path, config: TrainConfig, run: RunFacts, plot: Pat
     return path
 
 
-def write_run_card(trainer: Trainer, final: Path) -> None:
+def write_run_card(final: Path, config: TrainConfig, run: RunFacts, plot: Path | None) -> None:
     """`README.md` of a finished run's `final/` (rank 0, after the ledger and the plots), written into
     `final`: the staging folder that becomes `final/` once complete."""
     from epsdpo.checkpoint import write_file
 
-    t = trainer
-    run = RunFacts(
-        steps=t.state.global_step, beta_initial=float(t.kl.beta_history()[0]), beta_final=t.kl.beta,
-        train_pairs=len(t.train_store), world_size=t.dist.world_size, history=t.metrics.history,
-        base_model=t.sources["model"], train_data=t.sources["train"],
-        eval_pairs=None if t.eval_store is None else len(t.eval_store), eval_data=t.sources["eval"],
-        resumes=t.resumes,
-    )
-    plot = t.output_dir / "plots" / "beta.png" if t.config.plots else None
-    write_file(final / "README.md", lambda _: write_model_card(final, t.config, run, plot))
+    write_file(final / "README.md", lambda _: write_model_card(final, config, run, plot))

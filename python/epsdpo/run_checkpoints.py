@@ -1,8 +1,8 @@
 """A run's checkpoints as the trainer sees them: what is saved after a step, how a run resumes, and
 the folder a fresh run may claim. The file format (staging, manifest, weights-only loading) is
-`epsdpo.checkpoint`'s; this module decides which of the trainer's parts go in and come back out,
-and keeps every rank in step while rank 0 writes. An FSDP run, whose every rank writes its own
-shards, needs an output_dir shared by all ranks: it checks that before its first step, and again on
+`epsdpo.checkpoint`'s; this module decides which of the run's parts (`RunParts`, named by the
+trainer) go in and come back out, and keeps every rank in step while rank 0 writes. An FSDP run,
+whose every rank writes its own shards, needs an output_dir shared by all ranks: it checks that before its first step, and again on
 each checkpoint, before a manifest could vouch for shards rank 0 cannot see.
 """
 
@@ -13,6 +13,8 @@ import os
 import secrets
 import shutil
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +40,6 @@ from epsdpo.checkpoint import (
     verify_checkpoint,
 )
 from epsdpo.beta_ledger import kl_state_files
-from epsdpo.callbacks import stateful_callbacks
 from epsdpo.distributed import DistInfo, all_reduce_sum, any_rank, barrier, gather_bytes, on_main_rank
 from epsdpo.sharding import full_model_state
 from epsdpo.run_identity import (
@@ -47,11 +48,43 @@ from epsdpo.run_identity import (
     differences,
     refusal,
     saved_identity,
-    trainer_identity,
 )
 
 if TYPE_CHECKING:
-    from epsdpo.trainer import Trainer
+    from transformers import PreTrainedTokenizerBase, TrainerState
+
+    from epsdpo._core import BatchSampler, KlController
+    from epsdpo.config import TrainConfig
+    from epsdpo.beta_rules import KlControlledBeta
+    from epsdpo.precision import Precision
+    from epsdpo.reporting import MetricsLog
+
+
+@dataclass(frozen=True)
+class RunParts:
+    """What a checkpoint saves and a resume restores, by name. The objects are the run's own: a
+    resume loads their state in place (the model's weights, the optimizer's moments, `state`'s
+    counts); `resume_run` returns the one value it replaces (the list of resumes)."""
+
+    config: TrainConfig
+    dist: DistInfo
+    output_dir: Path
+    sharded: bool  # FSDP: every rank saves and loads its own shards
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    tokenizer: PreTrainedTokenizerBase | None
+    ref_model: torch.nn.Module | None
+    moves_reference: bool  # the reference follows the policy (TR-DPO): it is saved and restored too
+    kl: KlController
+    beta_rule: KlControlledBeta
+    sampler: BatchSampler
+    precision: Precision
+    state: TrainerState  # transformers' TrainerState, with the run's loss sum
+    metrics: MetricsLog
+    steps_per_epoch: int
+    resumes: list[dict[str, Any]]
+    identity: Callable[[], dict[str, Any]]  # the run's identity (epsdpo.run_identity), computed once
 
 
 class OutputDirNotSharedError(RuntimeError):
@@ -59,14 +92,14 @@ class OutputDirNotSharedError(RuntimeError):
     checkpoints from every rank (FSDP): its checkpoints would be incomplete on every node."""
 
 
-def save_run(trainer: Trainer, sampler_state: bytes) -> None:
+def save_run(run: RunParts, sampler_state: bytes) -> None:
     """Checkpoint the run after its current step. Every rank calls this: FSDP ranks each write their
     own shards; rank 0 writes the rest and renames the finished checkpoint into place."""
-    t, step = trainer, trainer.state.global_step
+    t, step = run, run.state.global_step
     # every rank's controller: β is the same on all of them, each rank's pair ledger is its own
     kl_states = gather_bytes(t.kl.state_dict()["state"], t.dist)
     kl_files = kl_state_files(t.dist.world_size)
-    reference = t.ref_model if t.method.moves_reference else None
+    reference = t.ref_model if t.moves_reference else None
     model, optimizer_state = t.model, None
     # Each rank's own generators: with dropout on, every rank draws its own masks, so restoring rank 0's
     # state on every rank would not continue the run exactly
@@ -87,15 +120,14 @@ def save_run(trainer: Trainer, sampler_state: bytes) -> None:
     if t.config.metric_for_best_model is not None and t.state.best_global_step == step:
         # as transformers' Trainer names the checkpoint of the best evaluation when it saves one
         t.state.best_model_checkpoint = str(t.output_dir / f"{PREFIX}{step}")
-    t.state.stateful_callbacks = stateful_callbacks(t.callback_handler, t.control)
     if t.dist.is_main:
         save_checkpoint(
             t.output_dir, step, model=model, optimizer_state=optimizer_state, scheduler=t.scheduler,
             kl_state=kl_states[0], sampler_state=sampler_state, rank_files=dict(zip(kl_files[1:], kl_states[1:])),
             trainer_state=t.state,
             run_state={"global_step": step, "max_steps": t.state.max_steps, "beta": t.kl.beta,
-                       "world_size": t.dist.world_size, "beta_rule": t.method.beta_rule.state_dict(),
-                       "run_identity": trainer_identity(t), "resumes": t.resumes, "kl_state_files": kl_files,
+                       "world_size": t.dist.world_size, "beta_rule": t.beta_rule.state_dict(),
+                       "run_identity": t.identity(), "resumes": t.resumes, "kl_state_files": kl_files,
                        "loss_sum": t.state.loss_sum, "loss_steps": t.state.loss_steps},
             reference=reference, config=t.config.to_dict(), save_total_limit=t.config.save_total_limit,
             extra_state={"loss_scaler": t.precision.state_dict()}, pretrained=t.model, tokenizer=t.tokenizer,
@@ -104,12 +136,13 @@ def save_run(trainer: Trainer, sampler_state: bytes) -> None:
     barrier(t.dist)  # no rank moves on (or prunes, or resumes) before the checkpoint is in place
 
 
-def resume_run(trainer: Trainer, path: Path) -> None:
+def resume_run(run: RunParts, path: Path) -> list[dict[str, Any]]:
     """Restore everything a checkpoint holds into the trainer, after checking that it is whole, that
     it was written by a run with this run's training settings (epsdpo.run_identity; the world size
     first), and that its step count agrees with its β state. Changes `resume_allow_changes` lets
-    through are applied over the restored optimizer and scheduler, and recorded."""
-    t = trainer
+    through are applied over the restored optimizer and scheduler, and recorded: the run's resumes,
+    this one last, are returned."""
+    t = run
     # A moved reference is required only once the settings check has shown that the checkpoint's run
     # moved it too (else the settings differ, and that is the message to give)
     _verify_once(path, t.dist, reference=False)
@@ -122,17 +155,17 @@ def resume_run(trainer: Trainer, path: Path) -> None:
             "alone are in final/ or load into any world size)"
         )
     changed = _check_identity(t, path, saved_state)
-    if t.method.moves_reference and not t.sharded and not (path / "reference.safetensors").is_file():
+    if t.moves_reference and not t.sharded and not (path / "reference.safetensors").is_file():
         raise CheckpointError(
             f"{path} holds no reference.safetensors: this run's reference moves toward the policy (method="
             f"{t.config.method!r}, sync_ref_model={t.config.sync_ref_model}), but the run that wrote the checkpoint "
             "kept a fixed reference, so the moved reference to resume from does not exist"
         )
-    if t.method.moves_reference:
+    if t.moves_reference:
         require_listed(path, resume_reads(path, reference=True))
     own_kl_state = _own_kl_state(t, path, saved_state)
     restored = load_checkpoint(path, t.model, t.optimizer, t.scheduler,
-                               reference=t.ref_model if t.method.moves_reference else None,
+                               reference=t.ref_model if t.moves_reference else None,
                                sharded=t.sharded, rank=t.dist.rank)
     t.kl.load_state_dict({"state": restored["kl_state"] if own_kl_state is None else own_kl_state})
     t.sampler.load_state_dict({"state": restored["sampler_state"]})
@@ -144,17 +177,17 @@ def resume_run(trainer: Trainer, path: Path) -> None:
             f"{path / RUN_STATE} says step {t.state.global_step} and β {trainer_state.get('beta')}, but the KL "
             f"controller state holds {len(t.kl.beta_history()) - 1} steps and β {t.kl.beta}"
         )
-    t.method.beta_rule.load_state_dict(trainer_state.get("beta_rule", {}))
+    t.beta_rule.load_state_dict(trainer_state.get("beta_rule", {}))
     t.state.beta = t.kl.beta
     _restore_progress(t, read_trainer_state(path), trainer_state)
     if changed:
         _apply_optimizer_settings(t)
-    t.resumes = [*trainer_state.get("resumes", []), {
+    return [*trainer_state.get("resumes", []), {
         "step": t.state.global_step, "checkpoint": path.name,
         "changed": {key: list(values) for key, values in changed.items()}}]
 
 
-def _restore_progress(t: Trainer, hf_state: dict[str, Any], run_state: dict[str, Any]) -> None:
+def _restore_progress(t: RunParts, hf_state: dict[str, Any], run_state: dict[str, Any]) -> None:
     """What transformers' TrainerState carries on (the logged history, epoch, tokens seen, best metric)
     and the training-loss sum for train_loss. A checkpoint written before trainer_state.json was
     transformers' lacks all but the history: the counts then start at the resumed step."""
@@ -167,7 +200,7 @@ def _restore_progress(t: Trainer, hf_state: dict[str, Any], run_state: dict[str,
     t.state.loss_steps = int(run_state.get("loss_steps", 0))
 
 
-def _own_kl_state(t: Trainer, path: Path, saved_state: dict) -> bytes | None:
+def _own_kl_state(t: RunParts, path: Path, saved_state: dict) -> bytes | None:
     """This rank's KL controller state when the checkpoint keeps one per rank and this is not rank 0
     (None: the checkpoint's kl_controller.bin, which load_checkpoint reads). Every rank learns whether
     any rank could not read its own, so that all stop together instead of waiting for that one."""
@@ -195,7 +228,7 @@ def _own_kl_state(t: Trainer, path: Path, saved_state: dict) -> bytes | None:
     return state
 
 
-def _check_identity(t: Trainer, path: Path, saved_state: dict) -> dict[str, tuple]:
+def _check_identity(t: RunParts, path: Path, saved_state: dict) -> dict[str, tuple]:
     """The differences between the checkpoint's run and this one that resume_allow_changes allows;
     any other difference is a CheckpointError listing them all."""
     config = json.loads((path / TRAINING_CONFIG).read_text()) if (path / TRAINING_CONFIG).is_file() else {}
@@ -203,7 +236,7 @@ def _check_identity(t: Trainer, path: Path, saved_state: dict) -> dict[str, tupl
     if saved is None:
         raise CheckpointError(f"{path / TRAINING_CONFIG} is not a config this version reads, so the checkpoint "
                               "cannot be matched to this run: start a new run from its weights")
-    diffs = differences(saved, trainer_identity(t))
+    diffs = differences(saved, t.identity())
     allow = allowed(t.config)
     if any(key not in allow for key in diffs):
         raise CheckpointError(refusal(path, diffs, allow))
@@ -214,7 +247,7 @@ def _check_identity(t: Trainer, path: Path, saved_state: dict) -> dict[str, tupl
     return diffs
 
 
-def _apply_optimizer_settings(t: Trainer) -> None:
+def _apply_optimizer_settings(t: RunParts) -> None:
     """This run's learning rate, schedule, weight decay and Adam betas over the restored optimizer and
     scheduler state (which hold the checkpoint's): the scheduler, built from this run's config,
     continues from the checkpoint's step, and the first step after resuming uses its rate."""

@@ -32,11 +32,11 @@ import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
+from epsdpo.config_fields import ConfigFieldError
 from epsdpo.methods import unused_method_fields
 
 if TYPE_CHECKING:
     from epsdpo.config import TrainConfig
-    from epsdpo.trainer import Trainer
 
 FREE_ON_RESUME = frozenset({
     "output_dir", "overwrite_output_dir", "resume_allow_changes",
@@ -86,8 +86,9 @@ def check_allow_list(names: list[str]) -> None:
     for name in names:
         if ALIASES.get(name, name) not in CHANGEABLE_ON_RESUME:
             kind = "always free to change on resume" if name in FREE_ON_RESUME else "fixed by the checkpoint"
-            raise ValueError(f"resume_allow_changes={names!r} is invalid: {name!r} is {kind}; it may list "
-                             + ", ".join(CHANGEABLE_ON_RESUME + tuple(ALIASES)))
+            may_list = ", ".join(CHANGEABLE_ON_RESUME + tuple(ALIASES))
+            raise ConfigFieldError("resume_allow_changes", names, f"a list of {may_list}",
+                                   reason=f"{name!r} is {kind}; it may list {may_list}")
 
 
 def identity(config: TrainConfig, *, total_steps: int, world_size: int, train_data: str | None,
@@ -109,19 +110,6 @@ def identity(config: TrainConfig, *, total_steps: int, world_size: int, train_da
     values["warmup_steps"] = None if config.lr_scheduler_type == "constant" else config.warmup_steps_for(total_steps)
     values.update(world_size=world_size, train_data=train_data, tokenizer=tokenizer)
     return json.loads(json.dumps(values))
-
-
-def trainer_identity(trainer: Trainer) -> dict[str, Any]:
-    """This run's identity, computed once (hashing the training data takes a pass over it)."""
-    t = trainer
-    if getattr(t, "_identity", None) is None:
-        # the fingerprints the ranks compared at start-up, when they did (epsdpo.rank_agreement)
-        known = getattr(t, "_fingerprints", None) or {}
-        train_data = known["train_data"] if "train_data" in known else store_fingerprint(t.train_store)
-        tokenizer = known["tokenizer"] if "tokenizer" in known else tokenizer_fingerprint(t.tokenizer)
-        t._identity = identity(t.config, total_steps=t.state.max_steps, world_size=t.dist.world_size,
-                               train_data=train_data, tokenizer=tokenizer)
-    return t._identity
 
 
 def saved_identity(trainer_state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any] | None:

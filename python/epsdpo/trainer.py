@@ -44,6 +44,7 @@ from epsdpo.callbacks import (
     TrainerState,
     agree_across_ranks,
     best_metric_improved,
+    stateful_callbacks,
 )
 from epsdpo.checkpoint import PREFIX, TRAINER_STATE, list_checkpoints, write_file
 from epsdpo.config import TrainConfig
@@ -65,7 +66,7 @@ from epsdpo.feed import CycleFeed, as_store, check_vocabulary, filler_batch, mak
 from epsdpo.interrupt import StopOnSignal, TrainingInterrupted
 from epsdpo.launcher import apply_launcher_settings
 from epsdpo.methods import build_method
-from epsdpo.model_card import describe_source, write_run_card
+from epsdpo.model_card import RunFacts, describe_source, write_run_card
 from epsdpo.models import (
     AdapterFreeReference,
     ChatTemplateError,
@@ -84,9 +85,10 @@ from epsdpo.precision import (
     torch_dtype,
 )
 from epsdpo.rank_agreement import AUTO, agree_on_checkpoint, check_settings_agree, run_settings
+from epsdpo.run_identity import identity, store_fingerprint, tokenizer_fingerprint
 from epsdpo.reference_logps import lookup, precompute_reference_logps
 from epsdpo.reporting import MetricsLog, RunTotals, eval_summary
-from epsdpo.run_checkpoints import claim_output_dir, require_shared_output_dir, resume_run, save_run
+from epsdpo.run_checkpoints import RunParts, claim_output_dir, require_shared_output_dir, resume_run, save_run
 from epsdpo.run_lock import lock_output_dir
 from epsdpo.scoring import batch_logps
 from epsdpo.sharding import empty_onto_meta, full_model_state, grad_norm_value, shard
@@ -562,7 +564,7 @@ class Trainer:
         if checkpoint is not None:
             if restarts and self.dist.is_main:
                 print(f"epsdpo: torchelastic restart {restarts}: resuming {checkpoint}", flush=True)
-            resume_run(self, checkpoint)
+            self.resumes = resume_run(self._checkpoint_parts(), checkpoint)
         else:
             claim_output_dir(self.output_dir, c.overwrite_output_dir, self.dist, restarted=restarts > 0)
             if restarts and self.dist.is_main:
@@ -652,8 +654,30 @@ class Trainer:
 
     def _save(self, sampler_state: bytes) -> None:
         """A checkpoint of this step, then the callbacks' on_save."""
-        save_run(self, sampler_state)
+        self.state.stateful_callbacks = stateful_callbacks(self.callback_handler, self.control)
+        save_run(self._checkpoint_parts(), sampler_state)
         self.control = self.callback_handler.on_save(self.config, self.state, self.control)
+
+    def _checkpoint_parts(self) -> RunParts:
+        """The parts of this run a checkpoint saves and a resume restores (epsdpo.run_checkpoints)."""
+        return RunParts(
+            config=self.config, dist=self.dist, output_dir=self.output_dir, sharded=self.sharded, model=self.model,
+            optimizer=self.optimizer, scheduler=self.scheduler, tokenizer=self.tokenizer, ref_model=self.ref_model,
+            moves_reference=self.method.moves_reference, kl=self.kl, beta_rule=self.method.beta_rule,
+            sampler=self.sampler, precision=self.precision, state=self.state, metrics=self.metrics,
+            steps_per_epoch=self.steps_per_epoch, resumes=self.resumes, identity=self._run_identity,
+        )
+
+    def _run_identity(self) -> dict[str, Any]:
+        """This run's identity (epsdpo.run_identity), computed once: hashing the training data takes a
+        pass over it. The fingerprints the ranks compared at start-up are reused when they did."""
+        if self._identity is None:
+            known = self._fingerprints
+            self._identity = identity(
+                self.config, total_steps=self.state.max_steps, world_size=self.dist.world_size,
+                train_data=known["train_data"] if "train_data" in known else store_fingerprint(self.train_store),
+                tokenizer=known["tokenizer"] if "tokenizer" in known else tokenizer_fingerprint(self.tokenizer))
+        return self._identity
 
     def _evaluate_and_log(self, step: int) -> None:
         """Evaluate (every rank), log the metrics, tell the callbacks (on_evaluate), keep the best metric,
@@ -749,6 +773,16 @@ class Trainer:
         return list_checkpoints(self.output_dir)
 
     # ------------------------------------------------------------------------------ outputs
+    def _card_facts(self) -> RunFacts:
+        """What the model card says of this run besides its config (epsdpo.model_card)."""
+        return RunFacts(
+            steps=self.state.global_step, beta_initial=float(self.kl.beta_history()[0]), beta_final=self.kl.beta,
+            train_pairs=len(self.train_store), world_size=self.dist.world_size, history=self.metrics.history,
+            base_model=self.sources["model"], train_data=self.sources["train"],
+            eval_pairs=None if self.eval_store is None else len(self.eval_store), eval_data=self.sources["eval"],
+            resumes=self.resumes,
+        )
+
     def _write_outputs(self, state: dict[str, Tensor] | None, kl_states: list[bytes]) -> None:
         """Rank 0, at the end of the run: the β ledger of every rank's pairs (`kl_states`: each
         rank's controller state; epsdpo.beta_ledger), the plots, then `final/` (the policy gathered
@@ -766,7 +800,8 @@ class Trainer:
 
         def write_final(staging: Path) -> None:
             self._write_model(staging, state)
-            write_run_card(self, staging)
+            plot = self.output_dir / "plots" / "beta.png" if self.config.plots else None
+            write_run_card(staging, self.config, self._card_facts(), plot)
 
         write_file(self.output_dir / "final", lambda folder: write_folder(folder, write_final))
         # transformers' TrainerState of the finished run, where transformers' save_state() puts it

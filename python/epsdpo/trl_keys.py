@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from epsdpo.config_fields import ConfigFieldError
+
 NO_DDP_KNOBS = "epsdpo wraps the policy in DDP itself (every parameter is used in every step, buffers are not trained)"
 NO_WORKERS = ("batches are cut from the tokenized pairs already in memory (the Rust store), in the training process; "
               "loader workers would only copy them")
@@ -196,15 +198,13 @@ def _same(value: Any, expected: Any) -> bool:
     return value == expected and (isinstance(value, bool) == isinstance(expected, bool))
 
 
-def refusal(name: str, value: Any) -> str | None:
-    """Why `name: value` is refused, as one line naming the key; None when it is accepted (a
+def refusal(name: str, value: Any) -> ConfigFieldError | None:
+    """Why `name: value` is refused, an error naming the key; None when it is accepted (a
     `WITHOUT_EFFECT` key, a `REFUSED` key at an accepted value, or a key not in this table)."""
     entry = REFUSED.get(name)
     if entry is None or entry.accepts(value):
         return None
-    from epsdpo.safe_yaml import shown
-
-    return f"{name}={shown(value)} is invalid: {entry.reason}"
+    return ConfigFieldError(name, value, repr(entry.trl_default), reason=entry.reason)
 
 
 def without_effect(name: str, value: Any) -> str | None:
@@ -228,9 +228,7 @@ def as_settings(name: str, value: Any) -> dict[str, Any]:
     if value is None and name == "disable_tqdm":
         return {}
     if not isinstance(value, bool):
-        from epsdpo.safe_yaml import shown
-
-        raise ValueError(f"{name}={shown(value)} is invalid: must be true or false (TRL's meaning)")
+        raise ConfigFieldError(name, value, "true or false (TRL's meaning)")
     if not value:
         return {}
     return {"device": "cpu"} if name == "use_cpu" else {"progress": False}
@@ -241,7 +239,7 @@ def check(values: dict[str, Any]) -> list[str]:
     as a YAML or a DPOConfig gives them) at a value epsdpo does not honour; returns the lines that
     say which of the accepted ones change nothing here."""
     for name, value in values.items():
-        why = refusal(name, value)
-        if why is not None:
-            raise ValueError(why)
+        refused = refusal(name, value)
+        if refused is not None:
+            raise refused
     return [line for name, value in values.items() if (line := without_effect(name, value))]

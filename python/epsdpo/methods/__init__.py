@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from epsdpo._core import KlController
-    from epsdpo.config import TrainConfig
+    from epsdpo.methods.settings import MethodSettings
     from epsdpo.distributed import DistInfo
     from epsdpo.methods.base import Method
 
@@ -57,7 +57,7 @@ def unused_method_fields(name: str) -> set[str]:
     return {f for other in METHOD_NAMES for f in method_class(other).own_fields} - mine
 
 
-def build_method(config: TrainConfig, kl: KlController, dist: DistInfo, device: torch.device, policy: nn.Module,
+def build_method(config: MethodSettings, kl: KlController, dist: DistInfo, device: torch.device, policy: nn.Module,
                  reference: nn.Module | object) -> Method:
     """The method `config.method` names, ready to train `policy` against `reference`."""
     return method_class(config.method)(config, kl, dist, device, policy, reference)  # type: ignore[call-arg]

@@ -26,7 +26,7 @@ from epsdpo.distributed import DistInfo
 from epsdpo.loss import epsilon_dpo_loss
 
 if TYPE_CHECKING:
-    from epsdpo.config import TrainConfig
+    from epsdpo.methods.settings import MethodSettings
     from epsdpo.scoring import SequenceLogps
 
 Check = tuple[bool, str, Any, str]
@@ -51,23 +51,23 @@ class Method(Protocol):
     """The reference changes during training, so checkpoints must carry it."""
 
     @classmethod
-    def step_epsilon(cls, config: TrainConfig) -> float:
+    def step_epsilon(cls, config: MethodSettings) -> float:
         """ε_s of the β update β/(1 + ε·s̄); 0 keeps β fixed."""
 
     @classmethod
-    def check_epsilon(cls, config: TrainConfig) -> float:
+    def check_epsilon(cls, config: MethodSettings) -> float:
         """ε_c of the perturbed policies that decide each pair's step; 0 skips that work."""
 
     @classmethod
-    def reference_moves(cls, config: TrainConfig) -> bool:
+    def reference_moves(cls, config: MethodSettings) -> bool:
         """Whether the reference follows the policy during training."""
 
     @classmethod
-    def checks(cls, config: TrainConfig) -> list[Check]:
+    def checks(cls, config: MethodSettings) -> list[Check]:
         """This method's own refusals of a config (the config raises the first that fails)."""
 
     @classmethod
-    def card_rows(cls, config: TrainConfig) -> list[tuple[str, str]]:
+    def card_rows(cls, config: MethodSettings) -> list[tuple[str, str]]:
         """Model-card settings rows after β (ε and whatever else the method wants said)."""
 
     def pair_steps(self, seq: SequenceLogps) -> Tensor:
@@ -98,7 +98,7 @@ class SigmoidMethod:
     loss_type: ClassVar[str] = "sigmoid"
     own_fields: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, config: TrainConfig, kl: KlController, dist: DistInfo, device: torch.device,
+    def __init__(self, config: MethodSettings, kl: KlController, dist: DistInfo, device: torch.device,
                  policy: nn.Module, reference: nn.Module | object) -> None:
         self.cdpo_smoothing = config.cdpo_smoothing
         self.epsilon_c = self.check_epsilon(config)
@@ -113,29 +113,29 @@ class SigmoidMethod:
             self.after_step.append(ReferenceSoftUpdate(reference, policy, config.ref_model_sync_steps,
                                                        config.ref_model_mixup_alpha))
 
-    def make_beta_rule(self, config: TrainConfig, kl: KlController, dist: DistInfo,
+    def make_beta_rule(self, config: MethodSettings, kl: KlController, dist: DistInfo,
                        device: torch.device) -> KlControlledBeta:
         # At ε_s = ε_c = 0 every step is 0, so the controller's β never moves: DPO's fixed β, still booked
         return KlControlledBeta(kl, dist, device)
 
     @classmethod
-    def step_epsilon(cls, config: TrainConfig) -> float:
+    def step_epsilon(cls, config: MethodSettings) -> float:
         return 0.0
 
     @classmethod
-    def check_epsilon(cls, config: TrainConfig) -> float:
+    def check_epsilon(cls, config: MethodSettings) -> float:
         return 0.0
 
     @classmethod
-    def reference_moves(cls, config: TrainConfig) -> bool:
+    def reference_moves(cls, config: MethodSettings) -> bool:
         return config.sync_ref_model
 
     @classmethod
-    def checks(cls, config: TrainConfig) -> list[Check]:
+    def checks(cls, config: MethodSettings) -> list[Check]:
         return []
 
     @classmethod
-    def card_rows(cls, config: TrainConfig) -> list[tuple[str, str]]:
+    def card_rows(cls, config: MethodSettings) -> list[tuple[str, str]]:
         return [("ε", f"not used by {cls.title}")]
 
     def pair_steps(self, seq: SequenceLogps) -> Tensor:

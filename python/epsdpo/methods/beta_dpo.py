@@ -18,7 +18,7 @@ from epsdpo.distributed import DistInfo, all_reduce_sum
 from epsdpo.methods.base import Check, SigmoidMethod
 
 if TYPE_CHECKING:
-    from epsdpo.config import TrainConfig
+    from epsdpo.methods.settings import MethodSettings
 
 
 class BatchAdaptiveBeta(KlControlledBeta):
@@ -57,12 +57,12 @@ class BetaDPO(SigmoidMethod):
     title: ClassVar[str] = "β-DPO"
     own_fields: ClassVar[tuple[str, ...]] = ("beta_dpo_alpha", "beta_dpo_momentum", "beta_dpo_filter")
 
-    def make_beta_rule(self, config: TrainConfig, kl: KlController, dist: DistInfo,
+    def make_beta_rule(self, config: MethodSettings, kl: KlController, dist: DistInfo,
                        device: torch.device) -> KlControlledBeta:
         rule = BetaDPORule(config.beta, config.beta_dpo_alpha, config.beta_dpo_momentum, config.beta_dpo_filter)
         return BatchAdaptiveBeta(kl, dist, device, rule)
 
     @classmethod
-    def checks(cls, config: TrainConfig) -> list[Check]:
+    def checks(cls, config: MethodSettings) -> list[Check]:
         return [(config.beta_min is None, "beta_min", config.beta_min,
                  "None with method='beta_dpo': it floors ε-DPO's base β, not β-DPO's batch β")]

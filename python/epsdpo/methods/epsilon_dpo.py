@@ -14,7 +14,7 @@ from epsdpo.loss import kl_steps, pair_log_ratio
 from epsdpo.methods.base import SigmoidMethod
 
 if TYPE_CHECKING:
-    from epsdpo.config import TrainConfig
+    from epsdpo.methods.settings import MethodSettings
     from epsdpo.scoring import SequenceLogps
 
 
@@ -22,15 +22,15 @@ class EpsilonDPO(SigmoidMethod):
     title: ClassVar[str] = "ε-DPO"
 
     @classmethod
-    def step_epsilon(cls, config: TrainConfig) -> float:
+    def step_epsilon(cls, config: MethodSettings) -> float:
         return config.epsilon
 
     @classmethod
-    def check_epsilon(cls, config: TrainConfig) -> float:
+    def check_epsilon(cls, config: MethodSettings) -> float:
         return config.epsilon if config.epsilon_check is None else config.epsilon_check
 
     @classmethod
-    def card_rows(cls, config: TrainConfig) -> list[tuple[str, str]]:
+    def card_rows(cls, config: MethodSettings) -> list[tuple[str, str]]:
         return [("ε", f"{cls.check_epsilon(config):g} (ε_c, decides each pair's step), "
                       f"{cls.step_epsilon(config):g} (ε_s, β update)")]
 

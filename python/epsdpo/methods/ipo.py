@@ -24,7 +24,7 @@ from epsdpo.beta_rules import PairLogps
 from epsdpo.methods.base import Check, SigmoidMethod
 
 if TYPE_CHECKING:
-    from epsdpo.config import TrainConfig
+    from epsdpo.methods.settings import MethodSettings
 
 
 def completion_tokens(batch: Mapping[str, Any], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -50,7 +50,7 @@ class IPO(SigmoidMethod):
     loss_type: ClassVar[str] = "ipo"
 
     @classmethod
-    def checks(cls, config: TrainConfig) -> list[Check]:
+    def checks(cls, config: MethodSettings) -> list[Check]:
         return [(config.cdpo_smoothing == 0, "cdpo_smoothing", config.cdpo_smoothing,
                  "0 with method='ipo': conservative DPO smooths the sigmoid loss, IPO's squared loss has no such term")]
 

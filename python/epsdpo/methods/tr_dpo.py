@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, ClassVar
 from epsdpo.methods.base import SigmoidMethod
 
 if TYPE_CHECKING:
-    from epsdpo.config import TrainConfig
+    from epsdpo.methods.settings import MethodSettings
 
 
 class TrDPO(SigmoidMethod):
     title: ClassVar[str] = "TR-DPO"
 
     @classmethod
-    def reference_moves(cls, config: TrainConfig) -> bool:
+    def reference_moves(cls, config: MethodSettings) -> bool:
         return True  # sync_ref_model or not: moving the reference is what TR-DPO is
