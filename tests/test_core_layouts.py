@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import epsdpo
 from layout_oracle import collate as oracle_collate
 from layout_oracle import truncate as oracle_truncate
+from name_scan import compared_names
 
 LAYOUTS = epsdpo._core.LAYOUTS
 ARRAYS = [
@@ -208,23 +209,7 @@ def test_the_prompt_cut_has_train_configs_name():
 
 
 def _compared_layout_names(source: str) -> list[int]:
-    """Lines of `x == "packed"`-like comparisons (==, !=, in, not in, ...) of a layout name, and of any
-    comparison of a name or attribute called `layout`."""
-    import ast
-
-    lines = []
-    for node in ast.walk(ast.parse(source)):
-        if not isinstance(node, ast.Compare):
-            continue
-        operands = [node.left, *node.comparators]
-        constants = [o for o in operands if isinstance(o, ast.Constant)]
-        constants += [e for o in operands if isinstance(o, (ast.Tuple, ast.List, ast.Set)) for e in o.elts
-                      if isinstance(e, ast.Constant)]
-        named = any(isinstance(o, ast.Attribute) and o.attr == "layout" or isinstance(o, ast.Name) and o.id == "layout"
-                    for o in operands)
-        if named or any(c.value in LAYOUTS for c in constants):
-            lines.append(node.lineno)
-    return lines
+    return compared_names(source, LAYOUTS, "layout", bare_name=True)
 
 
 def test_no_layout_name_is_compared_outside_the_config():

@@ -4,7 +4,6 @@ IPO's loss, settings and refusals are what docs/algorithm.md says."""
 
 from __future__ import annotations
 
-import ast
 import typing
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from epsdpo.config import TrainConfig
 from epsdpo.distributed import DistInfo
 from epsdpo.methods import METHOD_NAMES, build_method, method_class
 from epsdpo.methods.ipo import ipo_loss
+from name_scan import compared_names
 from tiny import tiny_llama
 
 PACKAGE = Path(epsdpo.__file__).parent
@@ -52,20 +52,7 @@ def test_every_method_answers_the_whole_protocol(name):
 
 
 def _compared_method_names(source: str) -> list[int]:
-    """Lines of `x == "dpo"`-like comparisons (==, !=, in, not in, ...) of a method name, and of any
-    comparison of an attribute called `method`."""
-    lines = []
-    for node in ast.walk(ast.parse(source)):
-        if not isinstance(node, ast.Compare):
-            continue
-        operands = [node.left, *node.comparators]
-        constants = [o for o in operands if isinstance(o, ast.Constant)]
-        constants += [e for o in operands if isinstance(o, (ast.Tuple, ast.List, ast.Set)) for e in o.elts
-                      if isinstance(e, ast.Constant)]
-        if any(c.value in METHOD_NAMES for c in constants) or any(
-                isinstance(o, ast.Attribute) and o.attr == "method" for o in operands):
-            lines.append(node.lineno)
-    return lines
+    return compared_names(source, METHOD_NAMES, "method")
 
 
 def test_no_method_name_is_compared_outside_the_registry_and_the_config():
