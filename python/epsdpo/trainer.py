@@ -555,23 +555,7 @@ class Trainer:
 
     def _train(self, resume_from_checkpoint: str | Path | bool | None, stop: StopOnSignal) -> TrainerState:
         c = self.config
-        restarts = restart_count()
-        if restarts and not resume_from_checkpoint:
-            # torchrun --max-restarts re-runs the same command: it continues the run it restarts
-            resume_from_checkpoint = AUTO
-        checkpoint = (agree_on_checkpoint(self.output_dir, resume_from_checkpoint, self.dist)
-                      if resume_from_checkpoint else None)
-        if checkpoint is not None:
-            if restarts and self.dist.is_main:
-                print(f"epsdpo: torchelastic restart {restarts}: resuming {checkpoint}", flush=True)
-            self.resumes = resume_run(self._checkpoint_parts(), checkpoint)
-        else:
-            claim_output_dir(self.output_dir, c.overwrite_output_dir, self.dist, restarted=restarts > 0)
-            if restarts and self.dist.is_main:
-                print(f"epsdpo: torchelastic restart {restarts}: no complete checkpoint in {self.output_dir} yet, "
-                      "starting afresh", flush=True)
-        if self.dist.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._resume_or_claim_output_dir(resume_from_checkpoint)
         # one list: a callback reads in state.log_history what has been logged, as it is logged
         self.state.log_history = self.metrics.history
         totals = RunTotals(self.state)
@@ -618,19 +602,44 @@ class Trainer:
         finally:
             if progress is not None:
                 progress.close()
-        if self.eval_store is not None and c.eval_strategy != "no" and evaluated != self.state.global_step:
+        self._finish_run(stop, evaluated, totals)
+        return self.state
+
+    def _resume_or_claim_output_dir(self, resume_from_checkpoint: str | Path | bool | None) -> None:
+        """Resume the checkpoint every rank agrees on, or claim output_dir for a fresh run."""
+        restarts = restart_count()
+        if restarts and not resume_from_checkpoint:
+            # torchrun --max-restarts re-runs the same command: it continues the run it restarts
+            resume_from_checkpoint = AUTO
+        checkpoint = (agree_on_checkpoint(self.output_dir, resume_from_checkpoint, self.dist)
+                      if resume_from_checkpoint else None)
+        if checkpoint is not None:
+            if restarts and self.dist.is_main:
+                print(f"epsdpo: torchelastic restart {restarts}: resuming {checkpoint}", flush=True)
+            self.resumes = resume_run(self._checkpoint_parts(), checkpoint)
+        else:
+            claim_output_dir(self.output_dir, self.config.overwrite_output_dir, self.dist, restarted=restarts > 0)
+            if restarts and self.dist.is_main:
+                print(f"epsdpo: torchelastic restart {restarts}: no complete checkpoint in {self.output_dir} yet, "
+                      "starting afresh", flush=True)
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+
+    def _finish_run(self, stop: StopOnSignal, evaluated: int | None, totals: RunTotals) -> None:
+        """After the last step: the closing evaluation (unless that step just evaluated), the summary
+        record, the final outputs (rank 0, after every rank's collectives), then on_train_end."""
+        if self.eval_store is not None and self.config.eval_strategy != "no" and evaluated != self.state.global_step:
             self._evaluate_and_log(self.state.global_step)
         if stop.signum is not None:
             warnings.warn("a stop signal came after the last optimizer step: the run's outputs are written as usual",
-                          stacklevel=3)
+                          stacklevel=4)
         self._log(totals.summary())  # train_runtime, train_loss, ... as transformers logs them
         state = full_model_state(self.model) if self.sharded else None  # every rank: a collective
         kl_states = gather_bytes(self.kl.state_dict()["state"], self.dist)  # every rank's ledger, for rank 0
         if self.dist.is_main:
             self._write_outputs(state, kl_states)
         barrier(self.dist)  # no rank leaves (and tears down its process group) while rank 0 writes
-        self.control = self.callback_handler.on_train_end(c, self.state, self.control)
-        return self.state
+        self.control = self.callback_handler.on_train_end(self.config, self.state, self.control)
 
     def _act_on_control(self, metrics: dict[str, float], sampler_state: bytes) -> tuple[bool, bool]:
         """Log, evaluate and save as the control flags say (raised on one rank: on all), in transformers'
