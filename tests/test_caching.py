@@ -138,6 +138,17 @@ def test_prepare_caches_by_default_and_names_the_file(home: Path, pairs: Path, t
     assert "[cache hit]" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
+def test_a_store_prepared_with_the_runs_truncation_is_the_runs_cache_hit(mode: str, home: Path, pairs: Path,
+                                                                         tok: Any, tok_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    assert main(["prepare", str(pairs), "--tokenizer", str(tok_dir), "--max_length", "64", "--max_prompt_length", "2",
+                 "--prompt_truncation_mode", mode]) == 0
+    config = train_config(tmp_path, max_prompt_length=2, prompt_truncation_mode=mode)
+    store, _ = as_store(str(pairs), config, tok, make_collator(config, tok), progress=False)
+    assert store.is_memory_mapped, "training missed the entry epsdpo prepare wrote for the same truncation"
+
+
 def test_prepare_cache_dir_disabled_and_a_lookalike(home: Path, pairs: Path, tok_dir: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["prepare", str(pairs), "--tokenizer", str(tok_dir), "--cache_dir", "disabled"]) == 0

@@ -514,7 +514,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         chat_template = None if args.chat_template_path is None else read_chat_template(args.chat_template_path)
         tokenizer = load_tokenizer(args.tokenizer)
         truncation = Truncation(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                                max_completion_length=args.max_completion_length)
+                                max_completion_length=args.max_completion_length,
+                                prompt_truncation_mode=args.prompt_truncation_mode)
         store, report = load_preferences(
             _load_data(args.data, args.split, args.dataset_config), tokenizer, truncation=truncation,
             cache_dir=cache_dir, skip_invalid=args.skip_invalid, max_row_bytes=args.max_row_bytes,
@@ -566,6 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     _option(prepare, "max_prompt_length", type=int, default=None, help="longest prompt in tokens (default: no limit)")
     _option(prepare, "max_completion_length", type=int, default=None,
             help="longest completion in tokens, cut keeping its start (default: no limit)")
+    _option(prepare, "prompt_truncation_mode", choices=("keep_end", "keep_start"), default="keep_end",
+            help="which end of a prompt over max_prompt_length survives, as the training run's setting "
+                 "(the cache entry is found only when the two agree)")
     _option(prepare, "cache_dir", "dataset_cache_dir", default=None,
             help="cache the tokenized store here; 'disabled': no caching (default: $EPSDPO_CACHE, else "
                  "$XDG_CACHE_HOME/epsdpo, else ~/.cache/epsdpo)")
