@@ -19,17 +19,8 @@ from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig, 
 from epsdpo import attention, scoring
 from epsdpo.attention import SEGMENT_SDPA, _sdpa_per_segment, use_segment_attention
 from epsdpo.scoring import SequenceLogps, batch_logps
+from test_scoring import EPSILON, PAIRS, SMALL  # its pairs: several are longer than the sliding windows below
 
-VOCAB = 61
-EPSILON = 0.2
-# (prompt, chosen, rejected); several sequences are longer than the sliding windows below
-PAIRS = [
-    ([5, 9, 2], [7, 7, 30, 1], [12, 40]),
-    ([3, 44, 8, 19, 21], [6], [33, 2, 2, 50, 17]),
-    ([11], [25, 26, 27], [59, 3, 14]),
-]
-SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 HALF = (torch.float16, torch.bfloat16)
 
 

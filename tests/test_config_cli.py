@@ -13,9 +13,9 @@ import yaml
 import epsdpo
 import epsdpo.data
 import epsdpo.models
-import epsdpo.trainer
 from epsdpo.cli import RUN_KEYS, RunArguments, build_parser, main
 from epsdpo.config import TrainConfig
+from recording_trainer import RecordingTrainer
 
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 
@@ -45,27 +45,6 @@ NON_DEFAULT = dict(
     resume_allow_changes=["learning_rate", "max_steps"],
     remove_unused_columns=False, push_to_hub=False, plots=False, progress=False,
 )
-
-
-class RecordingTrainer:
-    calls: list[dict] = []
-
-    def __init__(self, model, config, train_dataset, tokenizer=None, ref_model=None, eval_dataset=None):
-        RecordingTrainer.calls.append(dict(model=model, config=config, train_dataset=train_dataset,
-                                           tokenizer=tokenizer, ref_model=ref_model, eval_dataset=eval_dataset))
-        self.dist = SimpleNamespace(is_main=True)
-        self.state = SimpleNamespace(global_step=0)
-        self.kl = SimpleNamespace(beta=config.beta)
-
-    def train(self, resume_from_checkpoint=None):
-        RecordingTrainer.calls[-1]["resume"] = resume_from_checkpoint
-
-
-@pytest.fixture
-def trainer(monkeypatch):
-    RecordingTrainer.calls = []
-    monkeypatch.setattr(epsdpo.trainer, "Trainer", RecordingTrainer)
-    return RecordingTrainer
 
 
 @pytest.fixture

@@ -13,12 +13,12 @@ import pytest
 import torch
 import yaml
 
-import epsdpo.trainer
 from epsdpo import trl_keys
 from epsdpo.cli import RUN_KEYS, main
 from epsdpo.config import TrainConfig
 from epsdpo.trainer import Trainer
-from test_config_cli import RecordingTrainer, usage_error
+from recording_trainer import RecordingTrainer
+from test_config_cli import usage_error
 from test_trl_config import model_and_data
 from tiny import tiny_llama, toy_store
 
@@ -36,13 +36,6 @@ def trl_defaults() -> dict[str, object]:
             if f.init:
                 out[f.name] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     return out
-
-
-@pytest.fixture
-def trainer(monkeypatch):
-    RecordingTrainer.calls = []
-    monkeypatch.setattr(epsdpo.trainer, "Trainer", RecordingTrainer)
-    return RecordingTrainer
 
 
 @pytest.fixture
