@@ -9,6 +9,8 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
+from transformers import get_scheduler
 
 import epsdpo
 from epsdpo.checkpoint import RUN_STATE, CheckpointError, _load_training_state, _write_manifest
@@ -186,6 +188,29 @@ def test_an_allowed_change_is_what_trains_and_what_is_recorded(runs, tmp_path):
     for part in ("learning_rate 0.003 → 0.001", "max_steps 4 → 6", "weight_decay 0.0 → 0.1", "from then on"):
         assert part in resumed_row
     assert "| learning rate | 0.001, linear schedule" in card
+
+
+def test_a_changed_schedule_shape_and_adam_epsilon_train_when_listed(runs, tmp_path):
+    """lr_scheduler_kwargs and adam_epsilon change like their twins lr_scheduler_type and the Adam betas:
+    refused unless listed; listed, the schedule continues with the new kwargs and the restored
+    optimizer takes the new ε (the checkpoint's optimizer state holds the old one)."""
+    changes = dict(lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": 1e-3}, adam_epsilon=1e-6)
+    with pytest.raises(CheckpointError, match="adam_epsilon: 1e-08 → 1e-06") as refused:
+        resume(runs["eps"], tmp_path / "refused", **changes)
+    assert "lr_scheduler_kwargs: None → {'min_lr': 0.001}" in str(refused.value)
+    trainer = resume(runs["eps"], tmp_path / "resumed", **changes,
+                     resume_allow_changes=["lr_scheduler_type", "lr_scheduler_kwargs", "adam_epsilon"])
+    assert [g["eps"] for g in trainer.optimizer.param_groups] == [1e-6, 1e-6]
+    # the oracle: transformers' own schedule of the new shape over the run's 4 steps, from step 2 on
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=3e-3)
+    schedule = get_scheduler("cosine_with_min_lr", probe, num_warmup_steps=0, num_training_steps=4,
+                             scheduler_specific_kwargs={"min_lr": 1e-3})
+    expected = []
+    for _ in range(4):
+        expected.append(probe.param_groups[0]["lr"])
+        probe.step(), schedule.step()
+    rates = learning_rates(trainer)
+    assert [rates[step] for step in (3, 4)] == pytest.approx(expected[2:])
 
 
 def test_an_unchanged_resume_continues_exactly_and_keeps_the_resume_on_record(runs, tmp_path):

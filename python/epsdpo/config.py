@@ -338,7 +338,7 @@ class TrainConfig:
     resume_allow_changes: list[str] | None = field(default=None, metadata={"help": (
         "Settings a resumed run may change from its checkpoint's, which then apply from the checkpoint's step "
         "on: any of max_steps (num_train_epochs), warmup_steps (warmup_ratio), learning_rate, lr_scheduler_type, "
-        "weight_decay, adam_beta1, adam_beta2, max_grad_norm. Any other training setting that differs is "
+        "lr_scheduler_kwargs, weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm. Any other training setting that differs is "
         "refused; logging, eval, save and output settings may always change (docs/resume.md).")})
     run_name: str | None = field(default=None, metadata={"help": (
         "A name for the run in the logging backends (the wandb run name). None: the backend's own choice.")})

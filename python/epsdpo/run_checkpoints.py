@@ -248,14 +248,14 @@ def _check_identity(t: RunParts, path: Path, saved_state: dict) -> dict[str, tup
 
 
 def _apply_optimizer_settings(t: RunParts) -> None:
-    """This run's learning rate, schedule, weight decay and Adam betas over the restored optimizer and
-    scheduler state (which hold the checkpoint's): the scheduler, built from this run's config,
+    """This run's learning rate, schedule, weight decay, Adam betas and Adam ε over the restored optimizer
+    and scheduler state (which hold the checkpoint's): the scheduler, built from this run's config,
     continues from the checkpoint's step, and the first step after resuming uses its rate."""
     c = t.config
     t.scheduler.base_lrs = [c.learning_rate] * len(t.optimizer.param_groups)
     for group, decay, schedule in zip(t.optimizer.param_groups, (c.weight_decay, 0.0), t.scheduler.lr_lambdas):
         group.update(initial_lr=c.learning_rate, weight_decay=decay, betas=(c.adam_beta1, c.adam_beta2),
-                     lr=c.learning_rate * schedule(t.scheduler.last_epoch))
+                     eps=c.adam_epsilon, lr=c.learning_rate * schedule(t.scheduler.last_epoch))
     t.scheduler._last_lr = [group["lr"] for group in t.optimizer.param_groups]
 
 

@@ -68,8 +68,8 @@ DERIVED = {
     "tokenizer": "fingerprint of the tokenizer",
 }
 
-CHANGEABLE_ON_RESUME = ("max_steps", "warmup_steps", "learning_rate", "lr_scheduler_type", "weight_decay",
-                        "adam_beta1", "adam_beta2", "max_grad_norm")
+CHANGEABLE_ON_RESUME = ("max_steps", "warmup_steps", "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs",
+                        "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm")
 # Other names a user may list for a changeable identity key.
 ALIASES = {"num_train_epochs": "max_steps", "warmup_ratio": "warmup_steps"}
 
