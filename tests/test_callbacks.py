@@ -12,8 +12,11 @@ import torch
 from transformers import EarlyStoppingCallback, TrainerCallback
 from transformers import TrainerState as HfTrainerState
 
+from epsdpo.config_fields import ConfigFieldError
 from epsdpo.trainer import Trainer
+from test_config_cli import usage_error
 from test_trainer import config
+from test_trl_config import model_and_data
 from tiny import tiny_llama, toy_store
 
 EVENTS = ("on_init_end", "on_train_begin", "on_epoch_begin", "on_epoch_end", "on_step_begin", "on_step_end",
@@ -143,6 +146,32 @@ def test_transformers_early_stopping_stops_the_run_and_the_best_metric_is_kept(t
 def test_early_stopping_needs_metric_for_best_model_as_in_transformers(tmp_path):
     with pytest.raises(AssertionError, match="requires metric_for_best_model"):
         run(tmp_path, [EarlyStoppingCallback()], max_steps=2)
+
+
+@pytest.mark.parametrize(("metric", "eval_data", "message"), [
+    ("acuracy", True, r"metric_for_best_model='acuracy' is invalid: must be a metric the evaluation reports, "
+                      r"eval_ prefix optional: eval_loss, eval_rewards/chosen"),
+    ("eval_rewards/accuracie", True, r"metric_for_best_model='eval_rewards/accuracie' is invalid: must be a metric"),
+    ("loss", False, r"metric_for_best_model='loss' is invalid: no eval_dataset was given"),
+])
+def test_a_best_metric_that_cannot_be_kept_is_refused_before_training(tmp_path, metric, eval_data, message):
+    """A misspelt metric would stop the run at its first evaluation; one without eval data would keep no
+    best metric and say nothing. Both are refused before the first step, naming the field."""
+    with pytest.raises(ConfigFieldError, match=f"^{message}") as refused:
+        run(tmp_path, [], eval_data=eval_data, max_steps=2, metric_for_best_model=metric,
+            eval_steps=1 if eval_data else None)
+    assert refused.value.field == "metric_for_best_model"
+    assert not (tmp_path / "run").exists()
+
+
+def test_epsdpo_train_refuses_a_misspelt_best_metric_in_one_usage_line(tmp_path, capsys):
+    model, data = model_and_data(tmp_path)
+    capsys.readouterr()  # the fixture's own output
+    line = usage_error(capsys, "train", "--model", str(model), "--train_data", str(data), "--output_dir",
+                       str(tmp_path / "out"), "--eval_data", str(data), "--eval_steps", "1",
+                       "--metric_for_best_model", "acuracy")
+    assert "argument --metric_for_best_model: metric_for_best_model='acuracy' is invalid" in line
+    assert not (tmp_path / "out").exists()
 
 
 def test_load_best_model_at_end_is_refused_with_the_reason():

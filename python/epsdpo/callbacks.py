@@ -24,7 +24,9 @@ from transformers import TrainerCallback, TrainerControl
 from transformers import TrainerState as HfTrainerState
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, ExportableState
 
+from epsdpo.config_fields import ConfigFieldError
 from epsdpo.distributed import DistInfo, all_reduce_sum
+from epsdpo.step_metrics import StepSums
 
 if TYPE_CHECKING:
     from epsdpo.config import TrainConfig
@@ -97,18 +99,36 @@ def agree_across_ranks(control: TrainerControl, dist: DistInfo) -> None:
         setattr(control, flag, count > 0)
 
 
+def _eval_key(name: str) -> str:
+    """The evaluation's key of `metric_for_best_model` (its eval_ prefix optional, as in transformers)."""
+    return name if name.startswith("eval_") else f"eval_{name}"
+
+
+def check_metric_for_best_model(args: TrainConfig, has_eval_data: bool) -> None:
+    """`metric_for_best_model` names a metric the evaluation reports, in a run that evaluates: refused
+    before training, not found wanting at the first evaluation (transformers' KeyError, hours in) or
+    never used at all (no eval data, no best metric kept)."""
+    name = args.metric_for_best_model
+    if name is None:
+        return
+    reported = list(StepSums().metrics(prefix="eval_"))
+    if _eval_key(name) not in reported:
+        raise ConfigFieldError("metric_for_best_model", name,
+                               f"a metric the evaluation reports, eval_ prefix optional: {', '.join(reported)}")
+    if not has_eval_data:
+        raise ConfigFieldError("metric_for_best_model", name, "set only with eval data",
+                               reason="no eval_dataset was given, so nothing is evaluated and no best metric is "
+                                      "kept: pass eval_dataset or leave metric_for_best_model unset")
+
+
 def best_metric_improved(args: TrainConfig, state: HfTrainerState, metrics: dict[str, float]) -> bool:
-    """transformers' rule for `state.best_metric` after an evaluation: with `metric_for_best_model` set,
-    a new best (greater, or smaller unless `greater_is_better`) is recorded with its step. A metric the
-    evaluation does not report is a KeyError naming the ones it does, as in transformers."""
+    """transformers' rule for `state.best_metric` after an evaluation: with `metric_for_best_model` set
+    (checked before training: `check_metric_for_best_model`), a new best (greater, or smaller unless
+    `greater_is_better`) is recorded with its step."""
     name = args.metric_for_best_model
     if name is None:
         return False
-    key = name if name.startswith("eval_") else f"eval_{name}"
-    if key not in metrics:
-        raise KeyError(f"metric_for_best_model={name!r}: the evaluation reports no {key}; it reports "
-                       f"{', '.join(sorted(metrics))}")
-    value, greater = metrics[key], args.greater_is_better_resolved()
+    value, greater = metrics[_eval_key(name)], args.greater_is_better_resolved()
     if state.best_metric is None or (value > state.best_metric if greater else value < state.best_metric):
         state.best_metric, state.best_global_step = value, state.global_step
         return True

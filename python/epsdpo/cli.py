@@ -478,6 +478,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             tokenizer=run_args.tokenizer, ref_model=run_args.ref_model, eval_dataset=eval_dataset,
         )
         trainer.train(resume_from_checkpoint=resume)
+    except ConfigFieldError as error:  # a setting refused once the data or model is known: still a usage error
+        parser.error(_usage_message(error, source, given))
     except (FileExistsError, FileNotFoundError, CheckpointError, DataSourceError, LauncherSettingError,
             ChatTemplateError, OutputDirBusyError, RanksDisagreeError, PeerTimeoutError) as error:
         # What the user fixes by choosing another folder, checkpoint, launcher config or template, by

@@ -44,6 +44,7 @@ from epsdpo.callbacks import (
     TrainerState,
     agree_across_ranks,
     best_metric_improved,
+    check_metric_for_best_model,
     stateful_callbacks,
 )
 from epsdpo.checkpoint import PREFIX, TRAINER_STATE, list_checkpoints, write_file
@@ -200,6 +201,7 @@ class Trainer:
         # what the launcher (accelerate launch) asks for is part of the run's settings, recorded with them
         self.config = config = apply_launcher_settings(config, os.environ)
         _check_evaluation_has_data(config, eval_dataset)
+        check_metric_for_best_model(config, eval_dataset is not None)
         config.check_device_present()
         self.dist: DistInfo = init_from_env(config.ddp_timeout)
         torch.manual_seed(config.seed)
