@@ -254,6 +254,22 @@ def test_logging_first_step_logs_step_one(tmp_path, first, logged):
     assert [r["step"] for r in rows if "train_runtime" not in r] == logged  # not the run's closing summary
 
 
+def test_a_trl_yaml_relying_on_trls_gradient_checkpointing_default_is_told(capsys, cfg):
+    """TRL turns gradient checkpointing on by default, epsdpo does not: kwargs for it with it off would
+    change nothing, so they are refused naming both settings."""
+    cfg.write_text(cfg.read_text() + "gradient_checkpointing_kwargs: {use_reentrant: false}\n")
+    line = usage_error(capsys, "train", str(cfg))
+    assert "gradient_checkpointing_kwargs={'use_reentrant': False} is invalid: must be unset unless " \
+           "gradient_checkpointing is true (epsdpo's default is false, TRL's true)" in line
+
+
+def test_greater_is_better_needs_the_metric_it_orders():
+    with pytest.raises(ValueError, match=r"^greater_is_better=True is invalid: must be unset unless "
+                                         r"metric_for_best_model names the metric it orders"):
+        TrainConfig(greater_is_better=True)
+    assert TrainConfig(greater_is_better=True, metric_for_best_model="loss").greater_is_better_resolved()
+
+
 def test_gradient_checkpointing_kwargs_reach_the_model(tmp_path, monkeypatch):
     seen = []
     model = tiny_llama(0)

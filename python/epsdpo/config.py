@@ -705,11 +705,22 @@ def _prompt_below_max_length(c: TrainConfig) -> None:
                f"below max_length ({c.max_length})")
 
 
+def _companions_set(c: TrainConfig) -> None:
+    """A setting that only shapes another is refused without it: it would change nothing, silently. The
+    case that matters: a TRL YAML's gradient_checkpointing_kwargs relying on TRL's gradient_checkpointing
+    default (true), which is false here."""
+    _check(c.gradient_checkpointing_kwargs is None or c.gradient_checkpointing, "gradient_checkpointing_kwargs",
+           c.gradient_checkpointing_kwargs, "unset unless gradient_checkpointing is true (epsdpo's default is "
+           "false, TRL's true)")
+    _check(c.greater_is_better is None or c.metric_for_best_model is not None, "greater_is_better",
+           c.greater_is_better, "unset unless metric_for_best_model names the metric it orders")
+
+
 CHECKS = (
     TrainConfig._check_scheduler_kwargs, _dtype_spellings_agree, _lora_targets_named, TrainConfig._check_device,
     _chat_template_is_a_file, _reporters_known, _one_compute_precision, _beta_floor_below_beta,
     TrainConfig._check_method, _padding_free_is_packed, _epochs_or_steps, _warmup_given_once, _output_dir_named,
-    _resume_changes_allowed, _precompute_allowed, _prompt_below_max_length,
+    _resume_changes_allowed, _precompute_allowed, _prompt_below_max_length, _companions_set,
 )
 
 
